@@ -1,0 +1,1 @@
+"""Sparse crosscoders over several activation sources (snapshots, layers, models)."""

@@ -1,0 +1,1 @@
+"""The study of training dynamics: snapshots, pre-training, timelines, geometry and phases."""
