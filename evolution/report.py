@@ -1,0 +1,219 @@
+"""The run report: one self-contained HTML page (`runs/<name>/report.html`) that opens from disk.
+
+Sections follow the order a reader wants: the phase map first (the answer), then the evidence
+(loss against its references, feature timelines, peak steps, the turning point, what the features
+are), then the tools' quality (crosscoder FVU/L0/dead per snapshot, geometry) and the resolved
+config. Figures are embedded as base64 PNGs so the page needs no server and no sibling files,
+except the optional link into the feature browser.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from crosscoders.io import read_jsonl, write_text
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+h1{margin-bottom:.2em} h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2em}
+img{max-width:100%;border:1px solid #eee} table{border-collapse:collapse;font-size:.9em;margin:.5em 0}
+td,th{border:1px solid #ddd;padding:.25em .6em;text-align:right} th{background:#f5f5f5}
+td.l,th.l{text-align:left} .muted{color:#888} .ctx{font-family:ui-monospace,monospace;font-size:.85em}
+.ctx mark{background:#ffd54f;padding:0 .15em} nav a{margin-right:1em} pre{background:#f7f7f7;padding:1em;overflow:auto}
+.kv td{text-align:left}
+"""
+
+
+def _img(path: Path, alt: str) -> str:
+    if not path.exists():
+        return f'<p class="muted">({html.escape(alt)}: not computed for this run — {html.escape(path.name)} missing)</p>'
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"></figure>'
+
+
+def _json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _table(df: pd.DataFrame, left: tuple[str, ...] = ()) -> str:
+    head = "".join(f'<th class="{"l" if c in left else ""}">{html.escape(str(c))}</th>' for c in df.columns)
+    rows = []
+    for _, r in df.iterrows():
+        cells = []
+        for c in df.columns:
+            v = r[c]
+            text = f"{v:.4g}" if isinstance(v, float) else str(v)
+            cells.append(f'<td class="{"l" if c in left else ""}">{html.escape(text)}</td>')
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+
+
+def _context_html(ctx: dict) -> str:
+    toks = [html.escape(t) for t in ctx.get("tokens", [])]
+    j = ctx.get("highlight")
+    if j is not None and 0 <= j < len(toks):
+        toks[j] = f"<mark>{toks[j]}</mark>"
+    return f'<div class="ctx">{" ".join(toks)} <span class="muted">({ctx.get("activation", 0):.3g})</span></div>'
+
+
+def _phase_section(run: Path) -> str:
+    ph = _json(run / "phases.json")
+    out = [_img(run / "figures" / "phase_map.png", "phase map")]
+    if ph:
+        b = ph.get("boundary_step")
+        out.append(f"<p><b>Statistical → feature phase boundary: step {b}</b></p>")
+        sig = ph.get("signals", {})
+        if sig:
+            rows = [{"signal": k, "step": v.get("step"), "agrees": v.get("agrees", ""), "evidence": v.get("evidence", "")}
+                    for k, v in sig.items()]
+            out.append(_table(pd.DataFrame(rows), left=("signal", "evidence")))
+    return "".join(out)
+
+
+def _loss_section(run: Path) -> str:
+    meta = _json(run / "corpus" / "meta.json") or {}
+    out = [_img(run / "figures" / "loss.png", "loss against references")]
+    if "unigram_entropy" in meta:
+        out.append(
+            f"<p>Corpus unigram entropy {meta['unigram_entropy']:.3f} nats/token, "
+            f"bigram entropy {meta['bigram_entropy']:.3f} nats/token.</p>"
+        )
+    learned = _json(run / "pretrain" / "learned_steps.json")
+    if learned:
+        rows = [{"mechanism": k, "learned at step": v} for k, v in learned.items()]
+        out.append(_table(pd.DataFrame(rows), left=("mechanism",)))
+    rows = [r for r in read_jsonl(run / "pretrain" / "log.jsonl") if "eval_loss" in r]
+    if rows:
+        out.append(f"<p>Final eval loss {rows[-1]['eval_loss']:.3f} at step {rows[-1]['step']}.</p>")
+    return "".join(out)
+
+
+def _features_section(run: Path) -> str:
+    a = run / "analysis"
+    figs = a / "figures"
+    out = [
+        "<h3>Relative decoder norm per feature and snapshot (sorted by peak)</h3>",
+        _img(figs / "heatmap.png", "decoder-norm heatmap"),
+        "<h3>Example timelines per group</h3>",
+        _img(figs / "timelines_by_group.png", "timelines by group"),
+    ]
+    if (figs / "timelines_by_type.png").exists():
+        out += ["<h3>Example timelines per type</h3>", _img(figs / "timelines_by_type.png", "timelines by type")]
+    if (a / "browser" / "index.html").exists():
+        out.append('<p><a href="analysis/browser/index.html">Open the feature browser</a> (every feature, sortable).</p>')
+    return "".join(out)
+
+
+def _peak_section(run: Path) -> str:
+    s = _json(run / "analysis" / "summary.json") or {}
+    out = [_img(run / "analysis" / "figures" / "peak_steps.png", "peak-step distribution")]
+    feats = run / "analysis" / "features.csv"
+    if feats.exists():
+        df = pd.read_csv(feats)
+        if "group" in df:
+            counts = df["group"].value_counts().rename_axis("group").reset_index(name="features")
+            out.append(_table(counts, left=("group",)))
+    out.append("<h3>Turning point</h3>")
+    out.append(_img(run / "analysis" / "figures" / "cos_to_final.png", "direction cosine to final"))
+    if "turning_point_step" in s:
+        out.append(f"<p><b>Turning point: step {s['turning_point_step']}</b> — the step around which most "
+                   "features' decoder directions change sharply (Ge et al. 2025 report ~1000 on Pythia).</p>")
+    return "".join(out)
+
+
+def _types_section(run: Path, per_type: int = 3, per_feature: int = 3) -> str:
+    feats = run / "analysis" / "features.csv"
+    ctx = _json(run / "analysis" / "contexts.json") or {}
+    if not feats.exists():
+        return '<p class="muted">(no feature table: analysis not run)</p>'
+    df = pd.read_csv(feats)
+    out = []
+    score_cols = [c for c in ("prev_token_score", "induction_score", "context_score") if c in df]
+    if "gt_type" in df:
+        groups = [(f"ground-truth type: {t}", g) for t, g in df[df["gt_type"].notna()].groupby("gt_type")]
+        key = "gt_purity" if "gt_purity" in df else "max_norm"
+    else:
+        groups = [(f"top by {c}", df) for c in score_cols]
+        key = None
+    if not groups:
+        return '<p class="muted">(no type scores: probes not run)</p>'
+    for title, g in groups:
+        col = key or title.removeprefix("top by ")
+        top = g.sort_values(col, ascending=False).head(per_type)
+        out.append(f"<h3>{html.escape(title)}</h3>")
+        show = [c for c in ("feature", "peak_step", "group", *score_cols, "gt_type", "gt_purity") if c in top]
+        out.append(_table(top[show], left=("group", "gt_type")))
+        for f in top["feature"]:
+            fc = ctx.get(str(int(f)), {})
+            if not fc:
+                continue
+            last = sorted(fc, key=lambda s: int(s))[-1]
+            link = f'analysis/browser/index.html#feature-{int(f)}'
+            out.append(f'<p>Feature <a href="{link}">{int(f)}</a>, snapshot step {last}:</p>')
+            out += [_context_html(c) for c in fc[last][:per_feature]]
+    return "".join(out)
+
+
+def _quality_section(run: Path) -> str:
+    ev = _json(run / "crosscoder" / "eval.json")
+    out = []
+    if ev:
+        df = pd.DataFrame({k: ev[k] for k in ("sources", "fvu", "l0", "dead_frac") if k in ev})
+        out.append(_table(df, left=("sources",)))
+    else:
+        out.append('<p class="muted">(crosscoder not evaluated)</p>')
+    out.append(_img(run / "crosscoder" / "quality.png", "crosscoder quality per snapshot"))
+    return "".join(out)
+
+
+def _geometry_section(run: Path) -> str:
+    figs = sorted((run / "figures").glob("geometry_*.png"))
+    if not figs:
+        return '<p class="muted">(geometry not computed)</p>'
+    return "".join(f"<h3>{html.escape(p.stem.removeprefix('geometry_'))}</h3>{_img(p, p.stem)}" for p in figs)
+
+
+def _config_section(run: Path) -> str:
+    cfg = _json(run / "run.json")
+    stages = _json(run / "stages.json") or {}
+    out = []
+    if stages:
+        rows = [{"stage": k, "seconds": round(v.get("seconds", 0), 1), "key": v.get("key", "")} for k, v in stages.items()]
+        out.append(_table(pd.DataFrame(rows), left=("stage", "key")))
+    out.append(f"<pre>{html.escape(json.dumps(cfg, indent=2)) if cfg else '(no run.json)'}</pre>")
+    return "".join(out)
+
+
+SECTIONS = (
+    ("phases", "Phase map: statistical vs feature phase", _phase_section),
+    ("loss", "Loss against unigram / bigram references", _loss_section),
+    ("timelines", "Feature timelines", _features_section),
+    ("peaks", "Peak steps and the turning point", _peak_section),
+    ("types", "Top features per type", _types_section),
+    ("quality", "Crosscoder quality per snapshot", _quality_section),
+    ("geometry", "Layer geometry across snapshots", _geometry_section),
+    ("config", "Resolved configuration and stage timings", _config_section),
+)
+
+
+def build_report(run_dir: str | Path) -> Path:
+    """Write `report.html` into the run directory from whatever stages have produced."""
+    run = Path(run_dir)
+    nav = "".join(f'<a href="#{sid}">{html.escape(title.split(":")[0])}</a>' for sid, title, _ in SECTIONS)
+    body = "".join(f'<section id="{sid}"><h2>{html.escape(title)}</h2>{fn(run)}</section>' for sid, title, fn in SECTIONS)
+    page = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>feature-evolution: {html.escape(run.name)}</title>"
+        f"<style>{_CSS}</style></head><body><h1>feature-evolution run <code>{html.escape(run.name)}</code></h1>"
+        f"<nav>{nav}</nav>{body}</body></html>"
+    )
+    out = run / "report.html"
+    write_text(out, page)
+    return out
