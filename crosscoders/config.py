@@ -1,0 +1,99 @@
+"""Configs of the crosscoder and of its training loop (the config *is* the CLI, see `configs.py`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Activation = Literal["relu", "jumprelu", "batchtopk"]
+
+
+@dataclass
+class CrosscoderConfig:
+    """Shape and sparsity scheme of a crosscoder over `n_sources` activation sources."""
+
+    n_sources: int = 0
+    """Number of activation sources (snapshots, layers, models); 0 = take it from the data."""
+    d_in: int = 0
+    """Width of each source's activation vector; 0 = take it from the data."""
+    d_sae: int = 1024
+    """Number of latents (dictionary size), shared by all sources."""
+    activation: Activation = "batchtopk"
+    """Sparsity scheme: relu + decoder-norm-weighted L1 (Lindsey et al. 2024), jumprelu + tanh penalty
+    (Ge et al. 2025), batchtopk + AuxK (Bussmann et al. 2024; Minder et al. 2025)."""
+    k: float = 32.0
+    """batchtopk: mean number of active latents per token over a batch."""
+    dec_init_norm: float = 0.1
+    """Initial norm of each latent's decoder vector concatenated over sources (Anthropic, Apr 2024 update:
+    small fixed decoder norms, encoder = decoder transpose)."""
+    jumprelu_init_threshold: float = 0.1
+    """jumprelu: initial threshold on the decoder-norm-scaled pre-activation."""
+    jumprelu_bandwidth: float = 2.0
+    """jumprelu: width of the rectangle kernel of the threshold's pseudo-gradient (Rajamanoharan et al. 2024)."""
+    jumprelu_ste_to_input: bool = False
+    """jumprelu: the threshold's pseudo-gradient also reaches the pre-activation and decoder norms
+    (Anthropic Jan 2025); False = DeepMind's JumpReLU (threshold only), which recovered planted
+    features better in our synthetic tests."""
+    tanh_scale: float = 4.0
+    """jumprelu: c in the sparsity penalty sum_i tanh(c * f_i * sum_s |W_dec[s,i]|) (Anthropic, Jan 2025)."""
+    seed: int = 0
+    """Seed of the weight initialisation."""
+
+
+@dataclass
+class TrainConfig:
+    """Training of a crosscoder on batches of activations `[batch, n_sources, d_in]`."""
+
+    crosscoder: CrosscoderConfig = field(default_factory=CrosscoderConfig)
+    """The model to train (a table `[crosscoder]` in TOML; flags of CrosscoderConfig on the CLI)."""
+    steps: int = 10_000
+    """Optimiser steps (one batch each)."""
+    batch_size: int = 4096
+    """Tokens per batch (used by the CLI to read the store; the loop takes whatever batches come)."""
+    lr: float = 2e-4
+    """Peak learning rate of Adam."""
+    beta1: float = 0.9
+    """Adam beta1."""
+    beta2: float = 0.999
+    """Adam beta2."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (0 = plain Adam)."""
+    lr_warmup_frac: float = 0.05
+    """Fraction of steps of linear LR warm-up from 0."""
+    lr_decay: Literal["linear", "cosine", "none"] = "linear"
+    """Shape of the LR decay after `lr_decay_start_frac` (Anthropic Apr 2024: linear to 0 over the last 20%)."""
+    lr_decay_start_frac: float = 0.8
+    """Fraction of steps after which the LR decays."""
+    min_lr_frac: float = 0.0
+    """LR at the end of training, as a fraction of the peak."""
+    sparsity_coef: float = 1.0
+    """Coefficient of the sparsity penalty (relu: L1, jumprelu: tanh; unused by batchtopk)."""
+    sparsity_warmup_frac: float = 0.05
+    """Fraction of steps over which the sparsity coefficient rises linearly from 0 (Anthropic Apr 2024)."""
+    auxk_coef: float = 1 / 32
+    """batchtopk: coefficient of the AuxK loss for dead latents (Gao et al. 2024)."""
+    k_aux: int = 0
+    """batchtopk: latents in the AuxK reconstruction; 0 = d_in // 2 (Gao et al. 2024, App. B.1)."""
+    pre_act_coef: float = 0.0
+    """jumprelu: coefficient of the pre-activation loss pulling dead latents up to their threshold
+    (Anthropic, Jan 2025; they use 3e-6)."""
+    topk_threshold_lr: float = 0.01
+    """batchtopk: EMA rate of the inference threshold (running mean of the smallest kept activation)."""
+    dead_tokens: int = 1_000_000
+    """A latent not active for this many training tokens counts as dead (AuxK target, dead_frac)."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 = off)."""
+    b_dec_init: Literal["mean", "zeros"] = "mean"
+    """Initialise each source's b_dec at the mean of the first batch, or at zero."""
+    autocast: Literal["none", "bf16"] = "none"
+    """Mixed precision: bf16 autocast of the matmuls (works on CPU and GPU)."""
+    device: str = "cpu"
+    """Torch device."""
+    log_every: int = 50
+    """Write a row of training metrics to train_log.jsonl every this many steps."""
+    eval_every: int = 0
+    """Evaluate on `eval_batch` every this many steps (0 = only at the end)."""
+    checkpoint_every: int = 1000
+    """Write out_dir/checkpoint/state.pt every this many steps (exact resume from there)."""
+    progress: bool = True
+    """Show a tqdm progress bar."""

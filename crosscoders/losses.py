@@ -1,0 +1,118 @@
+"""Training objective of a crosscoder: reconstruction summed over sources + the scheme's penalties.
+
+Each penalty is a plain function; `crosscoder_loss` picks them by `cfg.activation`:
+  relu      : L1 of f weighted by N_i = sum_s |W_dec[s, i]| (Lindsey et al. 2024, eq. for crosscoders)
+  jumprelu  : sum_i tanh(c f_i N_i) (Anthropic Jan 2025 update; Ge et al. 2025), optional pre-act loss
+  batchtopk : no penalty (sparsity is the top-k); AuxK on dead latents (Gao et al. 2024; Minder et al. 2025)
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from einops import einsum
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+from . import activations as A
+from .model import Crosscoder
+
+
+class LossOutput(NamedTuple):
+    total: Tensor
+    """The scalar minimised: mse + coef * sparsity + aux."""
+    mse: Tensor
+    """sum_s |x_s - x_hat_s|^2, mean over the batch."""
+    sparsity: Tensor
+    """The scheme's sparsity penalty before its coefficient (0 for batchtopk)."""
+    aux: Tensor
+    """Auxiliary loss for dead latents, coefficient applied (AuxK or pre-activation loss)."""
+    mse_per_source: Tensor
+    """|x_s - x_hat_s|^2 per source, mean over the batch, detached: [n_sources]."""
+    f: Tensor
+    """The code [batch, d_sae], for metrics."""
+    x_hat: Tensor
+    """The reconstruction [batch, n_sources, d_in]."""
+    min_kept: Tensor | None
+    """batchtopk: smallest kept decoder-norm-scaled activation (feeds the inference threshold)."""
+
+
+def l1_penalty(f: Float[Tensor, "batch d_sae"], dec_norm: Float[Tensor, " d_sae"]) -> Tensor:
+    return (f * dec_norm).sum(-1).mean()
+
+
+def tanh_penalty(f: Float[Tensor, "batch d_sae"], dec_norm: Float[Tensor, " d_sae"], c: float) -> Tensor:
+    # A smooth L0 proxy that, unlike L1, does not shrink the active latents' magnitudes.
+    return torch.tanh(c * f * dec_norm).sum(-1).mean()
+
+
+def pre_act_loss(
+    pre: Float[Tensor, "batch d_sae"], dec_norm: Float[Tensor, " d_sae"], threshold: Tensor, dead: Bool[Tensor, " d_sae"]
+) -> Tensor:
+    """Anthropic Jan 2025: sum_i ReLU(theta_i - pre_i N_i) over dead latents pulls them back to their gate."""
+    gap = torch.relu(threshold - pre * dec_norm) * dead.to(pre.dtype)
+    return gap.sum(-1).mean()
+
+
+def auxk_loss(
+    model: Crosscoder,
+    x: Float[Tensor, "batch n_sources d_in"],
+    x_hat: Float[Tensor, "batch n_sources d_in"],
+    pre: Float[Tensor, "batch d_sae"],
+    dec_norm: Float[Tensor, " d_sae"],
+    dead: Bool[Tensor, " d_sae"],
+    k_aux: int,
+) -> Tensor:
+    """AuxK (Gao et al. 2024, App. A.2): the top-k_aux dead latents per token reconstruct the residual of
+    the live ones, with W_dec and no bias; scaled down when fewer than k_aux latents are dead."""
+    n_dead = int(dead.sum())
+    if n_dead == 0:
+        return pre.new_zeros(())
+    k = min(k_aux, n_dead)
+    residual = (x - x_hat).detach()
+    scores = (torch.relu(pre) * dec_norm).masked_fill(~dead, -1.0)
+    top = torch.topk(scores, k, dim=-1)
+    acts = torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(pre).gather(-1, top.indices))
+    recon = einsum(acts, model.W_dec, "b h, s h d -> b s d")
+    scale = min(n_dead / k_aux, 1.0)
+    return scale * (recon - residual).pow(2).sum((-1, -2)).mean()
+
+
+def crosscoder_loss(
+    model: Crosscoder,
+    x: Float[Tensor, "batch n_sources d_in"],
+    sparsity_coef: float,
+    dead: Bool[Tensor, " d_sae"] | None = None,
+    auxk_coef: float = 1 / 32,
+    k_aux: int = 0,
+    pre_act_coef: float = 0.0,
+) -> LossOutput:
+    """One forward pass in training mode and the loss of `model.cfg.activation`'s scheme."""
+    cfg = model.cfg
+    model.check_input(x)
+    pre = model.pre_acts(x)
+    dec_norm = model.decoder_norms().sum(-1)
+    min_kept = None
+    if cfg.activation == "batchtopk":
+        f, min_kept = A.batch_topk(pre, dec_norm, cfg.k)
+    else:
+        f = model.activate(pre)
+    x_hat = model.decode(f)
+    err = (x_hat.float() - x.float()).pow(2).sum(-1)  # [batch, n_sources]
+    mse_per_source = err.mean(0)
+    mse = mse_per_source.sum()
+    zero = mse.new_zeros(())
+    sparsity, aux = zero, zero
+    if cfg.activation == "relu":
+        sparsity = l1_penalty(f.float(), dec_norm.float())
+    elif cfg.activation == "jumprelu":
+        sparsity = tanh_penalty(f.float(), dec_norm.float(), cfg.tanh_scale)
+        if pre_act_coef > 0 and dead is not None:
+            th = model.threshold.clamp(min=0)
+            aux = pre_act_coef * pre_act_loss(pre.float(), dec_norm.float(), th, dead)
+    elif cfg.activation == "batchtopk" and dead is not None and auxk_coef > 0:
+        aux = auxk_coef * auxk_loss(model, x.float(), x_hat.float(), pre.float(), dec_norm.float(), dead,
+                                    k_aux or max(1, cfg.d_in // 2))
+    total = mse + sparsity_coef * sparsity + aux
+    return LossOutput(total, mse, sparsity, aux, mse_per_source.detach(), f, x_hat, min_kept)

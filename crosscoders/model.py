@@ -1,0 +1,165 @@
+"""The crosscoder: per-source encoders summed into one sparse code, per-source decoders.
+
+    f      = act(sum_s W_enc[s]^T x_s + b_enc)          (Lindsey et al. 2024, *Sparse Crosscoders*)
+    x_hat_s = W_dec[s]^T f + b_dec[s]
+
+A latent's decoder norm per source, `|W_dec[s, i]|`, is what the evolution study reads off
+(Ge et al. 2025): its profile over snapshots says when the feature is born, peaks and fades.
+
+Normalisation: training sees `x_s * norm_scale[s]` (each source scaled to mean norm sqrt(d_in)).
+`fold_norm_scale` moves those scales into W_enc, W_dec, b_dec so that the saved model works on raw
+activations, and keeps them in the `norm_scale` buffer so that `decoder_norms()` stays in the
+normalised units: decoder norms of different snapshots remain comparable whatever each snapshot's
+raw activation scale, and the sparsity gates (which use them) are unchanged by folding.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from einops import einsum
+from jaxtyping import Float
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from . import activations as A
+from .config import CrosscoderConfig
+from .configs import from_dict, to_dict
+from .io import save_safetensors, write_json
+
+CFG_FILE = "cfg.json"
+WEIGHTS_FILE = "weights.safetensors"
+
+
+class Crosscoder(nn.Module):
+    def __init__(self, cfg: CrosscoderConfig):
+        super().__init__()
+        if cfg.n_sources < 1 or cfg.d_in < 1 or cfg.d_sae < 1:
+            raise ValueError(f"CrosscoderConfig needs n_sources, d_in, d_sae >= 1, got {cfg}")
+        self.cfg = cfg
+        S, D, H = cfg.n_sources, cfg.d_in, cfg.d_sae
+        gen = torch.Generator().manual_seed(cfg.seed)
+        # Anthropic, "Circuits Updates – April 2024" (training SAEs): decoder columns in random directions
+        # with a small fixed norm, encoder initialised to the decoder's transpose. The norm is spread over
+        # the sources so the concatenated decoder vector has norm `dec_init_norm`.
+        W_dec = torch.randn(H, S * D, generator=gen)
+        W_dec = W_dec / W_dec.norm(dim=1, keepdim=True) * cfg.dec_init_norm
+        W_dec = W_dec.view(H, S, D).permute(1, 0, 2).contiguous()
+        self.W_dec = nn.Parameter(W_dec)  # [n_sources, d_sae, d_in]
+        self.W_enc = nn.Parameter(W_dec.transpose(1, 2).clone())  # [n_sources, d_in, d_sae]
+        self.b_enc = nn.Parameter(torch.zeros(H))
+        self.b_dec = nn.Parameter(torch.zeros(S, D))
+        # jumprelu: learned per-latent threshold; batchtopk: running estimate (not a parameter).
+        init = cfg.jumprelu_init_threshold if cfg.activation == "jumprelu" else 0.0
+        threshold = torch.full((H,), float(init))
+        if cfg.activation == "jumprelu":
+            self.threshold = nn.Parameter(threshold)
+        else:
+            self.register_buffer("threshold", threshold)
+        self.register_buffer("norm_scale", torch.ones(S))
+
+    # ------------------------------------------------------------------ shapes and norms
+    def check_input(self, x: Tensor) -> None:
+        S, D = self.cfg.n_sources, self.cfg.d_in
+        if x.ndim != 3 or tuple(x.shape[1:]) != (S, D):
+            raise ValueError(
+                f"crosscoder expects activations [batch, n_sources={S}, d_in={D}], got {list(x.shape)}: "
+                "the activation sources or width do not match this crosscoder"
+            )
+
+    def decoder_norms(self) -> Float[Tensor, "d_sae n_sources"]:
+        """|W_dec[s, i]| in the training (normalised) units, whether or not the scales are folded in."""
+        return (self.W_dec.norm(dim=-1) * self.norm_scale[:, None]).T
+
+    def _gate_norm(self) -> Float[Tensor, " d_sae"]:
+        return self.decoder_norms().sum(-1)
+
+    # ------------------------------------------------------------------ encode / decode
+    def pre_acts(self, x: Float[Tensor, "batch n_sources d_in"]) -> Float[Tensor, "batch d_sae"]:
+        x = x.to(self.W_enc.dtype)
+        return einsum(x, self.W_enc, "b s d, s d h -> b h") + self.b_enc
+
+    def activate(self, pre: Float[Tensor, "... d_sae"]) -> Float[Tensor, "... d_sae"]:
+        """The scheme's activation. batchtopk selects over the batch only in training mode; in eval
+        mode (and for per-source codes) it is the learned threshold gate, so codes do not depend on
+        the batch."""
+        act = self.cfg.activation
+        if act == "relu":
+            return A.relu(pre)
+        norm = self._gate_norm()
+        if act == "jumprelu":
+            if self.training:
+                return A.jumprelu(pre, norm, self.threshold.clamp(min=0), self.cfg.jumprelu_bandwidth,
+                                  self.cfg.jumprelu_ste_to_input)
+            return A.threshold_gate(pre, norm, self.threshold.clamp(min=0))
+        if act == "batchtopk":
+            if self.training and pre.ndim == 2:
+                return A.batch_topk(pre, norm, self.cfg.k)[0]
+            return A.threshold_gate(pre, norm, self.threshold)
+        raise ValueError(f"unknown activation {act!r}")
+
+    def encode(self, x: Float[Tensor, "batch n_sources d_in"]) -> Float[Tensor, "batch d_sae"]:
+        self.check_input(x)
+        return self.activate(self.pre_acts(x))
+
+    def encode_per_source(self, x: Float[Tensor, "batch n_sources d_in"]) -> Float[Tensor, "batch n_sources d_sae"]:
+        """Each source's encoder alone (+ b_enc), then the activation: how strongly a latent reads in one
+        snapshot. batchtopk uses its inference threshold here."""
+        self.check_input(x)
+        pre = einsum(x.to(self.W_enc.dtype), self.W_enc, "b s d, s d h -> b s h") + self.b_enc
+        if self.cfg.activation == "batchtopk":
+            return A.threshold_gate(pre, self._gate_norm(), self.threshold)
+        was = self.training
+        self.eval()
+        try:
+            return self.activate(pre)
+        finally:
+            self.train(was)
+
+    def decode(self, f: Float[Tensor, "batch d_sae"]) -> Float[Tensor, "batch n_sources d_in"]:
+        return einsum(f.to(self.W_dec.dtype), self.W_dec, "b h, s h d -> b s d") + self.b_dec
+
+    def forward(self, x: Float[Tensor, "batch n_sources d_in"]) -> tuple[Tensor, Tensor]:
+        f = self.encode(x)
+        return self.decode(f), f
+
+    # ------------------------------------------------------------------ normalisation, save / load
+    @torch.no_grad()
+    def fold_norm_scale(self, scale: Float[Tensor, " n_sources"]) -> Crosscoder:
+        """Make a model trained on `x * scale` work on raw `x` (in place; returns self).
+
+        pre = sum_s W_enc[s] (x_s scale_s)  ->  W_enc[s] *= scale_s;  x_hat_raw = x_hat / scale  ->
+        W_dec[s], b_dec[s] /= scale_s. `norm_scale` accumulates the scales so norms stay comparable."""
+        scale = torch.as_tensor(scale, dtype=self.W_enc.dtype, device=self.W_enc.device).reshape(-1)
+        if scale.shape != (self.cfg.n_sources,) or not torch.isfinite(scale).all() or (scale <= 0).any():
+            raise ValueError(f"norm scale must be {self.cfg.n_sources} positive finite numbers, got {scale.tolist()}")
+        self.W_enc.mul_(scale[:, None, None])
+        self.W_dec.div_(scale[:, None, None])
+        self.b_dec.div_(scale[:, None])
+        self.norm_scale.mul_(scale)
+        return self
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        save_safetensors(path / WEIGHTS_FILE, {k: v.float() for k, v in self.state_dict().items()})
+        write_json(path / CFG_FILE, to_dict(self.cfg))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> Crosscoder:
+        path = Path(path)
+        cfg_file, weights_file = path / CFG_FILE, path / WEIGHTS_FILE
+        for f in (cfg_file, weights_file):
+            if not f.exists():
+                raise FileNotFoundError(f"no crosscoder at {path}: {f.name} is missing")
+        cfg = from_dict(CrosscoderConfig, json.loads(cfg_file.read_text()))
+        model = cls(cfg)
+        try:
+            state = load_file(str(weights_file))
+            model.load_state_dict(state)
+        except Exception as e:  # safetensors / shape errors: say which file
+            raise ValueError(f"cannot load crosscoder weights from {weights_file}: {e}") from e
+        return model.to(device).eval()

@@ -1,0 +1,366 @@
+"""On-disk activation store: shards of `acts[n_tokens, n_sources, d_in]`, a manifest, a shuffled reader.
+
+Layout of a store directory (DESIGN.md, "Data flow"):
+
+    shard-00000.safetensors   acts [n, n_sources, d_in] (bf16/fp16/fp32), tokens [n] int64,
+                              positions [n] int64 (flat index seq * seq_len + pos into the token stream)
+    manifest.json             written last, atomically, and rewritten after every shard
+
+`manifest.json` holds the format version, sources (e.g. "step512"), hook, d_in, dtype, the token
+stream's identity (sha256 of the token ids), free metadata, one entry per shard (file, n_tokens, bytes,
+sha256, per-source mean norm) and, once the writer has finished, the per-source normalisation scales
+`scale_s = sqrt(d_in) / E|x_s|` (so every source has mean norm sqrt(d_in) during training;
+Anthropic's crosscoder note, Lindsey et al. 2024). A shard absent from the manifest does not exist:
+an interrupted writer resumes after the last shard the manifest lists.
+
+The reader shuffles across shards in bounded memory: per epoch a seeded permutation of the shard
+order, and a shuffle buffer of `shuffle_buffer_tokens` rows that is refilled shard by shard and
+re-permuted, so each batch mixes several shards. The shuffle runs on token indices first, so
+`start_batch=n` skips n batches without reading their data (resumable training).
+Every problem is a `StoreError` naming the file: checksum or size mismatch, truncated safetensors,
+manifest/shard disagreement, missing shard, mismatch with the crosscoder, NaN/inf activations.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import Tensor
+
+from .io import write_bytes, write_json
+
+FORMAT = "feature-evolution/activation-store"
+VERSION = 1
+MANIFEST = "manifest.json"
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class StoreError(ValueError):
+    """The activation store is unusable; the message names the file and what is wrong."""
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i:05d}.safetensors"
+
+
+def tokens_sha256(tokens: Tensor) -> str:
+    """Identity of a token stream: sha256 of its ids as little-endian int64, plus its shape."""
+    t = torch.as_tensor(tokens).to(torch.int64).contiguous().cpu()
+    h = hashlib.sha256(str(list(t.shape)).encode())
+    h.update(t.numpy().astype("<i8").tobytes())
+    return h.hexdigest()
+
+
+def _dtype_name(dtype: str | torch.dtype) -> str:
+    name = str(dtype).removeprefix("torch.")
+    name = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}.get(
+        name, name)
+    if name not in DTYPES:
+        raise ValueError(f"store dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    return name
+
+
+def _check_finite(acts: Tensor, where: str) -> None:
+    bad = ~torch.isfinite(acts)
+    if bad.any():
+        tok, src = (int(i) for i in bad.nonzero()[0][:2])
+        raise StoreError(f"{where}: {int(bad.sum())} non-finite activation value(s) (NaN/inf), first at row "
+                         f"{tok} source {src}; the model produced them, or they overflowed the store dtype")
+
+
+class StoreWriter:
+    """Writes a store shard by shard; each `add` call is one shard (callers choose the chunking).
+
+    `resume=True` reopens an unfinished store with the same header and continues after its last shard
+    (`n_shards`, `n_tokens`, `last_position` say where); a header mismatch is an error, never a silent
+    mix. `resume=False` deletes an existing store in `dir` first."""
+
+    def __init__(self, dir: str | Path, sources: Sequence[str], hook: str, d_in: int,
+                 dtype: str | torch.dtype = "bfloat16", metadata: dict | None = None,
+                 token_stream: dict | None = None, resume: bool = True):
+        self.dir = Path(dir)
+        self.header = {"format": FORMAT, "version": VERSION, "sources": [str(s) for s in sources],
+                       "hook": hook, "d_in": int(d_in), "dtype": _dtype_name(dtype),
+                       "token_stream": token_stream, "metadata": metadata or {}}
+        self.torch_dtype = DTYPES[self.header["dtype"]]
+        self.shards: list[dict] = []
+        self.complete = False
+        path = self.dir / MANIFEST
+        if path.exists() and resume:
+            old = _read_manifest(path)
+            header = json.loads(json.dumps(self.header))  # tuples -> lists, as they are on disk
+            diff = [k for k in header if old.get(k) != header[k]]
+            if diff:
+                raise StoreError(f"{path}: existing store was written with different {diff} "
+                                 f"({[old.get(k) for k in diff]} vs {[header[k] for k in diff]}); "
+                                 "use another directory or resume=False to overwrite it")
+            self.shards = list(old["shards"])
+            self.complete = bool(old.get("complete"))
+            for s in self.shards:
+                f = self.dir / s["file"]
+                if not f.exists() or f.stat().st_size != s["bytes"]:
+                    raise StoreError(f"{f}: listed in {path} but missing or of the wrong size; "
+                                     "delete the store and harvest again")
+        elif path.exists() or any(self.dir.glob("shard-*.safetensors")):
+            path.unlink(missing_ok=True)
+            for f in self.dir.glob("shard-*.safetensors"):
+                f.unlink()
+
+    @property
+    def n_shards(self) -> int:
+        return len(self.shards)
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(s["n_tokens"] for s in self.shards)
+
+    @property
+    def last_position(self) -> int:
+        """Largest token-stream position stored so far (-1 when empty)."""
+        return max((s["last_position"] for s in self.shards), default=-1)
+
+    def add(self, acts: Float[Tensor, "n n_sources d_in"], tokens: Int[Tensor, " n"],
+            positions: Int[Tensor, " n"] | None = None) -> Path:
+        """Write one shard atomically, then the manifest listing it. Non-finite values are an error."""
+        if self.complete:
+            raise StoreError(f"{self.dir / MANIFEST}: store is finished; cannot add shards")
+        S, D = len(self.header["sources"]), self.header["d_in"]
+        if acts.ndim != 3 or tuple(acts.shape[1:]) != (S, D):
+            raise StoreError(f"{self.dir}: acts must be [n, n_sources={S}, d_in={D}], got {list(acts.shape)}")
+        n = acts.shape[0]
+        if n == 0:
+            raise StoreError(f"{self.dir}: refusing to write an empty shard")
+        tokens = torch.as_tensor(tokens).reshape(-1).to(torch.int64).cpu()
+        positions = (torch.arange(self.n_tokens, self.n_tokens + n) if positions is None
+                     else torch.as_tensor(positions).reshape(-1).to(torch.int64).cpu())
+        if tokens.shape[0] != n or positions.shape[0] != n:
+            raise StoreError(f"{self.dir}: {n} activation rows but {tokens.shape[0]} tokens / "
+                             f"{positions.shape[0]} positions")
+        stored = acts.detach().to("cpu", self.torch_dtype).contiguous()
+        name = shard_name(self.n_shards)
+        _check_finite(stored, f"{self.dir / name} (while writing)")
+        data = st_save({"acts": stored, "tokens": tokens, "positions": positions},
+                       metadata={"format": FORMAT, "hook": self.header["hook"]})
+        write_bytes(self.dir / name, data)
+        self.shards.append({"file": name, "n_tokens": n, "bytes": len(data),
+                            "sha256": hashlib.sha256(data).hexdigest(),
+                            "last_position": int(positions.max()),
+                            "mean_norm": stored.float().norm(dim=-1).mean(0).tolist()})
+        self._write_manifest()
+        return self.dir / name
+
+    def mean_norms(self) -> Tensor:
+        """Per-source mean activation norm over every token written (exact, from the shard statistics)."""
+        if not self.shards:
+            raise StoreError(f"{self.dir}: no shards written")
+        n = torch.tensor([s["n_tokens"] for s in self.shards], dtype=torch.float64)
+        m = torch.tensor([s["mean_norm"] for s in self.shards], dtype=torch.float64)
+        return (n[:, None] * m).sum(0) / n.sum()
+
+    def finish(self, scales: Sequence[float] | Tensor | None = None) -> ActivationStore:
+        """Mark the store complete with its normalisation scales (default: sqrt(d_in) / mean norm over
+        all written tokens) and return a reader."""
+        if scales is None:
+            scales = math.sqrt(self.header["d_in"]) / self.mean_norms().clamp(min=1e-12)
+        scales = [float(s) for s in torch.as_tensor(scales).reshape(-1)]
+        if len(scales) != len(self.header["sources"]) or not all(math.isfinite(s) and s > 0 for s in scales):
+            raise StoreError(f"{self.dir}: need {len(self.header['sources'])} positive finite scales, got {scales}")
+        self.complete = True
+        self._write_manifest(scales)
+        return ActivationStore(self.dir)
+
+    def _write_manifest(self, scales: list[float] | None = None) -> None:
+        write_json(self.dir / MANIFEST, {**self.header, "complete": self.complete, "n_tokens": self.n_tokens,
+                                         "scales": scales, "shards": self.shards})
+
+
+def _read_manifest(path: Path) -> dict:
+    if not path.exists():
+        raise StoreError(f"{path}: no manifest; not an activation store (or the harvest never wrote a shard)")
+    try:
+        m = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StoreError(f"{path}: unreadable manifest ({e})") from None
+    missing = [k for k in ("format", "version", "sources", "hook", "d_in", "dtype", "shards") if k not in m]
+    if missing or m.get("format") != FORMAT:
+        raise StoreError(f"{path}: not an activation-store manifest (missing {missing or 'format'})")
+    if m["version"] != VERSION:
+        raise StoreError(f"{path}: store format version {m['version']}, this code reads version {VERSION}")
+    return m
+
+
+class ActivationStore:
+    """Reader of a finished store. `ActivationStore(dir)` checks the manifest and that every shard
+    exists with its listed size; `verify()` also checks checksums, shapes, dtypes and values."""
+
+    def __init__(self, dir: str | Path, require_complete: bool = True):
+        self.dir = Path(dir)
+        self.manifest_path = self.dir / MANIFEST
+        self.manifest: dict[str, Any] = _read_manifest(self.manifest_path)
+        m = self.manifest
+        if require_complete and not m.get("complete"):
+            raise StoreError(f"{self.manifest_path}: store is unfinished (an interrupted harvest?); "
+                             "rerun the harvest to resume it")
+        if not m["shards"]:
+            raise StoreError(f"{self.manifest_path}: store lists no shards")
+        if m.get("n_tokens") is not None and m["n_tokens"] != sum(s["n_tokens"] for s in m["shards"]):
+            raise StoreError(f"{self.manifest_path}: n_tokens {m['n_tokens']} is not the sum of its shards' "
+                             f"{sum(s['n_tokens'] for s in m['shards'])}")
+        for s in m["shards"]:
+            f = self.dir / s["file"]
+            if not f.exists():
+                raise StoreError(f"{f}: shard listed in {self.manifest_path} is missing")
+            if f.stat().st_size != s["bytes"]:
+                raise StoreError(f"{f}: {f.stat().st_size} bytes but {self.manifest_path} says {s['bytes']} "
+                                 "(truncated or rewritten shard)")
+        self.sources: list[str] = m["sources"]
+        self.d_in: int = int(m["d_in"])
+        self.shard_sizes = [int(s["n_tokens"]) for s in m["shards"]]
+        self.n_tokens = sum(self.shard_sizes)
+        self._offsets = torch.tensor([0, *self.shard_sizes]).cumsum(0)
+
+    @property
+    def scales(self) -> Float[Tensor, " n_sources"]:
+        """Per-source normalisation scale: multiply raw activations by it for mean norm sqrt(d_in)."""
+        if self.manifest.get("scales") is None:
+            raise StoreError(f"{self.manifest_path}: no normalisation scales (store unfinished)")
+        return torch.tensor(self.manifest["scales"], dtype=torch.float32)
+
+    @property
+    def n_sources(self) -> int:
+        return len(self.sources)
+
+    def __len__(self) -> int:
+        return self.n_tokens
+
+    def __repr__(self) -> str:
+        return (f"ActivationStore({str(self.dir)!r}, hook={self.manifest['hook']!r}, sources={self.n_sources}, "
+                f"d_in={self.d_in}, tokens={self.n_tokens}, shards={len(self.shard_sizes)})")
+
+    def check_matches(self, n_sources: int, d_in: int) -> None:
+        """StoreError unless this store feeds a crosscoder over `n_sources` sources of width `d_in`."""
+        if (n_sources, d_in) != (self.n_sources, self.d_in):
+            raise StoreError(f"{self.manifest_path}: store holds {self.n_sources} sources {self.sources} of "
+                             f"d_in={self.d_in} (hook {self.manifest['hook']}), but the crosscoder expects "
+                             f"n_sources={n_sources}, d_in={d_in}")
+
+    def load_shard(self, i: int, check_sha: bool = True) -> dict[str, Tensor]:
+        """Shard `i` as {"acts", "tokens", "positions"}, checked against the manifest (and its sha256)."""
+        entry = self.manifest["shards"][i]
+        f = self.dir / entry["file"]
+        try:
+            data = f.read_bytes()
+        except OSError as e:
+            raise StoreError(f"{f}: cannot read shard ({e})") from None
+        if len(data) != entry["bytes"]:
+            raise StoreError(f"{f}: {len(data)} bytes but the manifest says {entry['bytes']} (truncated?)")
+        if check_sha and hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise StoreError(f"{f}: sha256 does not match {self.manifest_path} (corrupted or altered shard)")
+        try:
+            t = st_load(data)
+        except Exception as e:  # safetensors raises its own error types for a malformed header/body
+            raise StoreError(f"{f}: not a readable safetensors file ({e})") from None
+        if set(t) != {"acts", "tokens", "positions"}:
+            raise StoreError(f"{f}: expected tensors acts, tokens, positions; found {sorted(t)}")
+        n, shape = entry["n_tokens"], (entry["n_tokens"], self.n_sources, self.d_in)
+        if tuple(t["acts"].shape) != shape or t["tokens"].shape != (n,) or t["positions"].shape != (n,):
+            raise StoreError(f"{f}: acts {list(t['acts'].shape)} / tokens {list(t['tokens'].shape)} disagree "
+                             f"with {self.manifest_path} ({list(shape)})")
+        if t["acts"].dtype != DTYPES[self.manifest["dtype"]]:
+            raise StoreError(f"{f}: acts are {t['acts'].dtype}, manifest says {self.manifest['dtype']}")
+        _check_finite(t["acts"], str(f))
+        return t
+
+    def verify(self) -> dict:
+        """Read every shard: sizes, sha256, shapes, dtype, finite values. Returns a summary; raises StoreError."""
+        for i in range(len(self.shard_sizes)):
+            self.load_shard(i)
+        return {"shards": len(self.shard_sizes), "n_tokens": self.n_tokens, "ok": True}
+
+    def tokens(self) -> tuple[Int[Tensor, " n"], Int[Tensor, " n"]]:
+        """All stored (tokens, positions) in store order (small: two int64 per token)."""
+        parts = [self.load_shard(i) for i in range(len(self.shard_sizes))]
+        return torch.cat([p["tokens"] for p in parts]), torch.cat([p["positions"] for p in parts])
+
+    def _index_stream(self, batch_size: int, seed: int, buffer: int, n_epochs: int | None,
+                      drop_last: bool) -> Iterator[tuple[str, Any]]:
+        """The shuffle on token indices: yields ("shard", i) when shard i enters the buffer,
+        ("perm", p) when the buffer is permuted, ("batch", n) when n rows leave its front."""
+        epoch, size = 0, 0
+        while n_epochs is None or epoch < n_epochs:
+            g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+            order = torch.randperm(len(self.shard_sizes), generator=g).tolist()
+            for k, i in enumerate(order):
+                yield "shard", i
+                size += self.shard_sizes[i]
+                last = k == len(order) - 1
+                if size < buffer and not last:
+                    continue
+                yield "perm", torch.randperm(size, generator=g)
+                while size >= batch_size and size > buffer // 2:
+                    yield "batch", batch_size
+                    size -= batch_size
+            epoch += 1
+        while size >= batch_size:
+            yield "batch", batch_size
+            size -= batch_size
+        if size and not drop_last:
+            yield "batch", size
+
+    def batches(self, batch_size: int, seed: int = 0, normalize: bool = True,
+                shuffle_buffer_tokens: int | None = None, n_epochs: int | None = None,
+                start_batch: int = 0, drop_last: bool = False, device: str | torch.device = "cpu",
+                shuffle_buffer: int | None = None) -> Iterator[Float[Tensor, "batch n_sources d_in"]]:
+        """Float32 batches `[batch, n_sources, d_in]`, shuffled across shards, deterministic given `seed`.
+
+        `n_epochs=None` streams forever (epochs follow each other without a partial batch between them).
+        `shuffle_buffer_tokens` (alias `shuffle_buffer`) bounds memory: the buffer holds that many rows
+        plus at most one shard (default: four average shards). `start_batch=n` yields from batch n on,
+        exactly as if the first n had been consumed. `normalize` multiplies by the manifest's scales."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        buf_tokens = shuffle_buffer_tokens if shuffle_buffer_tokens is not None else shuffle_buffer
+        if buf_tokens is None:
+            buf_tokens = 4 * math.ceil(self.n_tokens / len(self.shard_sizes))
+        buf_tokens = max(int(buf_tokens), batch_size)
+        scale = self.scales.to(device)[None, :, None] if normalize else None
+        idx = torch.empty(0, dtype=torch.long)  # global token indices in the buffer
+        data: Tensor | None = None  # their activations (stored dtype) once past start_batch
+        n_batch = 0
+        for kind, val in self._index_stream(batch_size, seed, buf_tokens, n_epochs, drop_last):
+            if kind == "shard":
+                lo, hi = int(self._offsets[val]), int(self._offsets[val + 1])
+                idx = torch.cat([idx, torch.arange(lo, hi)])
+                if data is not None:
+                    data = torch.cat([data, self.load_shard(val)["acts"]])
+            elif kind == "perm":
+                idx = idx[val]
+                if data is not None:
+                    data = data[val]
+            else:
+                if n_batch >= start_batch:
+                    if data is None:
+                        data = self._gather(idx)
+                    x = data[:val].to(device=device, dtype=torch.float32)
+                    data = data[val:]
+                    yield x * scale if scale is not None else x
+                idx = idx[val:]
+                n_batch += 1
+
+    def _gather(self, idx: Tensor) -> Tensor:
+        """Activations of global token indices `idx` (in that order), reading one shard at a time."""
+        out = torch.empty((len(idx), self.n_sources, self.d_in), dtype=DTYPES[self.manifest["dtype"]])
+        shard = torch.searchsorted(self._offsets, idx, right=True) - 1
+        for i in shard.unique().tolist():
+            rows = (shard == i).nonzero().squeeze(1)
+            out[rows] = self.load_shard(i)["acts"][idx[rows] - self._offsets[i]]
+        return out

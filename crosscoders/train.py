@@ -1,0 +1,301 @@
+"""Train a crosscoder on batches of activations; resumable exactly; `python -m crosscoders.train`.
+
+Batch contract. `batches` is either
+  * a callable `batches(start_step) -> iterator` yielding the batch of step `start_step` first
+    (e.g. `PlantedFeatures.batch_source(n)`), the cheap way to resume; or
+  * an iterable. On resume the trainer re-iterates it from the start and skips the batches already
+    consumed, so it must yield the same sequence each time it is iterated (a list, or a reader
+    created with a fixed seed).
+Batches are `[batch, n_sources, d_in]` already normalised (`x * norm_scale`); pass `norm_scale` so the
+saved model has it folded in and works on raw activations.
+
+Exact resume: `out_dir/checkpoint/state.pt` holds model, optimiser, scheduler, step, dead-latent
+counters and RNG state, written atomically every `checkpoint_every` steps. A run killed after step
+n resumes from the last checkpoint, redoes the same steps on the same batches, and ends in the same
+weights as an uninterrupted run (tests/test_train.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import itertools
+import json
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .config import CrosscoderConfig, TrainConfig
+from .configs import add_arguments, from_dict, to_dict
+from .io import append_jsonl, read_jsonl, torch_save, write_json, write_text
+from .losses import crosscoder_loss
+from .model import Crosscoder
+
+BatchSource = Iterable[Tensor] | Callable[[int], Iterable[Tensor]]
+CHECKPOINT = "checkpoint/state.pt"
+LOG = "train_log.jsonl"
+# Fields that may change between a run and its resume without changing the result.
+_RESUME_FREE = {"progress", "log_every", "eval_every", "checkpoint_every"}
+
+
+def lr_factor(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up from 0, flat, then linear or cosine decay to `min_lr_frac` (as a fraction of lr)."""
+    warm = int(cfg.lr_warmup_frac * cfg.steps)
+    if step < warm:
+        return (step + 1) / warm
+    start = int(cfg.lr_decay_start_frac * cfg.steps)
+    if cfg.lr_decay == "none" or step < start:
+        return 1.0
+    t = (step - start) / max(cfg.steps - start, 1)
+    shape = 1 - t if cfg.lr_decay == "linear" else 0.5 * (1 + math.cos(math.pi * t))
+    return cfg.min_lr_frac + (1 - cfg.min_lr_frac) * shape
+
+
+def sparsity_factor(cfg: TrainConfig, step: int) -> float:
+    warm = int(cfg.sparsity_warmup_frac * cfg.steps)
+    return 1.0 if step >= warm else (step + 1) / warm
+
+
+def _iterate(batches: BatchSource, start_step: int) -> Iterator[Tensor]:
+    if callable(batches) and not hasattr(batches, "__iter__"):
+        return iter(batches(start_step))
+    return itertools.islice(iter(batches), start_step, None)
+
+
+def _check_batch(model: Crosscoder, x: Tensor, step: int) -> None:
+    try:
+        model.check_input(x)
+    except ValueError as e:
+        raise ValueError(f"batch of step {step}: {e}") from None
+    if not torch.isfinite(x).all():
+        bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(
+            f"batch of step {step} holds {bad} non-finite activation value(s) (NaN/inf); "
+            "check the activation store or the model that produced it"
+        )
+
+
+@torch.no_grad()
+def evaluate(model: Crosscoder, batches: Iterable[Tensor], max_batches: int | None = None) -> dict:
+    """Per-source FVU = sum|x - x_hat|^2 / sum|x - mean x|^2 over all tokens; L0 = mean active latents per
+    token; dead_frac = fraction of latents never active. `*_per_source` use each source's encoder alone."""
+    was = model.training
+    model.eval()
+    S, H = model.cfg.n_sources, model.cfg.d_sae
+    dev = model.W_enc.device
+    sse = torch.zeros(S, dtype=torch.float64, device=dev)
+    sxx = torch.zeros(S, dtype=torch.float64, device=dev)
+    sx = torch.zeros(S, model.cfg.d_in, dtype=torch.float64, device=dev)
+    fired = torch.zeros(H, dtype=torch.bool, device=dev)
+    fired_s = torch.zeros(S, H, dtype=torch.bool, device=dev)
+    l0 = 0.0
+    l0_s = torch.zeros(S, dtype=torch.float64, device=dev)
+    n = 0
+    for x in itertools.islice(batches, max_batches):
+        x = x.to(dev, torch.float32)
+        x_hat, f = model(x)
+        sse += (x - x_hat).double().pow(2).sum((0, 2))
+        sx += x.double().sum(0)
+        sxx += x.double().pow(2).sum((0, 2))
+        active = f > 0
+        fired |= active.any(0)
+        l0 += active.sum().item()
+        fs = model.encode_per_source(x) > 0
+        fired_s |= fs.any(0)
+        l0_s += fs.sum((0, 2)).double()
+        n += x.shape[0]
+    model.train(was)
+    if n == 0:
+        raise ValueError("evaluate() got no batches")
+    var = sxx - sx.pow(2).sum(-1) / n  # sum |x - mean|^2
+    fvu = (sse / var.clamp(min=1e-12)).tolist()
+    return {
+        "fvu": fvu,
+        "fvu_mean": sum(fvu) / S,
+        "l0": l0 / n,
+        "dead_frac": 1 - fired.float().mean().item(),
+        "l0_per_source": (l0_s / n).tolist(),
+        "dead_frac_per_source": (1 - fired_s.float().mean(1)).tolist(),
+        "n_tokens": n,
+    }
+
+
+def _resume_key(cfg: TrainConfig) -> dict:
+    return {k: v for k, v in to_dict(cfg).items() if k not in _RESUME_FREE}
+
+
+def _resolve_shapes(cfg: TrainConfig, it: Iterator[Tensor]) -> tuple[TrainConfig, Iterator[Tensor]]:
+    cc = cfg.crosscoder
+    if cc.n_sources and cc.d_in:
+        return cfg, it
+    first = next(it)
+    cc = from_dict(CrosscoderConfig, {**to_dict(cc), "n_sources": first.shape[1], "d_in": first.shape[2]})
+    return from_dict(TrainConfig, {**to_dict(cfg), "crosscoder": to_dict(cc)}), itertools.chain([first], it)
+
+
+def train(
+    cfg: TrainConfig,
+    batches: BatchSource,
+    out_dir: str | Path,
+    norm_scale: Tensor | None = None,
+    eval_batch: Tensor | None = None,
+) -> Crosscoder:
+    """Train (or resume training of) a crosscoder; save it to `out_dir` (cfg.json + weights.safetensors,
+    `norm_scale` folded in) and return the saved model (it works on raw activations)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / CHECKPOINT
+    state = None
+    if ckpt_path.exists():
+        try:
+            state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"cannot read checkpoint {ckpt_path}: {e}; delete it to start afresh") from e
+        saved = from_dict(TrainConfig, state["train_config"])
+        cfg = from_dict(TrainConfig, {**to_dict(cfg), "crosscoder": to_dict(saved.crosscoder)}) \
+            if not (cfg.crosscoder.n_sources and cfg.crosscoder.d_in) else cfg
+        if _resume_key(saved) != _resume_key(cfg):
+            diff = sorted(k for k, v in _resume_key(cfg).items() if _resume_key(saved).get(k) != v)
+            raise ValueError(f"checkpoint {ckpt_path} was written with a different config (fields: {diff}); "
+                             "use a new out_dir or delete the checkpoint")
+    step = state["step"] if state else 0
+    it = _iterate(batches, step)
+    cfg, it = _resolve_shapes(cfg, it)
+
+    dev = torch.device(cfg.device)
+    model = Crosscoder(cfg.crosscoder).to(dev)
+    opt_cls = torch.optim.AdamW if cfg.weight_decay > 0 else torch.optim.Adam
+    opt = opt_cls(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg, s))
+    since_fired = torch.zeros(cfg.crosscoder.d_sae, dtype=torch.long, device=dev)
+    tokens_seen = 0
+    if state:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        since_fired = state["since_fired"].to(dev)
+        tokens_seen = state["tokens_seen"]
+        torch.set_rng_state(state["rng"])
+        # Drop log rows written after the checkpoint: they are about to be redone.
+        rows = [r for r in read_jsonl(out / LOG) if r.get("step", 0) <= step]
+        write_text(out / LOG, "".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        (out / LOG).unlink(missing_ok=True)
+    write_json(out / "train_config.json", to_dict(cfg))
+
+    amp = (torch.autocast(dev.type, dtype=torch.bfloat16) if cfg.autocast == "bf16"
+           else contextlib.nullcontext())
+    model.train()
+    bar = tqdm(total=cfg.steps, initial=step, disable=not cfg.progress, desc="crosscoder", unit="step")
+    t0, tok0 = time.perf_counter(), tokens_seen
+    while step < cfg.steps:
+        try:
+            x = next(it)
+        except StopIteration:
+            bar.write(f"batches ran out at step {step} of {cfg.steps}; stopping there")
+            break
+        x = torch.as_tensor(x).to(dev, torch.float32)
+        _check_batch(model, x, step)
+        if step == 0 and cfg.b_dec_init == "mean":
+            with torch.no_grad():
+                model.b_dec.copy_(x.mean(0))
+        coef = cfg.sparsity_coef * sparsity_factor(cfg, step)
+        dead = since_fired >= cfg.dead_tokens
+        with amp:
+            loss = crosscoder_loss(model, x, coef, dead, cfg.auxk_coef, cfg.k_aux, cfg.pre_act_coef)
+        if not torch.isfinite(loss.total):
+            raise FloatingPointError(f"loss became {loss.total.item()} at step {step} (finite inputs); "
+                                     "try a lower lr or autocast=none")
+        opt.zero_grad(set_to_none=True)
+        loss.total.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            fired = (loss.f > 0).any(0)
+            since_fired += x.shape[0]
+            since_fired[fired] = 0
+            if cfg.crosscoder.activation == "batchtopk" and loss.min_kept is not None:
+                # Inference threshold: running mean of the smallest kept activation (Bussmann et al. 2024).
+                r = 1.0 if step == 0 else cfg.topk_threshold_lr
+                model.threshold.mul_(1 - r).add_(r * loss.min_kept.float())
+            if cfg.crosscoder.activation == "jumprelu":
+                model.threshold.clamp_(min=0)  # a negative gate would pass negative pre-activations
+        step += 1
+        tokens_seen += x.shape[0]
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            xc = x - x.mean(0)
+            fvu = (loss.mse_per_source / xc.pow(2).sum(-1).mean(0).clamp(min=1e-12)).tolist()
+            row = {"step": step, "tokens_seen": tokens_seen, "lr": sched.get_last_lr()[0],
+                   "sparsity_coef": coef, "loss": loss.total.item(), "mse": loss.mse.item(),
+                   "sparsity": loss.sparsity.item(), "aux": loss.aux.item(), "fvu": fvu,
+                   "l0": (loss.f > 0).sum(-1).float().mean().item(),
+                   "dead_frac": (since_fired >= cfg.dead_tokens).float().mean().item(),
+                   "tok_per_s": (tokens_seen - tok0) / max(time.perf_counter() - t0, 1e-9)}
+            append_jsonl(out / LOG, row)
+            bar.set_postfix(loss=f"{row['loss']:.4g}", fvu=f"{sum(fvu) / len(fvu):.3f}", l0=f"{row['l0']:.1f}")
+        if eval_batch is not None and cfg.eval_every and step % cfg.eval_every == 0:
+            append_jsonl(out / LOG, {"step": step, "eval": evaluate(model, [eval_batch])})
+            model.train()
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            torch_save(ckpt_path, {"step": step, "tokens_seen": tokens_seen, "model": model.state_dict(),
+                                   "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                                   "since_fired": since_fired, "rng": torch.get_rng_state(),
+                                   "train_config": to_dict(cfg)})
+        bar.update(1)
+    bar.close()
+    model.eval()
+    if eval_batch is not None:
+        append_jsonl(out / LOG, {"step": step, "eval": evaluate(model, [eval_batch.to(dev)]), "final": True})
+    final = copy.deepcopy(model).cpu()
+    if norm_scale is not None:
+        final.fold_norm_scale(norm_scale)
+    final.save(out)
+    return final
+
+
+def main(argv: list[str] | None = None) -> Crosscoder:
+    """`python -m crosscoders.train --store DIR --out DIR [TrainConfig and CrosscoderConfig flags]`."""
+    parser = argparse.ArgumentParser(description="Train a crosscoder on an activation store.")
+    parser.add_argument("--store", required=True, help="activation store directory (manifest.json + shards)")
+    parser.add_argument("--out", required=True, help="output directory (model, log, checkpoint)")
+    parser.add_argument("--seed-data", type=int, default=0, help="seed of the store's shuffled reader")
+    parser.add_argument("--eval-tokens", type=int, default=0, help="tokens held out of the stream for a final eval")
+    add_arguments(parser.add_argument_group("training (TrainConfig)"), TrainConfig)
+    add_arguments(parser.add_argument_group("model (CrosscoderConfig)"), CrosscoderConfig)
+    ns = vars(parser.parse_args(argv))
+    store_dir, out_dir = ns.pop("store"), ns.pop("out")
+    seed_data, eval_tokens = ns.pop("seed_data"), ns.pop("eval_tokens")
+    cc_fields = set(CrosscoderConfig.__dataclass_fields__)
+    cc = json.loads(ns.pop("crosscoder")) if "crosscoder" in ns else {}
+    cc.update({k: ns.pop(k) for k in list(ns) if k in cc_fields})
+
+    from .store import ActivationStore  # lazy: the data side is a separate module
+
+    store = ActivationStore(store_dir)
+    scales = torch.as_tensor(store.scales, dtype=torch.float32)
+    d_in = int(store.manifest["d_in"])
+    cc.setdefault("n_sources", len(scales))
+    cc.setdefault("d_in", d_in)
+    cfg = from_dict(TrainConfig, {**ns, "crosscoder": cc})
+    store.check_matches(cfg.crosscoder.n_sources, cfg.crosscoder.d_in)
+    eval_batch = None
+    if eval_tokens:
+        eval_batch = next(iter(store.batches(eval_tokens, seed=seed_data + 1, normalize=True)))
+
+    def source(start: int) -> Iterator[Tensor]:
+        # The store's reader is deterministic for a seed: skip what the checkpoint already consumed.
+        return itertools.islice(store.batches(cfg.batch_size, seed=seed_data, normalize=True), start, None)
+
+    return train(cfg, source, out_dir, norm_scale=scales, eval_batch=eval_batch)
+
+
+if __name__ == "__main__":
+    main()

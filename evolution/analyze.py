@@ -1,0 +1,189 @@
+"""`feature-evolution analyze RUN`: timelines, the feature table, figures and the browser into `RUN/analysis/`.
+
+Reads `RUN/crosscoder/` and the snapshot steps of its sources, then writes (atomically)
+
+    analysis/timelines.safetensors   norms, rel_norms, cos_to_final, peak/emergence/fade/turn indices
+    analysis/features.csv            one row per feature (+ type scores when the probes ran)
+    analysis/summary.json            turning point, steps, group counts, medians (docs/interfaces.md)
+    analysis/contexts.json, probe_scores.safetensors   (evolution.probes, when snapshots and corpus exist)
+    analysis/figures/*.png           heatmap, peak_steps, timelines_by_group[, _by_type], cos_to_final
+    analysis/browser/index.html      the feature browser
+
+The probes need the snapshots (`RUN/snapshots/step{N}/`), the corpus (`RUN/corpus/`) and the hook (from
+the activation store's manifest); without them the analysis runs on the decoder alone and says so.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from crosscoders.io import atomic_path, write_json
+from evolution.timelines import TimelineConfig, Timelines, compute_timelines
+
+
+@dataclass
+class AnalyzeConfig(TimelineConfig):
+    """What `analyze` computes besides the timelines (whose settings it inherits)."""
+
+    figures: bool = True
+    """Write the PNG figures under analysis/figures/."""
+    browser: bool = True
+    """Write the HTML feature browser analysis/browser/index.html."""
+    probes: bool = True
+    """Run the feature probes (type scores, top contexts) when snapshots, corpus and hook are available."""
+    probe_snapshots: int = 0
+    """Probe this many snapshots, evenly spaced with the first and last included (0 = every snapshot)."""
+    probe_max_seqs: int = 256
+    """Sequences of the held-out corpus the probes read."""
+    browser_max_rows: int = 1000
+    """Rows the browser's table draws at once (the filter reaches every feature)."""
+    device: str = "cpu"
+    """Torch device for the probes."""
+
+
+def _step_of(name: Any) -> int | None:
+    if isinstance(name, int):
+        return name
+    m = re.fullmatch(r"(?:.*[^\d])?(\d+)", str(name))
+    return int(m.group(1)) if m else None
+
+
+def _manifests(run: Path) -> list[dict]:
+    out = []
+    for p in sorted((run / "activations").glob("*/manifest.json")):
+        try:
+            out.append(json.loads(p.read_text()))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{p} is not valid JSON: {e}") from e
+    return out
+
+
+def source_steps(run_dir: str | Path, n_sources: int) -> list[int]:
+    """The training step of each crosscoder source, from the names of the sources ("step512" or 512)
+    in crosscoder/eval.json or the activation store's manifest, else the snapshot directories."""
+    run = Path(run_dir)
+    candidates: list[tuple[str, Any]] = []
+    ev = run / "crosscoder" / "eval.json"
+    if ev.exists():
+        candidates.append((str(ev), json.loads(ev.read_text()).get("sources")))
+    candidates += [(f"{run}/activations/*/manifest.json", m.get("sources")) for m in _manifests(run)]
+    for where, names in candidates:
+        if names and len(names) == n_sources:
+            steps = [_step_of(n) for n in names]
+            if all(s is not None for s in steps):
+                return steps  # type: ignore[return-value]
+    from evolution.snapshots import local_steps
+
+    if (run / "snapshots").is_dir() and len(found := local_steps(run / "snapshots")) == n_sources:
+        return found
+    tried = ", ".join(w for w, _ in candidates) or "no eval.json or manifest"
+    raise ValueError(f"cannot tell the training steps of the {n_sources} crosscoder sources of {run} "
+                     f"(looked at {tried} and {run / 'snapshots'})")
+
+
+def _hook(run: Path) -> str | None:
+    for m in _manifests(run):
+        if m.get("hook"):
+            return m["hook"]
+    return None
+
+
+def _evenly(steps: list[int], n: int) -> list[int]:
+    if n <= 0 or n >= len(steps):
+        return list(steps)
+    return [steps[i] for i in sorted(set(np.linspace(0, len(steps) - 1, n).round().astype(int).tolist()))]
+
+
+def run_probes(run: Path, crosscoder, steps: list[int], cfg: AnalyzeConfig) -> tuple[pd.DataFrame, dict] | None:
+    """Probe scores and top contexts (evolution.probes), or None with the reason printed when the
+    run lacks snapshots, corpus or hook, or the probes module is not there."""
+    hook = _hook(run)
+    missing = [what for what, ok in (("snapshots/", (run / "snapshots").is_dir()),
+                                     ("corpus/", (run / "corpus").is_dir()), ("hook in a store manifest", hook))
+               if not ok]
+    if missing:
+        print(f"analyze: probes skipped, {run} has no {', '.join(missing)}")
+        return None
+    try:
+        from evolution.corpus import Corpus
+        from evolution.probes import ProbeConfig, probe_features
+        from evolution.snapshots import iter_snapshots
+    except ImportError as e:
+        print(f"analyze: probes skipped ({e})")
+        return None
+    corpus = Corpus.load(run / "corpus")
+    tokens = corpus.eval_tokens if corpus.eval_tokens is not None else corpus.tokens
+    mech = corpus.eval_mechanism if corpus.eval_tokens is not None else corpus.mechanism
+    kwargs = {"mechanism_names": corpus.mechanism_names} if corpus.mechanism_names else {}
+    probe_steps = _evenly(steps, cfg.probe_snapshots)
+    result = probe_features(
+        crosscoder.to(cfg.device), iter_snapshots(run / "snapshots", probe_steps, device=cfg.device),
+        tokens, hook, mechanism=mech, steps=steps, cfg=ProbeConfig(max_seqs=cfg.probe_max_seqs),
+        tokenizer=corpus.tokenizer, bos_token_id=corpus.bos_token_id, **kwargs)
+    result.save(run / "analysis")
+    return result.table, result.contexts
+
+
+def peak_step_by_type(features: pd.DataFrame) -> dict[str, dict[str, float]] | None:
+    """Median and mean peak step of alive features per ground-truth type (planted corpus)."""
+    if "gt_type" not in features:
+        return None
+    alive = features[~features["dead"].astype(bool)]
+    g = alive.groupby("gt_type")["peak_step"]
+    return {str(t): {"median": float(m), "mean": float(a), "n": int(n)}
+            for (t, m), a, n in zip(g.median().items(), g.mean(), g.size())}
+
+
+def analyze(run_dir: str | Path, cfg: AnalyzeConfig | None = None) -> dict:
+    """Write the analysis of `run_dir` (see the module docstring); returns the summary."""
+    from crosscoders.model import Crosscoder
+
+    cfg = cfg or AnalyzeConfig()
+    run = Path(run_dir)
+    crosscoder = Crosscoder.load(run / "crosscoder")
+    steps = source_steps(run, crosscoder.cfg.n_sources)
+    out = run / "analysis"
+    tl_cfg = TimelineConfig(**{k: getattr(cfg, k) for k in TimelineConfig.__dataclass_fields__})
+    tl = compute_timelines(crosscoder, steps, tl_cfg)
+    features = tl.to_frame()
+    contexts = None
+    if cfg.probes and (probed := run_probes(run, crosscoder, steps, cfg)) is not None:
+        table, contexts = probed
+        extra = [c for c in table.columns if c == "feature" or c not in features.columns]
+        features = features.merge(table[extra], on="feature", how="left")
+    tl.save(out / "timelines.safetensors")
+    with atomic_path(out / "features.csv") as tmp:
+        features.to_csv(tmp, index=False)
+    summary = {**tl.summary(), "probes": contexts is not None, "run": str(run)}
+    if (by_type := peak_step_by_type(features)) is not None:
+        summary["peak_step_by_type"] = by_type
+    write_json(out / "summary.json", summary)
+    if cfg.figures:
+        from evolution.plots import save_all
+
+        save_all(tl, features, out / "figures")
+    if cfg.browser:
+        from evolution.browser import write_browser
+
+        write_browser(tl, features, out / "browser" / "index.html", contexts,
+                      title=f"{run.resolve().name}: feature browser", max_rows=cfg.browser_max_rows)
+    return summary
+
+
+def load_analysis(run_dir: str | Path) -> tuple[Timelines, pd.DataFrame, dict]:
+    """(timelines, features table, summary) as `analyze` wrote them."""
+    a = Path(run_dir) / "analysis"
+    tl = Timelines.load(a / "timelines.safetensors")
+    features = pd.read_csv(a / "features.csv")
+    for col in ("emergence_step", "fade_step", "turn_step"):
+        if col in features:
+            features[col] = features[col].astype("Int64")
+    summary = json.loads((a / "summary.json").read_text()) if (a / "summary.json").exists() else {}
+    return tl, features, summary

@@ -1,0 +1,123 @@
+"""The notebook API: `evolution.load_run(path)` gives one object per run.
+
+    run = load_run("runs/demo")
+    run.features.sort_values("peak_step")       # pandas, one row per feature
+    run.timelines.rel_norms                     # [d_sae, n_sources] tensor
+    run.plot_heatmap(); run.plot_cos_to_final() # matplotlib Figures (shown inline by Jupyter)
+    run.feature(12)                             # its row, timeline and top contexts
+
+Everything is read lazily from the run directory: the crosscoder only when asked for, and when
+`analysis/` is missing the timelines are computed in memory from the crosscoder (nothing is written;
+`feature-evolution analyze RUN` writes them, with the probes' type scores).
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from matplotlib.figure import Figure
+from torch import Tensor
+
+from evolution import plots
+from evolution.timelines import Timelines
+
+
+class Run:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise FileNotFoundError(f"no run directory at {self.path}")
+        self.analysis_dir = self.path / "analysis"
+        if not (self.analysis_dir / "timelines.safetensors").exists() and not (self.path / "crosscoder").is_dir():
+            raise FileNotFoundError(f"{self.path} has neither analysis/timelines.safetensors nor crosscoder/: "
+                                    "train a crosscoder and run `feature-evolution analyze` first")
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.path)!r}: {self.timelines.d_sae} features, steps {self.steps[0]}..{self.steps[-1]})"
+
+    @property
+    def analyzed(self) -> bool:
+        return (self.analysis_dir / "timelines.safetensors").exists()
+
+    @cached_property
+    def crosscoder(self):
+        from crosscoders.model import Crosscoder
+
+        return Crosscoder.load(self.path / "crosscoder")
+
+    @cached_property
+    def _analysis(self) -> tuple[Timelines, pd.DataFrame, dict]:
+        if self.analyzed:
+            from evolution.analyze import load_analysis
+
+            return load_analysis(self.path)
+        from evolution.analyze import source_steps
+        from evolution.timelines import compute_timelines
+
+        tl = compute_timelines(self.crosscoder, source_steps(self.path, self.crosscoder.cfg.n_sources))
+        return tl, tl.to_frame(), tl.summary()
+
+    @property
+    def timelines(self) -> Timelines:
+        return self._analysis[0]
+
+    @property
+    def features(self) -> pd.DataFrame:
+        return self._analysis[1]
+
+    @property
+    def summary(self) -> dict:
+        return self._analysis[2]
+
+    @property
+    def steps(self) -> list[int]:
+        return self.timelines.steps
+
+    @property
+    def turning_point_step(self) -> int:
+        return self.timelines.turning_point_step
+
+    @cached_property
+    def contexts(self) -> dict:
+        p = self.analysis_dir / "contexts.json"
+        return json.loads(p.read_text()) if p.exists() else {}
+
+    def pairwise_cos(self, features: list[int] | Tensor | None = None) -> Tensor:
+        """[n_features, n_sources, n_sources] cosines between a feature's decoder directions (needs the crosscoder)."""
+        from evolution.timelines import pairwise_cos
+
+        W_dec = self.crosscoder.W_dec.detach().float()
+        return pairwise_cos(W_dec, features)
+
+    def feature(self, i: int) -> dict[str, Any]:
+        """One feature: its table row, rel-norm and cosine timelines, and top contexts per snapshot."""
+        if not 0 <= i < self.timelines.d_sae:
+            raise IndexError(f"feature {i} out of range 0..{self.timelines.d_sae - 1}")
+        return {**self.features.iloc[i].to_dict(),
+                "rel_norms": dict(zip(self.steps, self.timelines.rel_norms[i].tolist())),
+                "cos_to_final": dict(zip(self.steps, self.timelines.cos_to_final[i].tolist())),
+                "contexts": self.contexts.get(str(i), {})}
+
+    # figures: thin wrappers so a notebook needs one import
+    def plot_heatmap(self, **kw) -> Figure:
+        return plots.plot_heatmap(self.timelines, **kw)
+
+    def plot_peak_steps(self, **kw) -> Figure:
+        return plots.plot_peak_steps(self.timelines, **kw)
+
+    def plot_timelines_by_group(self, **kw) -> Figure:
+        return plots.plot_timelines_by_group(self.timelines, **kw)
+
+    def plot_timelines_by_type(self, **kw) -> Figure | None:
+        return plots.plot_timelines_by_type(self.timelines, self.features, **kw)
+
+    def plot_cos_to_final(self, **kw) -> Figure:
+        return plots.plot_cos_to_final(self.timelines, **kw)
+
+
+def load_run(path: str | Path) -> Run:
+    return Run(path)

@@ -1,0 +1,314 @@
+"""Layer geometry per snapshot: linearity (± residual), anisotropy and intrinsic dimension per layer.
+
+`model_geometry(model, tokens)` measures one model (a TransformerLens `HookedTransformer` or a Hugging
+Face causal LM); `geometry(run_dir, cfg)` streams a run's snapshots through it, one model in memory at
+a time, and writes `geometry.json` and `figures/geometry_*.png`.
+
+Layers are residual-stream points: layer l < L is `blocks.{l}.hook_resid_pre` (l = 0 is the token +
+position embedding), layer L is `blocks.{L-1}.hook_resid_post` (before the final LayerNorm). Pair
+metrics (linearity) are stored at the *source* layer: `linearity[l]` is block l's map from layer l to
+layer l+1, and the entry at layer L is null. Definitions: `evolution/layer_metrics.py`,
+`evolution/intrinsic_dim.py`.
+
+Tokens: the same `n_tokens` positions of the corpus's eval split are sampled (seeded) for every
+snapshot and layer, BOS excluded by default: the BOS position's residual stream is a huge-norm
+attention sink that would dominate centring, the top singular value and the least-squares fit.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from crosscoders.configs import config_hash, to_dict
+from crosscoders.io import write_json
+from evolution.intrinsic_dim import intrinsic_dims
+from evolution.layer_metrics import anisotropy, linearity_pair
+
+PAIR_METRICS = ("linearity", "linearity_no_residual", "token_nonlinearity_p90", "token_nonlinearity_max")
+POINT_METRICS = ("anisotropy", "id_twonn", "id_mle", "duplicate_frac", "mean_norm")
+FIGURE_METRICS = ("linearity", "linearity_no_residual", "anisotropy", "id_twonn", "id_mle")
+
+
+@dataclass
+class GeometryConfig:
+    n_tokens: int = 4096
+    """Token positions sampled (the same ones for every snapshot and layer); needs n_tokens ≫ d_model
+    for the linear fit to mean anything."""
+    batch_size: int = 16
+    """Sequences per forward pass."""
+    exclude_bos: bool = True
+    """Drop position 0 (BOS): its huge-norm residual would dominate every metric."""
+    discard_fraction: float = 0.1
+    """TwoNN: share of the largest r2/r1 ratios left out of the fit (Facco et al. 2017)."""
+    mle_k1: int = 10
+    """MLE intrinsic dimension: smallest neighbourhood size."""
+    mle_k2: int = 20
+    """MLE intrinsic dimension: largest neighbourhood size."""
+    steps: list[int] | None = None
+    """Snapshot steps to measure (default: all under snapshots/)."""
+    seed: int = 0
+    """Seed of the token-position sample."""
+    device: str = "cpu"
+    """Device the models run on (metrics are computed on CPU in float64)."""
+    resume: bool = True
+    """Keep steps already in geometry.json when it was written with the same config."""
+
+
+# ---------------------------------------------------------------- residual streams
+
+
+def sample_positions(n_seq: int, seq_len: int, n_tokens: int, exclude_bos: bool, seed: int) -> Int[Tensor, "n 2"]:
+    """`n_tokens` distinct (sequence, position) pairs, sorted, seeded; all of them if fewer exist."""
+    first = 1 if exclude_bos else 0
+    total = n_seq * (seq_len - first)
+    g = torch.Generator().manual_seed(seed)
+    flat = torch.randperm(total, generator=g)[: min(n_tokens, total)].sort().values
+    return torch.stack([flat // (seq_len - first), flat % (seq_len - first) + first], 1)
+
+
+def _decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The ModuleList of transformer blocks of a Hugging Face model (llama: model.layers, neox: layers)."""
+    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    for _, mod in model.named_modules():
+        if isinstance(mod, torch.nn.ModuleList) and len(mod) > 0 and (n is None or len(mod) == n):
+            return mod
+    raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
+
+
+def _hf_resid(model: torch.nn.Module, tokens: Int[Tensor, "b s"]) -> list[Float[Tensor, "b s d"]]:
+    """Input of block 0 and output of every block, via hooks (HF's `hidden_states[-1]` is after the
+    final norm in some architectures, so it is not used)."""
+    layers = _decoder_layers(model)
+    acts: list[Tensor] = []
+
+    def pre(_mod, args, kwargs):
+        acts.append(args[0] if args else kwargs["hidden_states"])
+
+    def post(_mod, _args, out):
+        acts.append(out[0] if isinstance(out, tuple) else out)
+
+    handles = [layers[0].register_forward_pre_hook(pre, with_kwargs=True)]
+    handles += [layer.register_forward_hook(post) for layer in layers]
+    try:
+        model(input_ids=tokens)
+    finally:
+        for h in handles:
+            h.remove()
+    return acts
+
+
+def collect_resid(
+    model: torch.nn.Module,
+    tokens: Int[Tensor, "n_seq seq_len"],
+    positions: Int[Tensor, "n 2"],
+    batch_size: int = 16,
+) -> tuple[Float[Tensor, "n_layers_plus_1 n d_model"], list[str]]:
+    """Residual stream at every layer for the sampled positions, float32 on CPU, plus the hook names."""
+    from transformer_lens import HookedTransformer
+
+    hooked = isinstance(model, HookedTransformer)
+    n_layers = model.cfg.n_layers if hooked else len(_decoder_layers(model))
+    names = [f"blocks.{i}.hook_resid_pre" for i in range(n_layers)] + [f"blocks.{n_layers - 1}.hook_resid_post"]
+    device = next(model.parameters()).device
+    seqs = positions[:, 0].unique()
+    out: list[Tensor] = []
+    with torch.no_grad():
+        for start in range(0, len(seqs), batch_size):
+            batch_seqs = seqs[start : start + batch_size]
+            batch = tokens[batch_seqs].to(device)
+            if hooked:
+                _, cache = model.run_with_cache(batch, names_filter=lambda n: n in names)
+                acts = [cache[n] for n in names]
+            else:
+                acts = _hf_resid(model, batch)
+            rows = positions[torch.isin(positions[:, 0], batch_seqs)]
+            local = torch.searchsorted(batch_seqs, rows[:, 0].contiguous())
+            out.append(torch.stack([a[local, rows[:, 1]].float().cpu() for a in acts]))
+    return torch.cat(out, 1), names
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def resid_metrics(resid: Float[Tensor, "n_layers_plus_1 n d_model"], cfg: GeometryConfig) -> dict[str, list]:
+    """Every metric per layer (pair metrics at their source layer, null at the last)."""
+    n_points = resid.shape[0]
+    metrics: dict[str, list] = {m: [] for m in PAIR_METRICS + POINT_METRICS}
+    for layer in tqdm(range(n_points), desc="layers", unit="layer", leave=False):
+        X = resid[layer]
+        pair = linearity_pair(X, resid[layer + 1]) if layer + 1 < n_points else dict.fromkeys(PAIR_METRICS)
+        for m in PAIR_METRICS:
+            metrics[m].append(pair[m])
+        ids = intrinsic_dims(X, cfg.discard_fraction, cfg.mle_k1, cfg.mle_k2)
+        metrics["anisotropy"].append(anisotropy(X))
+        metrics["id_twonn"].append(ids["id_twonn"])
+        metrics["id_mle"].append(ids["id_mle"])
+        metrics["duplicate_frac"].append(ids["duplicate_frac"])
+        metrics["mean_norm"].append(X.double().norm(dim=1).mean().item())
+    return metrics
+
+
+def model_geometry(
+    model: torch.nn.Module, tokens: Int[Tensor, "n_seq seq_len"], cfg: GeometryConfig | None = None
+) -> dict:
+    """Per-layer geometry of one model (HookedTransformer or HF causal LM) on `tokens`:
+    `{"layers", "hooks", "n_tokens", "metrics": {name: [value per layer]}}`."""
+    cfg = cfg or GeometryConfig()
+    positions = sample_positions(*tokens.shape, cfg.n_tokens, cfg.exclude_bos, cfg.seed)
+    resid, names = collect_resid(model, tokens, positions, cfg.batch_size)
+    return {
+        "layers": list(range(len(names))),
+        "hooks": names,
+        "n_tokens": int(positions.shape[0]),
+        "metrics": resid_metrics(resid, cfg),
+    }
+
+
+# ---------------------------------------------------------------- a run's snapshots
+
+
+def _eval_tokens(run_dir: Path) -> Tensor:
+    from safetensors.torch import load_file
+
+    path = run_dir / "corpus" / "tokens.safetensors"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: build the corpus first (feature-evolution corpus)")
+    t = load_file(str(path))
+    return t["eval_tokens"] if "eval_tokens" in t else t["tokens"]
+
+
+def geometry(run_dir: str | Path, cfg: GeometryConfig | None = None) -> dict:
+    """Measure every snapshot of `run_dir` (one model in memory at a time), write `geometry.json` after
+    each snapshot (so an interrupted job resumes) and `figures/geometry_<metric>.png`."""
+    from evolution.snapshots import iter_snapshots, local_steps
+
+    cfg = cfg or GeometryConfig()
+    run_dir = Path(run_dir)
+    snap_root = run_dir / "snapshots"
+    steps = sorted(cfg.steps) if cfg.steps is not None else local_steps(snap_root)
+    if not steps:
+        raise FileNotFoundError(f"no step{{N}} snapshots under {snap_root}")
+    tokens = _eval_tokens(run_dir)
+    key = config_hash({k: v for k, v in to_dict(cfg).items() if k not in ("resume", "device", "steps")})
+    out_path = run_dir / "geometry.json"
+    done: dict[int, dict] = {}
+    header: dict = {}
+    if cfg.resume and out_path.exists():
+        old = json.loads(out_path.read_text())
+        if old.get("config_hash") == key:
+            header = {k: old[k] for k in ("layers", "hooks", "n_tokens")}
+            for i, s in enumerate(old["steps"]):
+                done[s] = {m: v[i] for m, v in old["metrics"].items()}
+    todo = [s for s in steps if s not in done]
+    bar = tqdm(total=len(steps), initial=len(steps) - len(todo), desc="geometry", unit="snapshot")
+    for step, model in iter_snapshots(snap_root, todo, device=cfg.device) if todo else []:
+        result = model_geometry(model, tokens, cfg)
+        del model
+        header = {"layers": result["layers"], "hooks": result["hooks"], "n_tokens": result["n_tokens"]}
+        done[step] = result["metrics"]
+        _write(out_path, done, header, cfg, key, complete=False)
+        bar.update(1)
+    bar.close()
+    data = _write(out_path, {s: done[s] for s in steps}, header, cfg, key, complete=True)
+    plot_geometry(data, run_dir / "figures")
+    return data
+
+
+def _write(path: Path, done: dict[int, dict], header: dict, cfg: GeometryConfig, key: str, complete: bool) -> dict:
+    steps = sorted(done)
+    names = list(next(iter(done.values())).keys())
+    data = {
+        "steps": steps,
+        **header,
+        "metrics": {m: [done[s][m] for s in steps] for m in names},
+        "config": to_dict(cfg),
+        "config_hash": key,
+        "complete": complete,
+    }
+    write_json(path, _finite(data))
+    return data
+
+
+def _finite(obj):
+    """NaN / inf → null, so geometry.json stays strict JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+# ---------------------------------------------------------------- figures
+
+
+def log_step_edges(steps: list[int]) -> list[float]:
+    """Cell edges on a log(1 + step) axis, halfway (geometrically) between neighbouring snapshots."""
+    u = [math.log10(1 + s) for s in steps]
+    if len(u) == 1:
+        return [u[0] - 0.5, u[0] + 0.5]
+    mids = [(a + b) / 2 for a, b in zip(u, u[1:], strict=False)]
+    return [u[0] - (mids[0] - u[0])] + mids + [u[-1] + (u[-1] - mids[-1])]
+
+
+def geometry_heatmap(data: dict, metric: str, ax=None):
+    """Metric × layer against step (x: log(1 + step), ticks labelled with steps)."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    fig = ax.figure if ax is not None else Figure(figsize=(8, 3.5))
+    ax = ax or fig.add_subplot()
+    vals = np.array([[np.nan if v is None else v for v in row] for row in data["metrics"][metric]], float)
+    layers = data["layers"]
+    if metric in PAIR_METRICS:  # pair metrics live at layers 0..L-1
+        vals, layers = vals[:, :-1], layers[:-1]
+    y = [layers[0] - 0.5] + [v + 0.5 for v in layers]
+    mesh = ax.pcolormesh(log_step_edges(data["steps"]), y, vals.T, shading="flat", cmap="viridis")
+    fig.colorbar(mesh, ax=ax, label=metric)
+    ticks = [s for s in data["steps"] if s == 0 or math.log2(max(s, 1)).is_integer() or s == data["steps"][-1]]
+    ax.set_xticks([math.log10(1 + s) for s in ticks], [str(s) for s in ticks], rotation=45, fontsize=7)
+    ax.set_xlabel("step (log scale)")
+    ax.set_ylabel("block (l → l+1)" if metric in PAIR_METRICS else "layer (resid_pre l)")
+    ax.set_title(metric)
+    return fig
+
+
+def plot_geometry(data: dict, fig_dir: str | Path) -> list[Path]:
+    from crosscoders.io import atomic_path
+
+    paths = []
+    for metric in FIGURE_METRICS:
+        if metric not in data["metrics"]:
+            continue
+        fig = geometry_heatmap(data, metric)
+        fig.tight_layout()
+        path = Path(fig_dir) / f"geometry_{metric}.png"
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+        paths.append(path)
+    return paths
+
+
+def geometry_cli(argv: list[str] | None = None) -> dict:
+    """`feature-evolution geometry RUN [--n-tokens N ...]`."""
+    import argparse
+
+    from crosscoders.configs import add_arguments, from_dict
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("run_dir")
+    add_arguments(parser, GeometryConfig)
+    ns = vars(parser.parse_args(argv))
+    run_dir = ns.pop("run_dir")
+    return geometry(run_dir, from_dict(GeometryConfig, ns))
+
+

@@ -1,0 +1,95 @@
+"""Per-layer geometry of a token cloud: linearity between consecutive layers, anisotropy.
+
+Linearity (Razzhigaev et al. 2024, *Your Transformer is Secretly Linear*, ACL): with X the token
+embeddings at layer l and Y those at layer l+1 (rows = the same tokens),
+
+    X̃ = (X − mean X) / ‖X − mean X‖_F,   Ỹ = (Y − mean Y) / ‖Y − mean Y‖_F,
+    linearity = 1 − min_A ‖X̃A − Ỹ‖²_F.
+
+Because Ỹ is centred with unit norm this is the R² of the least-squares map from X̃ to Ỹ. It is
+invariant to translating X or Y (centring) and to scaling either (normalising).
+
+*Without residual* replaces Y by the block's own contribution D = Y − X, formed from the **raw**
+(uncentred, unnormalised) activations, and then treats D exactly as Y above: D̃ = (D − mean D) /
+‖D − mean D‖_F, score = 1 − min_A ‖X̃A − D̃‖²_F. So it is invariant to translating X and Y separately
+and to scaling X and Y by the *same* factor (not separately: that changes D's direction). The residual
+stream carries X straight through, so with-residual scores are near 1 in trained decoders; the score
+without it is lower and falls during pre-training (Razzhigaev et al. 2024, Fig. 1, 4).
+
+Per-token nonlinearity: the fitted map's residual per token, e_i = N · ‖(X̃A − Ỹ)_i‖², scaled by the
+number of tokens N so that mean_i e_i = 1 − linearity (a token with e_i ≫ 1 is one the linear map fits
+badly).
+
+Anisotropy (Razzhigaev et al. 2024, *The Shape of Learning*): σ₁² / Σσᵢ² of the centred embedding
+matrix, the share of variance along the top principal direction (1/d for an isotropic cloud, 1 for a
+line).
+
+All fits are float64: with d ≈ 500 and scores near 1, float32 least squares loses the digits that
+distinguish layers.
+"""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+
+def _centre_normalise(X: Float[Tensor, "n d"]) -> Float[Tensor, "n d"]:
+    X = X.to(torch.float64)
+    X = X - X.mean(0, keepdim=True)
+    norm = torch.linalg.matrix_norm(X)
+    if norm == 0:
+        raise ValueError("cannot normalise a constant embedding matrix (all tokens identical)")
+    return X / norm
+
+
+def _lstsq_residual(Xt: Float[Tensor, "n d"], Yt: Float[Tensor, "n k"]) -> Float[Tensor, "n k"]:
+    # gelsd (SVD-based) handles a rank-deficient X̃ (fewer tokens than dims, dead directions).
+    A = torch.linalg.lstsq(Xt, Yt, driver="gelsd").solution
+    return Xt @ A - Yt
+
+
+def linearity_fit(
+    X: Float[Tensor, "n d_x"], Y: Float[Tensor, "n d_y"], residual: bool = True
+) -> tuple[float, Float[Tensor, " n"]]:
+    """(linearity score, per-token nonlinearity e_i) of the map from layer X to layer Y.
+
+    `residual=False` scores the block's own output Y − X instead of Y (see the module docstring)."""
+    if X.shape[0] != Y.shape[0]:
+        raise ValueError(f"X and Y must hold the same tokens, got {X.shape[0]} and {Y.shape[0]} rows")
+    target = Y if residual else Y.to(torch.float64) - X.to(torch.float64)
+    R = _lstsq_residual(_centre_normalise(X), _centre_normalise(target))
+    per_token = R.pow(2).sum(1)
+    return 1.0 - per_token.sum().item(), per_token * X.shape[0]
+
+
+def linearity_score(X: Float[Tensor, "n d_x"], Y: Float[Tensor, "n d_y"], residual: bool = True) -> float:
+    """1 − min_A ‖X̃A − Ỹ‖²_F (Razzhigaev et al. 2024); `residual=False` uses Y − X for Y."""
+    return linearity_fit(X, Y, residual)[0]
+
+
+def linearity_pair(X: Float[Tensor, "n d"], Y: Float[Tensor, "n d"]) -> dict[str, float]:
+    """Both scores and the per-token nonlinearity summary for one layer transition, from one
+    factorisation of X̃ (the two targets are solved together)."""
+    Xt = _centre_normalise(X)
+    targets = torch.cat([_centre_normalise(Y), _centre_normalise(Y.to(torch.float64) - X.to(torch.float64))], 1)
+    R = _lstsq_residual(Xt, targets)
+    d = Y.shape[1]
+    per_token = R[:, :d].pow(2).sum(1) * X.shape[0]
+    return {
+        "linearity": 1.0 - R[:, :d].pow(2).sum().item(),
+        "linearity_no_residual": 1.0 - R[:, d:].pow(2).sum().item(),
+        "token_nonlinearity_p90": torch.quantile(per_token, 0.9).item(),
+        "token_nonlinearity_max": per_token.max().item(),
+    }
+
+
+def anisotropy(X: Float[Tensor, "n d"]) -> float:
+    """σ₁² / Σσᵢ² of the centred embedding matrix (The Shape of Learning, Razzhigaev et al. 2024)."""
+    Xc = X.to(torch.float64) - X.to(torch.float64).mean(0, keepdim=True)
+    s2 = torch.linalg.svdvals(Xc).pow(2)
+    total = s2.sum()
+    if total == 0:
+        raise ValueError("anisotropy of a constant embedding matrix is undefined")
+    return (s2[0] / total).item()

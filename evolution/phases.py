@@ -1,0 +1,285 @@
+"""The statistical and the feature phase of pre-training: where the boundary lies, and the evidence.
+
+Each signal below places the boundary at one step; `phases(run_dir)` combines the usable ones and writes
+`phases.json` and `figures/phase_map.png`.
+
+(a) `loss_below_bigram`: first eval step where the eval loss falls below the corpus's empirical bigram
+    entropy H(x_t | x_{t−1}): from there the model predicts better than any bigram table, so the
+    token-statistics (statistical) phase is done.
+(b) `id_peak`: the step of the peak of the intrinsic dimension (TwoNN, mean over layers 1..L):
+    representations expand, then compress (Razzhigaev et al. 2024, *The Shape of Learning*).
+(c) `linearity_no_residual_peak`: the step where the blocks' own maps stop getting more linear (max of
+    linearity without residual, mean over blocks); it falls as the model learns (Razzhigaev et al.
+    2024, *Your Transformer is Secretly Linear*).
+(d) `anisotropy_change`: the change point of the mean anisotropy (layers 1..L): the split of the
+    snapshot sequence into two constant segments with the least squared error; the step is the first
+    snapshot after the split.
+(e) `crosscoder_turning_point`: `analysis/summary.json`'s `turning_point_step`, the step around which
+    most crosscoder features turn direction (Ge et al. 2025 see it near step 1000 of Pythia).
+
+A peak at the first or last measured snapshot is no rise-then-fall and is not used (recorded with the
+reason). Combination: the boundary is the median of the used signals on the log-step axis
+(log10 max(step, 1)), robust to one stray signal; a signal *agrees* when within `agree_factor` (2×) of
+the boundary in step. `spread_factor` = largest / smallest used step.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from crosscoders.io import atomic_path, read_jsonl, write_json
+
+
+@dataclass
+class PhasesConfig:
+    agree_factor: float = 2.0
+    """A signal agrees with the boundary when its step is within this factor of it."""
+    id_metric: str = "id_twonn"
+    """geometry.json metric used for the intrinsic-dimension signal (id_twonn or id_mle)."""
+    skip_embedding_layer: bool = True
+    """Average layer metrics over layers 1..L (layer 0, the embedding, has no context to learn)."""
+
+
+# ---------------------------------------------------------------- signals (pure functions)
+
+
+def _log_step(step: float) -> float:
+    return math.log10(max(step, 1))
+
+
+def loss_crossing(steps: Sequence[int], loss: Sequence[float], reference: float) -> dict:
+    """First step where `loss` ≤ `reference` (signal (a))."""
+    for s, v in zip(steps, loss, strict=True):
+        if v <= reference:
+            return {"step": int(s), "used": True, "loss": float(v), "reference": reference}
+    best = min(loss) if len(loss) else None
+    return {"step": None, "used": False, "reference": reference, "reason": f"eval loss never fell below {reference:.3f} (min {best})"}
+
+
+def interior_peak(steps: Sequence[int], values: Sequence[float]) -> dict:
+    """Step of the maximum; used only when it is neither the first nor the last snapshot."""
+    v = np.asarray(values, float)
+    if len(v) < 3 or not np.isfinite(v).any():
+        return {"step": None, "used": False, "reason": f"need >= 3 snapshots with values, got {len(v)}"}
+    i = int(np.nanargmax(v))
+    out = {"step": int(steps[i]), "value": float(v[i]), "used": 0 < i < len(v) - 1}
+    if not out["used"]:
+        out["reason"] = "maximum at the edge of the measured steps: no rise-then-fall"
+    return out
+
+
+def change_point(steps: Sequence[int], values: Sequence[float], min_segment: int = 2) -> dict:
+    """Best single split into two constant segments (least squares); step = first snapshot after it."""
+    v = np.asarray(values, float)
+    n = len(v)
+    if n < 2 * min_segment or not np.isfinite(v).all():
+        return {"step": None, "used": False, "reason": f"need >= {2 * min_segment} finite values, got {n}"}
+    sse = [((v[:k] - v[:k].mean()) ** 2).sum() + ((v[k:] - v[k:].mean()) ** 2).sum() for k in range(min_segment, n - min_segment + 1)]
+    k = min_segment + int(np.argmin(sse))
+    before, after = float(v[:k].mean()), float(v[k:].mean())
+    return {"step": int(steps[k]), "used": True, "before": before, "after": after, "sse_drop": float(1 - min(sse) / max(((v - v.mean()) ** 2).sum(), 1e-300))}
+
+
+def combine(signals: dict[str, dict], agree_factor: float = 2.0) -> dict:
+    """Median of the used signals on the log-step axis, and which of them agree with it."""
+    used = {k: s["step"] for k, s in signals.items() if s.get("used") and s.get("step") is not None}
+    if not used:
+        return {"boundary_step": None, "agreement": {"n_used": 0, "agree": [], "disagree": [], "factor": agree_factor}}
+    logs = {k: _log_step(s) for k, s in used.items()}
+    centre = float(np.median(list(logs.values())))
+    tol = math.log10(agree_factor) + 1e-12
+    agree = sorted(k for k, u in logs.items() if abs(u - centre) <= tol)
+    return {
+        "boundary_step": int(round(10**centre)),
+        "agreement": {
+            "n_used": len(used),
+            "agree": agree,
+            "disagree": sorted(set(used) - set(agree)),
+            "factor": agree_factor,
+            "spread_factor": float(max(used.values()) / max(min(used.values()), 1)),
+            "log10_mad": float(np.median([abs(u - centre) for u in logs.values()])),
+        },
+    }
+
+
+# ---------------------------------------------------------------- reading a run
+
+
+def _layer_mean(rows: list[list], skip_first: bool) -> list[float]:
+    out = []
+    for row in rows:
+        vals = [v for v in (row[1:] if skip_first and len(row) > 1 else row) if v is not None]
+        out.append(float(np.mean(vals)) if vals else float("nan"))
+    return out
+
+
+def references(run_dir: Path) -> dict[str, float] | None:
+    """Unigram / bigram entropy (nats/token) from corpus/meta.json, else computed from the tokens."""
+    meta_path = run_dir / "corpus" / "meta.json"
+    if meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("unigram_entropy") is not None and meta.get("bigram_entropy") is not None:
+            return {"unigram_entropy": meta["unigram_entropy"], "bigram_entropy": meta["bigram_entropy"]}
+    tok_path = run_dir / "corpus" / "tokens.safetensors"
+    if not tok_path.exists():
+        return None
+    from safetensors.torch import load_file
+
+    from evolution.references import bigram_entropy, unigram_entropy
+
+    tokens = load_file(str(tok_path))["tokens"]
+    bos = int(tokens[0, 0])
+    return {"unigram_entropy": unigram_entropy(tokens, bos), "bigram_entropy": bigram_entropy(tokens, bos)}
+
+
+def read_run(run_dir: str | Path) -> dict:
+    """Everything the phase map reads, each part None when its stage has not run."""
+    run_dir = Path(run_dir)
+    rows = read_jsonl(run_dir / "pretrain" / "log.jsonl")
+    geometry_path = run_dir / "geometry.json"
+    summary_path = run_dir / "analysis" / "summary.json"
+    features_path = run_dir / "analysis" / "features.csv"
+    peak_steps = None
+    if features_path.exists():
+        with open(features_path, newline="") as f:
+            peak_steps = [int(float(r["peak_step"])) for r in csv.DictReader(f) if r.get("peak_step") not in (None, "")]
+    return {
+        "train": [(r["step"], r["train_loss"]) for r in rows if "train_loss" in r],
+        "eval": [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r],
+        "references": references(run_dir),
+        "geometry": json.loads(geometry_path.read_text()) if geometry_path.exists() else None,
+        "summary": json.loads(summary_path.read_text()) if summary_path.exists() else None,
+        "peak_steps": peak_steps,
+    }
+
+
+def phase_signals(data: dict, cfg: PhasesConfig | None = None) -> dict[str, dict]:
+    cfg = cfg or PhasesConfig()
+    signals: dict[str, dict] = {}
+    if data["eval"] and data["references"]:
+        steps, loss = zip(*data["eval"], strict=True)
+        signals["loss_below_bigram"] = loss_crossing(steps, loss, data["references"]["bigram_entropy"])
+    geo = data["geometry"]
+    if geo:
+        steps, m = geo["steps"], geo["metrics"]
+        if cfg.id_metric in m:
+            signals["id_peak"] = interior_peak(steps, _layer_mean(m[cfg.id_metric], cfg.skip_embedding_layer))
+        if "linearity_no_residual" in m:
+            signals["linearity_no_residual_peak"] = interior_peak(steps, _layer_mean(m["linearity_no_residual"], False))
+        if "anisotropy" in m:
+            signals["anisotropy_change"] = change_point(steps, _layer_mean(m["anisotropy"], cfg.skip_embedding_layer))
+    tp = (data["summary"] or {}).get("turning_point_step")
+    if tp is not None:
+        signals["crosscoder_turning_point"] = {"step": int(tp), "used": True}
+    return signals
+
+
+def phases(run_dir: str | Path, cfg: PhasesConfig | None = None) -> dict:
+    """Write `phases.json` (boundary step, each signal's step, agreement) and `figures/phase_map.png`."""
+    from crosscoders.configs import to_dict
+
+    cfg = cfg or PhasesConfig()
+    run_dir = Path(run_dir)
+    data = read_run(run_dir)
+    signals = phase_signals(data, cfg)
+    result = {**combine(signals, cfg.agree_factor), "signals": signals, "references": data["references"], "config": to_dict(cfg)}
+    write_json(run_dir / "phases.json", result)
+    fig = phase_map(data, result)
+    with atomic_path(run_dir / "figures" / "phase_map.png") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    return result
+
+
+# ---------------------------------------------------------------- figure
+
+_SIGNAL_PANEL = {
+    "loss_below_bigram": "loss",
+    "linearity_no_residual_peak": "linearity_no_residual",
+    "anisotropy_change": "anisotropy",
+    "id_peak": "id",
+    "crosscoder_turning_point": "crosscoder",
+}
+
+
+def phase_map(data: dict, result: dict):
+    """Loss with references, linearity ±residual, anisotropy, ID per layer, crosscoder peak steps, on
+    one log-step axis; the boundary as a black dashed line and each signal's step as a dotted line."""
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+
+    geo = data["geometry"]
+    panels = ["loss"] + (["linearity", "linearity_no_residual", "anisotropy", "id"] if geo else [])
+    panels += ["crosscoder"] if data["peak_steps"] or data["summary"] else []
+    fig = Figure(figsize=(9, 2.1 * len(panels) + 0.6))
+    axes = dict(zip(panels, fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0], strict=True))
+    ax = axes["loss"]
+    if data["train"]:
+        ax.plot(*zip(*data["train"], strict=True), lw=0.6, alpha=0.5, color="C0", label="train loss")
+    if data["eval"]:
+        ax.plot(*zip(*data["eval"], strict=True), "o-", ms=3, color="C0", label="eval loss")
+    for (name, v), c in zip((data["references"] or {}).items(), ("C1", "C2"), strict=False):
+        ax.axhline(v, color=c, ls="--", lw=1, label=name.replace("_", " "))
+    ax.set_ylabel("nats/token")
+    if geo:
+        steps, layers = geo["steps"], geo["layers"]
+        cmap = colormaps["viridis"]
+        for panel, metric in [("linearity", "linearity"), ("linearity_no_residual", "linearity_no_residual"),
+                              ("anisotropy", "anisotropy"), ("id", result.get("config", {}).get("id_metric", "id_twonn"))]:
+            rows = np.array([[np.nan if v is None else v for v in r] for r in geo["metrics"][metric]], float)
+            for j, layer in enumerate(layers):
+                if np.isfinite(rows[:, j]).any():
+                    axes[panel].plot(steps, rows[:, j], "-", lw=1, color=cmap(j / max(len(layers) - 1, 1)), label=f"L{layer}")
+            axes[panel].set_ylabel(metric.replace("_", " "), fontsize=8)
+        axes["linearity"].legend(fontsize=6, ncol=min(len(layers), 7), loc="lower right")
+    if "crosscoder" in axes:
+        ax = axes["crosscoder"]
+        if data["peak_steps"]:
+            ps = np.array(data["peak_steps"], float)
+            edges = np.unique(np.r_[0, np.geomspace(1, max(ps.max(), 2) * 1.01, 30)])
+            ax.hist(ps, bins=edges, color="C4", alpha=0.7, label="feature peak steps")
+        ax.set_ylabel("# features")
+    for name, sig in result["signals"].items():
+        if sig.get("step") is not None and _SIGNAL_PANEL.get(name) in axes:
+            style = dict(color="C3", ls=":", lw=1.5) if sig.get("used") else dict(color="grey", ls=":", lw=1)
+            axes[_SIGNAL_PANEL[name]].axvline(sig["step"], **style, label=f"{name} = {sig['step']}")
+    b = result.get("boundary_step")
+    all_steps = [s for s, _ in data["train"] + data["eval"]] + (geo["steps"] if geo else []) + (data["peak_steps"] or [])
+    for ax in axes.values():
+        if b is not None:
+            ax.axvline(b, color="k", ls="--", lw=1.2)
+        ax.set_xscale("symlog", linthresh=1)
+        ax.legend(fontsize=6, loc="best")
+    if all_steps:
+        axes["loss"].set_xlim(0, max(all_steps) * 1.15)
+    top = axes["loss"]
+    agree = result["agreement"]
+    title = "phase map"
+    if b is not None:
+        title += f": boundary ≈ step {b}\n(signals agreeing within {agree['factor']:g}×: {', '.join(agree['agree']) or 'none'})"
+        top.text(0.01, 1.02, "← statistical phase", transform=top.transAxes, fontsize=8, ha="left")
+        top.text(0.99, 1.02, "feature phase →", transform=top.transAxes, fontsize=8, ha="right")
+    fig.suptitle(title, fontsize=9)
+    axes[panels[-1]].set_xlabel("step (symlog)")
+    fig.tight_layout()
+    return fig
+
+
+def phases_cli(argv: list[str] | None = None) -> dict:
+    """`feature-evolution phases RUN [--agree-factor F ...]`."""
+    import argparse
+
+    from crosscoders.configs import add_arguments, from_dict
+
+    parser = argparse.ArgumentParser(description="phase boundary and phase map of a run")
+    parser.add_argument("run_dir")
+    add_arguments(parser, PhasesConfig)
+    ns = vars(parser.parse_args(argv))
+    run_dir = ns.pop("run_dir")
+    return phases(run_dir, from_dict(PhasesConfig, ns))

@@ -1,0 +1,332 @@
+"""What a feature is: per feature and snapshot, its top contexts and three type scores, plus its
+ground-truth mechanism on the planted corpus (issue 4, item 2).
+
+A feature's activation **in snapshot s** is the crosscoder's per-source code
+`Crosscoder.encode_per_source(x)[:, s]` (source s's encoder alone + b_enc, activation applied) on that
+snapshot's activations at the crosscoder's hook. Position 0 of every row (BOS) and any BOS token are
+excluded everywhere. All scores are computed from a `FeatureActsFn` (tokens -> activations), so they
+work for any reader of the residual stream, not only crosscoders.
+
+Scores (one value per feature and snapshot):
+
+- `r2_current`, `r2_previous`: cross-fitted R² of the activation predicted by the current token's
+  identity, resp. the previous token's (per-token mean; `probes_stats.GroupR2`), on the probe stream.
+- **previous-token score** = max(r2_previous, 0) − max(r2_current, 0), in [−1, 1]: > 0 when the previous
+  token determines the activation better than the current one (a previous-token feature scores ~1, a
+  current-token feature ~−1). On a stream where consecutive tokens are correlated (a bigram grammar)
+  both R² borrow from each other; the difference still says which token the feature reads.
+- **induction score** (Olsson et al. 2022; TransformerLens's repeated-random-tokens test): on
+  sequences `BOS + R + R` with R uniform random tokens (drawn from the tokens seen in the probe
+  stream, without repetition inside R when the vocabulary allows, so every second-copy token has
+  exactly one earlier occurrence and no first-copy token has one), mean activation over the second
+  copy m2 versus the first m1 (each copy's first token left out, so both halves see a previous token
+  from R):
+  `(m2 − m1) / (|m2| + |m1|)`, in [−1, 1]; ~1 for a feature that fires only when the continuation is
+  predictable by copying, ~0 for one indifferent to repetition. NaN when the feature never fires there.
+- **context-dependence score** = 1 − clip(r2_current, 0, 1): the share of the activation's variance
+  that the current token alone does not explain, held out (~0 for a pure token feature; previous-token,
+  induction and topic features are all context-dependent by this measure).
+
+Ground-truth type (planted corpus, labels from `evolution.corpus.MECHANISMS`, -1 = none): the
+activation-weighted distribution of mechanism labels over the positions where the feature fires.
+The residual stream at position t has read tokens ≤ t and is trained to predict token t+1, so the
+label of **t+1** says which mechanism the feature helps predict: that is `gt_type` / `gt_purity`
+(purity = the argmax label's share of the feature's labelled activation mass). The label of t itself
+(which mechanism produced the token the feature sits on) is reported as `gt_type_current`.
+
+Ge et al. 2025 (arXiv 2509.17196) sort features into previous-token, induction and context-dependent
+groups with scores of this kind and find they form in that order during pre-training.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from crosscoders.io import save_safetensors, write_json
+from evolution.probes_stats import FoldMoments, GroupR2, LabelMass, group_ids
+from evolution.probes_topk import StreamingTopK, contexts_from_topk, decoder_for
+
+FeatureActsFn = Callable[[Int[Tensor, "batch pos"]], Float[Tensor, "batch pos d_sae"]]
+MECHANISMS = ("unigram", "bigram", "copy", "topic")  # = evolution.corpus.MECHANISMS (kept import-free)
+
+
+@dataclass
+class ProbeConfig:
+    top_k: int = 10
+    """contexts kept per feature and snapshot"""
+    window_left: int = 12
+    """tokens of context shown before the firing token"""
+    window_right: int = 4
+    """tokens of context shown after the firing token"""
+    batch_size: int = 16
+    """sequences per forward pass"""
+    max_seqs: int = 256
+    """probe stream length cap (sequences); the stream is also the held-out data for the R² scores"""
+    max_groups: int = 4096
+    """token-identity groups for the R² scores (rarer tokens share one group); memory ~ 16 B x groups x d_sae"""
+    induction_len: int = 32
+    """length of the random sequence R in BOS + R + R (capped by the model's n_ctx and the stream's vocabulary)"""
+    induction_seqs: int = 64
+    """number of BOS + R + R sequences"""
+    seed: int = 0
+    """seed of the random induction sequences"""
+    at: str = "peak"
+    """snapshot whose scores fill the feature table: "peak" (the feature's largest decoder norm among the
+    probed snapshots: a feature that fades barely fires at the end) or "final" """
+    n_context_steps: int = 3
+    """when no steps are named for contexts: this many probed snapshots, evenly spaced, the last included"""
+
+
+def crosscoder_acts_fn(crosscoder, model, hook: str, source: int, max_elements: int = 2**24) -> FeatureActsFn:
+    """Feature activations in one snapshot: run `model` to `hook`, encode with source `source` alone.
+
+    `crosscoder` is anything with `W_enc[n_sources, d_in, d_sae]` and `encode_per_source` (docs/interfaces.md).
+    """
+    m = re.match(r"blocks\.(\d+)\.", hook)
+    stop = int(m.group(1)) + 1 if m else None  # no need to run the layers after the hook
+    n_sources = crosscoder.W_enc.shape[0]
+    dtype = crosscoder.W_enc.dtype
+    d_sae = crosscoder.W_enc.shape[2]
+
+    @torch.no_grad()
+    def fn(tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_sae"]:
+        _, cache = model.run_with_cache(tokens.to(model.cfg.device), names_filter=hook, stop_at_layer=stop)
+        x = cache[hook]
+        b, p, d = x.shape
+        x = x.reshape(b * p, 1, d).to(device=crosscoder.W_enc.device, dtype=dtype).expand(-1, n_sources, -1)
+        # encode_per_source codes every source ([rows, n_sources, d_sae]); chunk rows to bound memory
+        rows = max(1, max_elements // (n_sources * d_sae))
+        out = [crosscoder.encode_per_source(x[i : i + rows])[:, source].float().cpu() for i in range(0, b * p, rows)]
+        return torch.cat(out).reshape(b, p, d_sae)
+
+    return fn
+
+
+def _batched(fn: FeatureActsFn, tokens: Tensor, batch_size: int) -> Iterable[tuple[int, Tensor]]:
+    for lo in range(0, tokens.shape[0], batch_size):
+        yield lo, fn(tokens[lo : lo + batch_size])
+
+
+def induction_scores(
+    acts_fn: FeatureActsFn, vocab: Int[Tensor, " v"], seq_len: int, n_seqs: int, bos_token_id: int, seed: int = 0,
+    batch_size: int = 16,
+) -> dict[str, Float[Tensor, " d_sae"]]:
+    """Induction score on BOS + R + R (see the module docstring); also the two half means."""
+    if seq_len < 2:
+        raise ValueError(f"induction score needs a random sequence of >= 2 tokens, got {seq_len}")
+    g = torch.Generator().manual_seed(seed)
+    if seq_len <= len(vocab):  # distinct tokens: the first copy holds no repeat, each match is unique
+        R = vocab[torch.rand(n_seqs, len(vocab), generator=g).argsort(dim=1)[:, :seq_len]]
+    else:
+        R = vocab[torch.randint(len(vocab), (n_seqs, seq_len), generator=g)]
+    tokens = torch.cat([torch.full((n_seqs, 1), bos_token_id, dtype=torch.long), R, R], dim=1)
+    # offsets 1..L-1 inside each copy: the copy's first token is left out of both halves, so that
+    # every compared position has a previous token from R (in the first copy it would be BOS)
+    first = second = 0.0
+    for _, a in _batched(acts_fn, tokens, batch_size):
+        first = first + a[:, 2 : seq_len + 1].double().sum((0, 1))
+        second = second + a[:, seq_len + 2 :].double().sum((0, 1))
+    m1, m2 = first / (n_seqs * (seq_len - 1)), second / (n_seqs * (seq_len - 1))
+    denom = m1.abs() + m2.abs()
+    score = torch.where(denom > 1e-9, (m2 - m1) / denom.clamp(min=1e-30), torch.full_like(denom, float("nan")))
+    return {"induction_score": score.float(), "induction_first": m1.float(), "induction_second": m2.float()}
+
+
+def stream_scores(
+    acts_fn: FeatureActsFn,
+    tokens: Int[Tensor, "n_seq seq_len"],
+    mechanism: Int[Tensor, "n_seq seq_len"] | None = None,
+    bos_token_id: int | None = None,
+    top_k: int = 0,
+    batch_size: int = 16,
+    max_groups: int = 4096,
+    n_labels: int = len(MECHANISMS),
+) -> tuple[dict[str, Tensor], StreamingTopK | None]:
+    """One pass over `tokens`: R² scores, previous-token and context scores, label mass, top-k."""
+    n_seq, seq_len = tokens.shape
+    cur_g, n_groups = group_ids(tokens, max_groups)
+    prev_g = torch.cat([cur_g[:, :1], cur_g[:, :-1]], dim=1)
+    pos = torch.arange(seq_len).expand(n_seq, -1)
+    keep = pos >= 1
+    if bos_token_id is not None:
+        keep &= tokens != bos_token_id
+    fold = (torch.arange(n_seq) % 2)[:, None].expand(-1, seq_len)
+    if mechanism is not None:
+        nxt = torch.cat([mechanism[:, 1:], torch.full_like(mechanism[:, :1], -1)], dim=1)
+
+    moments = cur = prev = topk = None
+    mass_next = mass_cur = None
+    for lo, a in _batched(acts_fn, tokens, batch_size):
+        sl = slice(lo, lo + a.shape[0])
+        k = keep[sl].reshape(-1)
+        flat = a.reshape(-1, a.shape[-1])
+        if moments is None:
+            d_sae = flat.shape[1]
+            moments, cur, prev = FoldMoments(d_sae), GroupR2(n_groups, d_sae), GroupR2(n_groups, d_sae)
+            topk = StreamingTopK(top_k, d_sae) if top_k else None
+            if mechanism is not None:
+                mass_next, mass_cur = LabelMass(n_labels, d_sae), LabelMass(n_labels, d_sae)
+        ak, fk = flat[k], fold[sl].reshape(-1)[k]
+        moments.add(fk, ak)
+        cur.add(fk, cur_g[sl].reshape(-1)[k], ak)
+        prev.add(fk, prev_g[sl].reshape(-1)[k], ak)
+        if mechanism is not None:
+            mass_next.add(nxt[sl].reshape(-1)[k], ak)
+            mass_cur.add(mechanism[sl].reshape(-1)[k], ak)
+        if topk is not None:
+            masked = flat.masked_fill(~k[:, None], float("-inf"))
+            topk.add(masked, torch.arange(lo * seq_len, lo * seq_len + flat.shape[0]))
+
+    r2c, r2p = cur.r2(moments), prev.r2(moments)
+    n_kept = moments.n.sum()
+    out = {
+        "r2_current": r2c,
+        "r2_previous": r2p,
+        "prev_token_score": r2p.clamp(min=0) - r2c.clamp(min=0),
+        "context_score": 1 - r2c.clamp(0, 1),
+        "mean_act": (moments.s1.sum(0) / n_kept).float(),
+        "frac_active": (moments.active / n_kept).float(),
+    }
+    if mechanism is not None:
+        out["gt_label"], out["gt_purity"] = mass_next.type_and_purity()
+        out["gt_label_current"], out["gt_purity_current"] = mass_cur.type_and_purity()
+        out["gt_mass"] = mass_next.mass.T.float()  # [d_sae, n_labels]
+    return out, topk
+
+
+@dataclass
+class ProbeResult:
+    """Per-feature table, contexts for the browser, and per-snapshot score arrays."""
+
+    table: pd.DataFrame
+    """one row per feature: scores at `probe_step` (the feature's peak, or the final snapshot)"""
+    contexts: dict[str, dict[str, list[dict]]]
+    """`{"<feature>": {"<step>": [{"tokens", "highlight", "activation"}, ...]}}` (analysis/contexts.json)"""
+    steps: list[int]
+    """the probed snapshot steps, in the order of the per-snapshot arrays' second axis"""
+    per_snapshot: dict[str, Tensor]
+    """name -> `[d_sae, n_steps]` (`gt_mass`: `[d_sae, n_steps, n_labels]`)"""
+
+    def save(self, analysis_dir) -> None:
+        """Write `probe_scores.safetensors` (per-snapshot arrays + `steps`) and `contexts.json`."""
+        from pathlib import Path
+
+        d = Path(analysis_dir)
+        tensors = {k: v.contiguous() for k, v in self.per_snapshot.items()}
+        tensors["steps"] = torch.tensor(self.steps, dtype=torch.long)
+        save_safetensors(d / "probe_scores.safetensors", tensors)
+        write_json(d / "contexts.json", self.contexts)
+
+
+def _decoder_norms(crosscoder) -> Tensor | None:
+    if hasattr(crosscoder, "decoder_norms"):
+        return crosscoder.decoder_norms().detach().float().cpu()
+    if hasattr(crosscoder, "W_dec"):
+        return crosscoder.W_dec.detach().float().norm(dim=-1).T.cpu()
+    return None
+
+
+def probe_features(
+    crosscoder,
+    snapshots: Iterable[tuple[int, object]],
+    tokens: Int[Tensor, "n_seq seq_len"],
+    hook: str,
+    mechanism: Int[Tensor, "n_seq seq_len"] | None = None,
+    steps_for_contexts: Sequence[int] | None = None,
+    *,
+    steps: Sequence[int] | None = None,
+    cfg: ProbeConfig | None = None,
+    tokenizer=None,
+    bos_token_id: int | None = None,
+    mechanism_names: Sequence[str] = MECHANISMS,
+) -> ProbeResult:
+    """Probe every feature of `crosscoder` in each `(step, model)` snapshot on the stream `tokens`.
+
+    `steps` are the crosscoder's source steps in source order (snapshot `step` is source
+    `steps.index(step)`); without it the snapshots are taken to be the sources in order. Snapshots may
+    be a subset of the sources. `tokens` rows start with BOS (its id, unless given, is `tokens[0, 0]`).
+    Contexts are kept for `steps_for_contexts` (default: `cfg.n_context_steps` evenly spaced probed
+    steps, the last included). One model is held at a time.
+    """
+    cfg = cfg or ProbeConfig()
+    tokens = tokens[: cfg.max_seqs].long().cpu()
+    if mechanism is not None:
+        mechanism = mechanism[: cfg.max_seqs].long().cpu()
+        if mechanism.shape != tokens.shape:
+            raise ValueError(f"mechanism labels {tuple(mechanism.shape)} do not match tokens {tuple(tokens.shape)}")
+    bos = int(tokens[0, 0]) if bos_token_id is None else bos_token_id
+    vocab = tokens.unique()
+    vocab = vocab[vocab != bos]
+    n_sources = crosscoder.W_enc.shape[0]
+
+    done: list[int] = []
+    per: dict[str, list[Tensor]] = {}
+    topks: list[StreamingTopK | None] = []
+    decode = decoder_for(tokenizer)
+    for i, (step, model) in enumerate(tqdm(snapshots, desc="probing snapshots", unit="snapshot")):
+        source = list(steps).index(step) if steps is not None else i
+        if source >= n_sources:
+            raise ValueError(f"snapshot step {step} maps to source {source}, the crosscoder has {n_sources}")
+        if tokenizer is None and getattr(model, "tokenizer", None) is not None and i == 0:
+            decode = decoder_for(model.tokenizer)
+        fn = crosscoder_acts_fn(crosscoder, model, hook, source)
+        scores, topk = stream_scores(
+            fn, tokens, mechanism, bos, cfg.top_k, cfg.batch_size, cfg.max_groups, len(mechanism_names)
+        )
+        seq_len = min(cfg.induction_len, (model.cfg.n_ctx - 1) // 2, len(vocab))
+        scores.update(induction_scores(fn, vocab, seq_len, cfg.induction_seqs, bos, cfg.seed, cfg.batch_size))
+        scores["source"] = torch.full_like(scores["mean_act"], source)
+        for k, v in scores.items():
+            per.setdefault(k, []).append(v)
+        topks.append(topk)
+        done.append(int(step))
+    if not done:
+        raise ValueError("probe_features got no snapshots")
+    per_snapshot = {k: torch.stack(v, dim=1) for k, v in per.items()}
+
+    # the snapshot each feature's table row describes
+    d_sae = per_snapshot["mean_act"].shape[0]
+    col = torch.full((d_sae,), len(done) - 1, dtype=torch.long)
+    norms = _decoder_norms(crosscoder)
+    if cfg.at == "peak" and norms is not None:
+        col = norms[:, per_snapshot["source"][0].long()].argmax(dim=1)
+    elif cfg.at not in ("peak", "final"):
+        raise ValueError(f"ProbeConfig.at must be 'peak' or 'final', got {cfg.at!r}")
+    rows = torch.arange(d_sae)
+
+    def pick(name: str) -> np.ndarray:
+        return per_snapshot[name][rows, col].numpy()
+
+    table = pd.DataFrame({"feature": rows.numpy(), "probe_step": np.asarray(done)[col.numpy()]})
+    for name in ("prev_token_score", "induction_score", "context_score", "r2_current", "r2_previous",
+                 "mean_act", "frac_active"):
+        table[name] = pick(name)
+    if mechanism is not None:
+        names = np.asarray(list(mechanism_names) + ["none"], dtype=object)  # label -1 -> "none"
+        table["gt_type"] = names[pick("gt_label").astype(int)]
+        table["gt_purity"] = pick("gt_purity")
+        table["gt_type_current"] = names[pick("gt_label_current").astype(int)]
+        table["gt_purity_current"] = pick("gt_purity_current")
+
+    if steps_for_contexts is None:
+        n = min(cfg.n_context_steps, len(done))
+        steps_for_contexts = [done[int(round(j))] for j in np.linspace(len(done) - 1, 0, n)][::-1] if n else []
+    contexts: dict[str, dict[str, list[dict]]] = {str(f): {} for f in range(d_sae)}
+    for step in steps_for_contexts:
+        if step not in done:
+            raise ValueError(f"contexts asked for step {step}, which was not probed (probed: {done})")
+        topk = topks[done.index(step)]
+        if topk is None:
+            continue
+        for f, rows_f in contexts_from_topk(topk, tokens, decode, cfg.window_left, cfg.window_right).items():
+            contexts[str(f)][str(step)] = rows_f
+    return ProbeResult(table=table, contexts=contexts, steps=done, per_snapshot=per_snapshot)

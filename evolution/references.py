@@ -1,0 +1,180 @@
+"""Loss references from n-gram statistics: what a model scores by counting alone.
+
+The *statistical phase* of pre-training (DESIGN.md) is the stretch where the loss falls toward the
+entropy of the token statistics: first the unigram entropy H(x_t), then the conditional bigram
+entropy H(x_t | x_{t-1}). These numbers are the horizontal reference lines on the loss figure.
+
+On the planted corpus (`evolution.corpus`) each token also carries the mechanism that produced it,
+and `mechanism_references` gives, per mechanism, the cross-entropy of add-α smoothed n-gram models on
+exactly those tokens. **Rule for "learned"** (used by the loss figures and the phase map): a mechanism
+counts as learned by a model at the first step where the model's eval loss on that mechanism's tokens
+falls below the best (lowest) reference among the models that *cannot* explain it (`LEARNED_BELOW`,
+`learned_threshold`):
+
+- unigram tokens (i.i.d. Zipf draws): below the uniform model, log V. A unigram model explains them
+  fully, so no n-gram model sits between; the next stage (falling to `unigram_model`) is the floor.
+- bigram tokens (a trigger's fixed successors): below the unigram model.
+- copy tokens (spans repeated within a document): below both the unigram and the bigram model; only
+  induction (previous token matched earlier -> predict what followed it; Olsson et al. 2022) explains
+  them. Caveat: a model that merely boosts tokens seen earlier in the context also gets below the
+  n-gram models, so the induction signature proper is the copy loss dropping far below (toward 0).
+- topic tokens (drawn from the document's topic words): below both n-gram models; only the context
+  (which topic words appeared earlier) explains them.
+
+Both n-gram models enter for copy/topic because add-α smoothing makes the bigram model worse than the
+unigram model on tokens whose context rows are sparse, and "learned" must mean beating every counter.
+
+Conventions: nats; `tokens` rows start with BOS; targets are `tokens[:, 1:]`, and a BOS/EOS id
+(`bos_token_id`, also the packing separator of text corpora) is never a target, though it is a context.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+LEARNED_BELOW = {
+    "unigram": ("uniform_model",),
+    "bigram": ("unigram_model",),
+    "copy": ("unigram_model", "bigram_model"),
+    "topic": ("unigram_model", "bigram_model"),
+}
+"""Per mechanism, the references that cannot explain it; learned = loss below the lowest of them."""
+
+
+def learned_threshold(references: dict[str, dict[str, float | None]], mechanism: str) -> float | None:
+    """The loss a model must get below on `mechanism`'s tokens for it to count as learned.
+
+    `references` is the output of `mechanism_references` (or meta.json's "mechanism_references").
+    None when the mechanism has no eval tokens.
+    """
+    entry = references[mechanism]
+    values = [entry[k] for k in LEARNED_BELOW[mechanism] if entry.get(k) is not None]
+    return min(values) if values else None
+
+
+def _pairs(tokens: Int[Tensor, "n_seq seq_len"], bos_token_id: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(context, target, keep) flattened over all positions 1..seq_len-1; keep drops BOS targets."""
+    tokens = torch.as_tensor(tokens).long()
+    if tokens.ndim == 1:
+        tokens = tokens[None]
+    if tokens.ndim != 2 or tokens.shape[1] < 2:
+        raise ValueError(f"tokens must be [n_seq, seq_len>=2], got shape {tuple(tokens.shape)}")
+    prev, nxt = tokens[:, :-1], tokens[:, 1:]
+    return prev, nxt, nxt != bos_token_id
+
+
+def _entropy_from_counts(counts: Tensor) -> float:
+    p = counts.double() / counts.sum()
+    return float(-(p * p.log()).sum())
+
+
+def unigram_entropy(tokens: Int[Tensor, "n_seq seq_len"], bos_token_id: int = 0) -> float:
+    """Empirical (plug-in) entropy H(x_t) of the target tokens, in nats."""
+    _, nxt, keep = _pairs(tokens, bos_token_id)
+    targets = nxt[keep]
+    if targets.numel() == 0:
+        raise ValueError("unigram_entropy: no target tokens (every target is BOS)")
+    _, counts = torch.unique(targets, return_counts=True)
+    return _entropy_from_counts(counts)
+
+
+def bigram_entropy(tokens: Int[Tensor, "n_seq seq_len"], bos_token_id: int = 0) -> float:
+    """Empirical conditional entropy H(x_t | x_{t-1}) = H(x_{t-1}, x_t) - H(x_{t-1}), in nats.
+
+    Counted over (context, target) pairs with a non-BOS target; the plug-in estimate is biased low by
+    about (#observed pairs - #observed contexts) / (2N), so it needs N well above the number of pairs.
+    """
+    prev, nxt, keep = _pairs(tokens, bos_token_id)
+    prev, nxt = prev[keep], nxt[keep]
+    if nxt.numel() == 0:
+        raise ValueError("bigram_entropy: no target tokens (every target is BOS)")
+    vocab = int(max(prev.max(), nxt.max())) + 1
+    _, pair_counts = torch.unique(prev * vocab + nxt, return_counts=True)
+    _, ctx_counts = torch.unique(prev, return_counts=True)
+    return _entropy_from_counts(pair_counts) - _entropy_from_counts(ctx_counts)
+
+
+def _lookup(keys_sorted: Tensor, counts: Tensor, query: Tensor) -> Tensor:
+    """counts[key] for each query key (0 where unseen), via binary search over the sorted unique keys."""
+    if keys_sorted.numel() == 0:
+        return torch.zeros_like(query, dtype=torch.float64)
+    idx = torch.searchsorted(keys_sorted, query.contiguous()).clamp(max=keys_sorted.numel() - 1)
+    return torch.where(keys_sorted[idx] == query, counts[idx], 0).double()
+
+
+def ngram_log_probs(
+    train_tokens: Int[Tensor, "n_seq seq_len"],
+    eval_tokens: Int[Tensor, "n_eval seq_len"],
+    order: int,
+    alpha: float = 0.1,
+    vocab_size: int | None = None,
+    bos_token_id: int = 0,
+) -> Tensor:
+    """log p(x_t | ...) of each eval target under an add-α unigram (order=1) or bigram (order=2) model.
+
+    Returns float64 `[n_eval, seq_len - 1]` aligned with `eval_tokens[:, 1:]` (NaN where the target is
+    BOS). p(w) = (c(w)+α)/(N+αV); p(w|v) = (c(v,w)+α)/(c(v,·)+αV), counts from `train_tokens`. Counts
+    are kept sparse (sorted keys), so a 50k vocabulary costs memory in tokens, not V².
+    """
+    if order not in (1, 2):
+        raise ValueError(f"order must be 1 or 2, got {order}")
+    prev, nxt, keep = _pairs(train_tokens, bos_token_id)
+    eprev, enxt, ekeep = _pairs(eval_tokens, bos_token_id)
+    V = vocab_size or int(max(torch.as_tensor(train_tokens).max(), torch.as_tensor(eval_tokens).max())) + 1
+    if order == 1:
+        keys, counts = torch.unique(nxt[keep], return_counts=True)
+        num = _lookup(keys, counts, enxt) + alpha
+        den = float(keep.sum()) + alpha * V
+    else:
+        keys, counts = torch.unique(prev[keep] * V + nxt[keep], return_counts=True)
+        ctx_keys, ctx_counts = torch.unique(prev[keep], return_counts=True)
+        num = _lookup(keys, counts, eprev * V + enxt) + alpha
+        den = _lookup(ctx_keys, ctx_counts, eprev) + alpha * V
+    logp = num.log() - torch.as_tensor(den, dtype=torch.float64).log()
+    return torch.where(ekeep, logp, torch.nan)
+
+
+def mechanism_references(
+    train_tokens: Int[Tensor, "n_seq seq_len"],
+    eval_tokens: Int[Tensor, "n_eval seq_len"],
+    eval_mechanism: Int[Tensor, "n_eval seq_len"],
+    names: Sequence[str],
+    alpha: float = 0.1,
+    vocab_size: int | None = None,
+    bos_token_id: int = 0,
+) -> dict[str, dict[str, float | None]]:
+    """Per mechanism: cross-entropy (nats/token) on the eval tokens labelled with it, of
+
+    - `uniform_model`: log V,
+    - `unigram_model`: add-α unigram model fitted on `train_tokens`,
+    - `bigram_model`: add-α bigram model fitted on `train_tokens`.
+
+    `eval_mechanism[i, t]` is the index into `names` of the mechanism that produced `eval_tokens[i, t]`
+    (-1: BOS or no mechanism). A mechanism with no eval tokens gets None. See `LEARNED_BELOW` and the
+    module docstring for the rule that turns these into "learned" steps.
+    """
+    eval_mechanism = torch.as_tensor(eval_mechanism).long()
+    if eval_mechanism.shape != torch.as_tensor(eval_tokens).shape:
+        raise ValueError(
+            f"eval_mechanism shape {tuple(eval_mechanism.shape)} != eval_tokens shape {tuple(eval_tokens.shape)}"
+        )
+    V = vocab_size or int(max(torch.as_tensor(train_tokens).max(), torch.as_tensor(eval_tokens).max())) + 1
+    lp = {
+        "unigram_model": ngram_log_probs(train_tokens, eval_tokens, 1, alpha, V, bos_token_id),
+        "bigram_model": ngram_log_probs(train_tokens, eval_tokens, 2, alpha, V, bos_token_id),
+    }
+    labels = eval_mechanism[:, 1:]
+    out: dict[str, dict[str, float | None]] = {}
+    for k, name in enumerate(names):
+        mask = (labels == k) & ~lp["unigram_model"].isnan()
+        if not mask.any():
+            out[name] = {"uniform_model": None, "unigram_model": None, "bigram_model": None}
+            continue
+        out[name] = {"uniform_model": math.log(V)}
+        out[name].update({m: float(-v[mask].mean()) for m, v in lp.items()})
+    return out

@@ -1,0 +1,235 @@
+"""Snapshot sources: checkpoint schedules and loaders that turn a checkpoint into a `HookedTransformer`.
+
+A snapshot `step{N}` is the model's weights after N optimiser steps. Local snapshots are Hugging Face
+GPT-NeoX directories `snapshots/step{N}/` (config.json, model.safetensors, tokenizer files), the same
+shape as Pythia's hub revisions `step{N}` (Biderman et al. 2023), so one conversion serves both.
+
+Weight processing. By default the loaders do *no* TransformerLens weight processing (no LayerNorm
+folding, no centring of writing weights or the unembedding): `blocks.{L}.hook_resid_post` then equals
+the Hugging Face model's hidden state, which is what a crosscoder across snapshots should see. Log-probs
+are identical either way; pass `process_weights=True` for TransformerLens's usual simplified form.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import torch
+from transformer_lens import HookedTransformer
+
+logger = logging.getLogger(__name__)
+
+# Pythia's 154 checkpoints: log-spaced 0, 1, 2, 4, ..., 512, then every 1000 steps to 143000.
+PYTHIA_STEPS: tuple[int, ...] = (0,) + tuple(2**i for i in range(10)) + tuple(range(1000, 143001, 1000))
+assert len(PYTHIA_STEPS) == 154, len(PYTHIA_STEPS)
+
+# The 32 snapshots of Pythia-160M that Ge et al. 2025 (arXiv 2509.17196) train their crosscoder on.
+GE2025_STEPS: tuple[int, ...] = (
+    (0,) + tuple(2**i for i in range(1, 10)) + tuple(range(1000, 10001, 1000))
+    + (14000, 20000, 27000, 34000, 47000, 60000, 74000, 87000, 100000, 114000, 127000, 143000)
+)
+assert len(GE2025_STEPS) == 32 and set(GE2025_STEPS) <= set(PYTHIA_STEPS)
+
+_STEP_DIR = re.compile(r"^step(\d+)$")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+
+
+class SnapshotError(ValueError):
+    """A snapshot is missing, is not a GPT-NeoX checkpoint, or disagrees in shape with its siblings."""
+
+
+def pythia_like_schedule(max_step: int, n_linear: int = 12) -> list[int]:
+    """Pythia's schedule scaled to `max_step`: 0 and powers of two below the first linear step, then
+    `n_linear` evenly spaced steps ending at `max_step` (Pythia: 0..512, then 1000..143000 by 1000).
+
+    The log-spaced head matters: the statistical phase (loss falling toward unigram/bigram entropy)
+    happens in the first ~1% of training, and evenly spaced snapshots would miss it."""
+    if max_step < 0 or n_linear < 1:
+        raise ValueError(f"need max_step >= 0 and n_linear >= 1, got {max_step}, {n_linear}")
+    if max_step == 0:
+        return [0]
+    linear = {max(1, round(max_step * k / n_linear)) for k in range(1, n_linear + 1)}
+    first = min(linear)
+    log = {0} | {2**i for i in range(max_step.bit_length()) if 2**i < first}
+    return sorted(log | linear)
+
+
+def local_steps(snapshot_root: str | Path) -> list[int]:
+    """Sorted steps of the complete `step{N}` directories under `snapshot_root` (temp dirs ignored)."""
+    root = Path(snapshot_root)
+    if not root.is_dir():
+        return []
+    steps = []
+    for p in root.iterdir():
+        m = _STEP_DIR.match(p.name)
+        if m and p.is_dir() and (p / "config.json").exists():
+            steps.append(int(m.group(1)))
+    return sorted(steps)
+
+
+def _read_neox_config(path: Path) -> dict:
+    cfg_file = path / "config.json"
+    if not path.is_dir():
+        available = local_steps(path.parent)
+        hint = f"; steps available in {path.parent}: {available}" if available else ""
+        raise SnapshotError(f"snapshot directory {path} does not exist{hint}")
+    if not cfg_file.exists():
+        raise SnapshotError(f"{path} is not a Hugging Face model directory: no config.json")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise SnapshotError(f"{cfg_file} is not valid JSON: {e}") from e
+    archs = cfg.get("architectures") or []
+    if cfg.get("model_type") != "gpt_neox" or (archs and "GPTNeoXForCausalLM" not in archs):
+        raise SnapshotError(
+            f"{path} is not a GPT-NeoX checkpoint (model_type={cfg.get('model_type')!r}, "
+            f"architectures={archs}); local snapshots must be GPTNeoXForCausalLM directories"
+        )
+    return cfg
+
+
+def _load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    if not any((path / f).exists() for f in _TOKENIZER_FILES):
+        raise SnapshotError(f"{path} holds no tokenizer files ({', '.join(_TOKENIZER_FILES)}); pass tokenizer=")
+    # add_bos_token=True up front: TransformerLens otherwise re-loads the tokenizer by name to get
+    # that flag, which for a hub name means a network call.
+    return AutoTokenizer.from_pretrained(str(path), add_bos_token=True)
+
+
+def _processing(process_weights: bool) -> dict[str, bool]:
+    return dict(
+        fold_ln=process_weights,
+        center_writing_weights=process_weights,
+        center_unembed=process_weights,
+        fold_value_biases=process_weights,
+    )
+
+
+def load_local_snapshot(
+    path: str | Path,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    *,
+    tokenizer=None,
+    process_weights: bool = False,
+) -> HookedTransformer:
+    """A local GPT-NeoX directory as a `HookedTransformer`, offline: config, weights and tokenizer all
+    come from `path` (transformer-lens 3.9 conversion: `convert_hf_model_config` + `convert_neox_weights`)."""
+    from transformer_lens import loading_from_pretrained as loading
+    from transformers import GPTNeoXForCausalLM
+
+    path = Path(path)
+    _read_neox_config(path)
+    tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(path)
+    try:
+        hf_model = GPTNeoXForCausalLM.from_pretrained(str(path), dtype=dtype)
+    except OSError as e:
+        raise SnapshotError(f"cannot load GPT-NeoX weights from {path}: {e}") from e
+    proc = _processing(process_weights)
+    cfg = loading.get_pretrained_model_config(
+        str(path), hf_cfg=hf_model.config.to_dict(), fold_ln=proc["fold_ln"], device=device, dtype=dtype
+    )
+    state_dict = loading.get_pretrained_state_dict(str(path), cfg, hf_model, dtype=dtype)
+    model = HookedTransformer(cfg, tokenizer, move_to_device=False)
+    model.load_and_process_state_dict(state_dict, **proc)
+    model.move_model_modules_to_device()
+    return model.eval()
+
+
+def load_pythia_snapshot(
+    model_name: str,
+    step: int,
+    device: str = "cpu",
+    *,
+    dtype: torch.dtype = torch.float32,
+    process_weights: bool = False,
+    **hub_kwargs,
+) -> HookedTransformer:
+    """A real Pythia checkpoint (hub revision `step{N}`) through transformer-lens `checkpoint_value`.
+
+    `hub_kwargs` go to Hugging Face's `from_pretrained` (`cache_dir=`, `local_files_only=True`, `revision`
+    is set by transformer-lens). The hub must be reachable, or the revision already in the HF cache."""
+    if step not in PYTHIA_STEPS:
+        raise SnapshotError(
+            f"{model_name} has no checkpoint step{step}; Pythia's steps are 0, 1, 2, 4, ..., 512 and "
+            f"1000..143000 every 1000 (see PYTHIA_STEPS)"
+        )
+    from transformers import AutoTokenizer
+
+    tok_kwargs = {k: v for k, v in hub_kwargs.items() if k in ("cache_dir", "local_files_only", "token")}
+    tokenizer = AutoTokenizer.from_pretrained(model_name, add_bos_token=True, **tok_kwargs)
+    return HookedTransformer.from_pretrained(
+        model_name,
+        checkpoint_value=step,
+        tokenizer=tokenizer,
+        device=device,
+        dtype=dtype,
+        **_processing(process_weights),
+        **hub_kwargs,
+    ).eval()
+
+
+def _is_hub_spec(spec: str | Path) -> bool:
+    s = str(spec)
+    return s.startswith("hf:") or (not Path(s).exists() and s.startswith("EleutherAI/pythia"))
+
+
+def iter_snapshots(
+    root_or_spec: str | Path,
+    steps: Iterable[int] | None = None,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    **load_kwargs,
+) -> Iterator[tuple[int, HookedTransformer]]:
+    """Yield `(step, model)` one model at a time, in step order.
+
+    `root_or_spec` is a local snapshot root (holding `step{N}/` dirs) or a hub model, written
+    `hf:EleutherAI/pythia-160m` (or a bare `EleutherAI/pythia-*` name). `steps=None` means every local
+    step, or all of `PYTHIA_STEPS` for the hub. Missing steps are reported before anything is loaded."""
+    if _is_hub_spec(root_or_spec):
+        name = str(root_or_spec).removeprefix("hf:")
+        wanted = sorted(steps) if steps is not None else list(PYTHIA_STEPS)
+        bad = [s for s in wanted if s not in PYTHIA_STEPS]
+        if bad:
+            raise SnapshotError(f"{name}: steps {bad} are not Pythia checkpoints (see PYTHIA_STEPS)")
+        for s in wanted:
+            yield s, load_pythia_snapshot(name, s, device, dtype=dtype, **load_kwargs)
+        return
+    root = Path(root_or_spec)
+    available = local_steps(root)
+    if not available:
+        raise SnapshotError(f"no step{{N}} snapshot directories under {root}")
+    wanted = sorted(steps) if steps is not None else available
+    missing = [s for s in wanted if s not in available]
+    if missing:
+        raise SnapshotError(f"snapshot step(s) {missing} not found under {root}; available: {available}")
+    for s in wanted:
+        yield s, load_local_snapshot(root / f"step{s}", device, dtype, **load_kwargs)
+
+
+def check_compatible(models: Sequence[HookedTransformer], labels: Sequence[object] | None = None) -> None:
+    """Raise `SnapshotError` unless every model has the same parameter names and shapes (and vocab):
+    a crosscoder across snapshots needs one `d_in` per hook and one token stream."""
+    if not models:
+        return
+    labels = list(labels) if labels is not None else list(range(len(models)))
+    if len(labels) != len(models):
+        raise ValueError(f"{len(labels)} labels for {len(models)} models")
+    ref = {k: tuple(v.shape) for k, v in models[0].state_dict().items()}
+    for label, m in zip(labels[1:], models[1:], strict=True):
+        shapes = {k: tuple(v.shape) for k, v in m.state_dict().items()}
+        for key in sorted(set(ref) | set(shapes)):
+            a, b = ref.get(key), shapes.get(key)
+            if a != b:
+                raise SnapshotError(
+                    f"snapshots disagree: {key} has shape {a} in snapshot {labels[0]} but {b} in snapshot "
+                    f"{label} (d_model {models[0].cfg.d_model} vs {m.cfg.d_model}, n_layers "
+                    f"{models[0].cfg.n_layers} vs {m.cfg.n_layers}, d_vocab {models[0].cfg.d_vocab} vs "
+                    f"{m.cfg.d_vocab})"
+                )

@@ -1,0 +1,317 @@
+"""Per-feature decoder-norm timelines across snapshots, and the turning point of feature directions.
+
+A crosscoder trained over snapshots (Ge et al. 2025, *Evolution of Concepts in Language Model
+Pre-Training*) gives every feature i one decoder vector per snapshot s, `W_dec[s, i, :]`. Its norm says
+how much the feature is present in that snapshot; its direction says what it writes. Definitions
+(one meaning each, as in DESIGN.md):
+
+- `norms[i, s] = ||W_dec[s, i, :]||_2`; `rel_norms = norms / max_s norms` (0 for dead features).
+- **peak index** `argmax_s norms[i, s]` and its step.
+- **emergence**: first snapshot with `rel_norms >= threshold` (default 0.5).
+- **fade**: the first snapshot after the peak from which on `rel_norms` stays below the threshold up to
+  the last snapshot; None when the feature is still above the threshold in the final snapshot.
+- `cos_to_final[i, s]`: cosine between the feature's decoder direction at s and at the final snapshot.
+- **turning point** (Ge et al. 2025 see most features' directions turn around step ~1000 on Pythia):
+  for every adjacent pair of snapshots (s-1, s) and feature i, the direction change
+  `turn[i, s] = (1 - cos(W_dec[s-1, i], W_dec[s, i])) * min(rel_norms[i, s-1], rel_norms[i, s])`.
+  The weight matters: where a feature has (almost) no norm its direction is unconstrained noise in a
+  trained crosscoder, so only changes of a direction that is really written count. The turning point
+  is the snapshot s (reported as `steps[s]`, the first snapshot with the new direction) maximising
+  the mean of `turn[:, s]` over alive features. Each feature's own turn is `argmax_s turn[i, s]`
+  (None when its largest weighted change is below `min_turn`); `turn_agreement` is the fraction of
+  turning features whose own turn lies within one snapshot of the turning point.
+  Changes are per snapshot *interval*, so on a log-spaced schedule they are per log-step, as in the
+  paper's figures.
+- **groups** of timeline shapes, from two questions about the rel-norm profile (`GROUPS` explains them):
+  did it emerge early (emergence index <= `early_frac * (n_sources - 1)`), and is it still above the
+  threshold in the final snapshot. Features whose max norm is negligible are "dead".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import einops
+import pandas as pd
+import torch
+from jaxtyping import Bool, Float, Int
+from safetensors.torch import load_file
+from torch import Tensor
+
+from crosscoders.io import save_safetensors
+
+GROUPS: dict[str, str] = {
+    "persistent": "emerges early and is still present in the final snapshot",
+    "late-rising": "emerges after the early part of training and is still present at the end",
+    "early-and-fading": "emerges early, then falls below the threshold before the end",
+    "transient-middle": "emerges after the early part and fades again before the end",
+    "dead": "negligible decoder norm in every snapshot",
+}
+
+
+@dataclass
+class TimelineConfig:
+    """How timelines are read off the decoder norms."""
+
+    threshold: float = 0.5
+    """Relative decoder norm (fraction of the feature's max) above which a feature counts as present."""
+    dead_norm_frac: float = 0.05
+    """A feature is dead when its max norm is below this fraction of the 90th percentile of max norms."""
+    early_frac: float = 1 / 3
+    """Emergence at or before this fraction of the snapshot indices counts as early (for the groups)."""
+    min_turn: float = 0.1
+    """A feature's own direction turn counts only if its weighted direction change reaches this."""
+
+
+def _unit(x: Tensor, eps: float = 1e-12) -> Tensor:
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(eps)
+
+
+def decoder_norms(W_dec: Float[Tensor, "n_sources d_sae d_in"]) -> Float[Tensor, "d_sae n_sources"]:
+    return einops.rearrange(W_dec.float().norm(dim=-1), "n_sources d_sae -> d_sae n_sources")
+
+
+def cos_to_final(W_dec: Float[Tensor, "n_sources d_sae d_in"]) -> Float[Tensor, "d_sae n_sources"]:
+    u = _unit(W_dec.float())
+    return einops.einsum(u, u[-1], "n_sources d_sae d_in, d_sae d_in -> d_sae n_sources")
+
+
+def adjacent_cos(W_dec: Float[Tensor, "n_sources d_sae d_in"]) -> Float[Tensor, "d_sae n_intervals"]:
+    """Cosine between the directions of consecutive snapshots; column s-1 is the pair (s-1, s)."""
+    u = _unit(W_dec.float())
+    return einops.einsum(u[:-1], u[1:], "n_int d_sae d_in, n_int d_sae d_in -> d_sae n_int")
+
+
+def pairwise_cos(
+    W_dec: Float[Tensor, "n_sources d_sae d_in"], features: Tensor | list[int] | None = None, chunk: int = 1024
+) -> Float[Tensor, "n_features n_sources n_sources"]:
+    """Cosine between a feature's decoder directions in every pair of snapshots.
+
+    The full tensor is d_sae * n_sources^2 floats (16k features x 32 snapshots: 64 MB), so pass
+    `features` for a subset; the contraction runs in chunks of `chunk` features to bound memory.
+    """
+    idx = torch.arange(W_dec.shape[1]) if features is None else torch.as_tensor(features, dtype=torch.long)
+    out = []
+    for part in idx.split(chunk):
+        u = _unit(W_dec[:, part].float())
+        out.append(einops.einsum(u, u, "s f d_in, t f d_in -> f s t"))
+    return torch.cat(out) if out else torch.empty(0, W_dec.shape[0], W_dec.shape[0])
+
+
+@dataclass
+class Timelines:
+    """Everything read off the decoder norms and directions; one row per feature."""
+
+    steps: list[int]
+    norms: Float[Tensor, "d_sae n_sources"]
+    rel_norms: Float[Tensor, "d_sae n_sources"]
+    peak_index: Int[Tensor, " d_sae"]
+    emergence_index: Int[Tensor, " d_sae"]
+    fade_index: Int[Tensor, " d_sae"]
+    """-1 where the feature has not faded by the final snapshot."""
+    dead: Bool[Tensor, " d_sae"]
+    cos_to_final: Float[Tensor, "d_sae n_sources"]
+    turn: Float[Tensor, "d_sae n_intervals"]
+    """Norm-weighted direction change between consecutive snapshots (see the module docstring)."""
+    turn_index: Int[Tensor, " d_sae"]
+    """Each feature's own sharpest turn (snapshot index), -1 when below `min_turn` or dead."""
+    groups: list[str]
+    turning_index: int
+    cfg: TimelineConfig = field(default_factory=TimelineConfig)
+    W_dec: Tensor | None = field(default=None, repr=False)
+    """Kept (not saved) so pairwise cosines can be computed on demand."""
+
+    @property
+    def d_sae(self) -> int:
+        return self.norms.shape[0]
+
+    @property
+    def max_norm(self) -> Float[Tensor, " d_sae"]:
+        return self.norms.max(dim=1).values
+
+    @property
+    def peak_step(self) -> list[int]:
+        return [self.steps[i] for i in self.peak_index.tolist()]
+
+    @property
+    def turning_point_step(self) -> int:
+        return self.steps[self.turning_index]
+
+    @property
+    def mean_turn(self) -> Float[Tensor, " n_intervals"]:
+        alive = ~self.dead
+        return self.turn[alive].mean(0) if alive.any() else torch.zeros(self.turn.shape[1])
+
+    @property
+    def mean_cos_to_final(self) -> Float[Tensor, " n_sources"]:
+        """Mean cosine to the final direction over alive features, weighted by norm at each snapshot."""
+        alive = ~self.dead
+        w = self.rel_norms[alive]
+        return (w * self.cos_to_final[alive]).sum(0) / w.sum(0).clamp_min(1e-12)
+
+    @property
+    def turn_agreement(self) -> float:
+        turning = self.turn_index >= 0
+        if not turning.any():
+            return 0.0
+        return float(((self.turn_index[turning] - self.turning_index).abs() <= 1).float().mean())
+
+    def pairwise_cos(self, features: Tensor | list[int] | None = None) -> Tensor:
+        if self.W_dec is None:
+            raise ValueError("pairwise cosines need the decoder: compute the timelines from a crosscoder/W_dec")
+        return pairwise_cos(self.W_dec, features)
+
+    def _step_or_none(self, idx: Tensor) -> list[int | None]:
+        return [self.steps[i] if i >= 0 else None for i in idx.tolist()]
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per feature: the `analysis/features.csv` columns (docs/interfaces.md)."""
+        df = pd.DataFrame({
+            "feature": range(self.d_sae),
+            "peak_index": self.peak_index.tolist(),
+            "peak_step": self.peak_step,
+            "emergence_step": self._step_or_none(self.emergence_index),
+            "fade_step": self._step_or_none(self.fade_index),
+            "max_norm": self.max_norm.tolist(),
+            "final_rel_norm": self.rel_norms[:, -1].tolist(),
+            "group": self.groups,
+            "dead": self.dead.tolist(),
+            "turn_step": self._step_or_none(self.turn_index),
+            "cos_first_to_final": self.cos_to_final[:, 0].tolist(),
+        })
+        for col in ("emergence_step", "fade_step", "turn_step"):
+            df[col] = df[col].astype("Int64")
+        return df
+
+    def summary(self) -> dict[str, Any]:
+        alive = ~self.dead
+        groups = pd.Series(self.groups).value_counts()
+        peak_alive = torch.tensor(self.peak_step, dtype=torch.float)[alive]
+        return {
+            "turning_point_step": self.turning_point_step,
+            "turning_point_index": self.turning_index,
+            "turning_interval": [self.steps[max(self.turning_index - 1, 0)], self.turning_point_step],
+            "turn_agreement": self.turn_agreement,
+            "turning_point_definition": "snapshot maximising the mean over alive features of "
+            "(1 - cos(W_dec[s-1,i], W_dec[s,i])) * min(rel_norm[i,s-1], rel_norm[i,s])",
+            "steps": list(self.steps),
+            "n_features": self.d_sae,
+            "n_alive": int(alive.sum()),
+            "median_peak_step": float(peak_alive.median()) if alive.any() else None,
+            "group_counts": {g: int(groups.get(g, 0)) for g in GROUPS},
+            "group_meanings": GROUPS,
+            "mean_turn": self.mean_turn.tolist(),
+            "mean_cos_to_final": self.mean_cos_to_final.tolist(),
+            "config": {k: getattr(self.cfg, k) for k in TimelineConfig.__dataclass_fields__},
+        }
+
+    def save(self, path: str | Path) -> None:
+        """Write `timelines.safetensors` (tensors + steps; the groups are stored in features.csv)."""
+        save_safetensors(path, {
+            "steps": torch.tensor(self.steps, dtype=torch.long),
+            "norms": self.norms, "rel_norms": self.rel_norms, "cos_to_final": self.cos_to_final,
+            "peak_index": self.peak_index, "emergence_index": self.emergence_index,
+            "fade_index": self.fade_index, "dead": self.dead, "turn": self.turn, "turn_index": self.turn_index,
+        }, metadata={"turning_index": str(self.turning_index), "groups": ",".join(self.groups),
+                     **{k: str(getattr(self.cfg, k)) for k in TimelineConfig.__dataclass_fields__}})
+
+    @classmethod
+    def load(cls, path: str | Path) -> Timelines:
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"no timelines at {path}: run `feature-evolution analyze` first")
+        t = load_file(str(path))
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        cfg = TimelineConfig(**{k: float(meta[k]) for k in TimelineConfig.__dataclass_fields__ if k in meta})
+        groups = meta.get("groups", "").split(",") if meta.get("groups") else []
+        return cls(steps=t["steps"].tolist(), norms=t["norms"], rel_norms=t["rel_norms"],
+                   peak_index=t["peak_index"], emergence_index=t["emergence_index"], fade_index=t["fade_index"],
+                   dead=t["dead"], cos_to_final=t["cos_to_final"], turn=t["turn"], turn_index=t["turn_index"],
+                   groups=groups, turning_index=int(meta.get("turning_index", 0)), cfg=cfg)
+
+
+def emergence_and_fade(
+    rel_norms: Float[Tensor, "d_sae n_sources"], peak_index: Int[Tensor, " d_sae"], threshold: float
+) -> tuple[Int[Tensor, " d_sae"], Int[Tensor, " d_sae"]]:
+    """(first index with rel >= threshold, first index after the peak from which rel stays below; -1 if none)."""
+    above = rel_norms >= threshold
+    n = rel_norms.shape[1]
+    idx = torch.arange(n)
+    emergence = torch.where(above, idx, n).min(dim=1).values
+    # last index at/after the peak that is still above the threshold; the fade is the snapshot after it
+    after_peak = idx[None, :] >= peak_index[:, None]
+    last_above = torch.where(above & after_peak, idx, -1).max(dim=1).values
+    fade = torch.where(last_above < n - 1, last_above + 1, -1)
+    return emergence.clamp_max(n - 1), fade
+
+
+def group_shapes(emergence_index: Tensor, fade_index: Tensor, dead: Tensor, n_sources: int,
+                 early_frac: float) -> list[str]:
+    early = emergence_index <= early_frac * (n_sources - 1)
+    present_at_end = fade_index < 0
+    out = []
+    for e, p, d in zip(early.tolist(), present_at_end.tolist(), dead.tolist()):
+        if d:
+            out.append("dead")
+        elif p:
+            out.append("persistent" if e else "late-rising")
+        else:
+            out.append("early-and-fading" if e else "transient-middle")
+    return out
+
+
+def compute_timelines_from_W_dec(
+    W_dec: Float[Tensor, "n_sources d_sae d_in"], steps: list[int], cfg: TimelineConfig | None = None
+) -> Timelines:
+    cfg = cfg or TimelineConfig()
+    W_dec = W_dec.detach().float().cpu()
+    n_sources = W_dec.shape[0]
+    if len(steps) != n_sources:
+        raise ValueError(f"{len(steps)} steps given for a decoder with {n_sources} sources")
+    norms = decoder_norms(W_dec)
+    max_norm = norms.max(dim=1).values
+    ref = torch.quantile(max_norm, 0.9) if max_norm.numel() else torch.tensor(0.0)
+    dead = max_norm <= torch.clamp(cfg.dead_norm_frac * ref, min=1e-8)
+    rel = torch.where(dead[:, None], torch.zeros_like(norms), norms / max_norm.clamp_min(1e-12)[:, None])
+    peak = norms.argmax(dim=1)
+    emergence, fade = emergence_and_fade(rel, peak, cfg.threshold)
+    emergence, fade = emergence.masked_fill(dead, -1), fade.masked_fill(dead, -1)
+    c_final = cos_to_final(W_dec)
+    if n_sources > 1:
+        weight = torch.minimum(rel[:, :-1], rel[:, 1:])
+        turn = (1 - adjacent_cos(W_dec)).clamp_min(0) * weight
+        best, arg = turn.max(dim=1)
+        turn_index = torch.where((best >= cfg.min_turn) & ~dead, arg + 1, -1)
+        mean_turn = turn[~dead].mean(0) if (~dead).any() else turn.mean(0)
+        turning_index = int(mean_turn.argmax()) + 1
+    else:
+        turn = torch.zeros(norms.shape[0], 0)
+        turn_index = torch.full((norms.shape[0],), -1)
+        turning_index = 0
+    groups = group_shapes(emergence, fade, dead, n_sources, cfg.early_frac)
+    return Timelines(steps=list(steps), norms=norms, rel_norms=rel, peak_index=peak, emergence_index=emergence,
+                     fade_index=fade, dead=dead, cos_to_final=c_final, turn=turn, turn_index=turn_index,
+                     groups=groups, turning_index=turning_index, cfg=cfg, W_dec=W_dec)
+
+
+def compute_timelines(crosscoder: Any, steps: list[int], cfg: TimelineConfig | None = None) -> Timelines:
+    """Timelines of a trained `Crosscoder` (anything with `W_dec[n_sources, d_sae, d_in]`).
+
+    Norms are read in the crosscoder's training (normalised) units, like `Crosscoder.decoder_norms()`:
+    a saved model has each source's activation scale folded into `W_dec`, and undoing it keeps the
+    norms of different snapshots comparable whatever their raw activation scale."""
+    W_dec = crosscoder.W_dec.detach().float().cpu()
+    scale = getattr(crosscoder, "norm_scale", None)
+    if scale is not None:
+        W_dec = W_dec * scale.detach().float().cpu().reshape(-1, 1, 1)
+    return compute_timelines_from_W_dec(W_dec, steps, cfg)
+
+
+def turning_point(timelines: Timelines) -> int:
+    """The turning-point step (definition in the module docstring)."""
+    return timelines.turning_point_step

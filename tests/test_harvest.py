@@ -1,0 +1,149 @@
+"""Harvest and stream with real (tiny, random, seeded) HookedTransformers, checked against run_with_cache."""
+
+import pytest
+import torch
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from crosscoders.harvest import harvest, keep_mask, measure_scales, model_acts, stop_layer, stream
+from crosscoders.store import ActivationStore
+
+HOOK = "blocks.0.hook_resid_post"
+BOS = 0
+
+
+def tiny(seed: int) -> HookedTransformer:
+    cfg = HookedTransformerConfig(n_layers=2, d_model=16, n_ctx=12, d_head=8, n_heads=2, d_mlp=32, d_vocab=40,
+                                  act_fn="gelu", normalization_type="LN", seed=seed,
+                                  positional_embedding_type="rotary", rotary_dim=4)
+    return HookedTransformer(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def models():
+    return [tiny(s) for s in range(3)]
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    g = torch.Generator().manual_seed(0)
+    t = torch.randint(1, 39, (10, 12), generator=g)
+    t[:, 0] = BOS
+    t[3, 9:] = 39  # right padding on one row
+    return t
+
+
+def _reference(models, tokens, hook=HOOK):
+    """Independent reference: full forward passes with run_with_cache."""
+    return torch.stack([m.run_with_cache(tokens)[1][hook] for m in models], 2)  # [n_seq, seq, S, d]
+
+
+def _read_all(store: ActivationStore):
+    parts = [store.load_shard(i) for i in range(len(store.shard_sizes))]
+    return (torch.cat([p["acts"] for p in parts]).float(), torch.cat([p["tokens"] for p in parts]),
+            torch.cat([p["positions"] for p in parts]))
+
+
+def test_stop_layer_and_mask():
+    assert stop_layer("blocks.3.hook_resid_post") == 4 and stop_layer("hook_embed") == 0
+    assert stop_layer("ln_final.hook_normalized") is None
+    t = torch.tensor([[0, 5, 0, 7, 9, 9]])
+    assert keep_mask(t).tolist() == [[False, True, True, True, True, True]]
+    assert keep_mask(t, bos_token_id=0, pad_token_id=9).tolist() == [[False, True, False, True, False, False]]
+
+
+@pytest.mark.parametrize("strategy", ["chunk", "snapshot"])
+def test_store_equals_run_with_cache(tmp_path, models, tokens, strategy):
+    loaders = [lambda m=m: m for m in models]
+    store = harvest(loaders, tokens, HOOK, tmp_path, sources=["s0", "s1", "s2"], batch_size=3, dtype="float32",
+                    shard_seqs=4, strategy=strategy, pad_token_id=39, progress=False)
+    assert store.manifest["complete"] and len(store.shard_sizes) == 3 and not (tmp_path / ".parts").exists()
+    acts, toks, pos = _read_all(store)
+    ref = _reference(models, tokens)
+    keep = keep_mask(tokens, pad_token_id=39)
+    assert len(acts) == int(keep.sum()) == 10 * 11 - 3
+    assert (pos % 12 != 0).all()  # BOS positions excluded
+    assert torch.equal(toks, tokens.flatten()[pos])
+    torch.testing.assert_close(acts, ref.flatten(0, 1)[pos], rtol=1e-5, atol=1e-5)
+    assert store.verify()["ok"] and store.sources == ["s0", "s1", "s2"]
+    torch.testing.assert_close(store.scales, measure_scales([acts], 10_000), rtol=1e-5, atol=0)
+
+
+def test_both_strategies_give_identical_bytes(tmp_path, models, tokens):
+    a = harvest(models, tokens, HOOK, tmp_path / "a", shard_seqs=3, progress=False)
+    b = harvest([lambda m=m: m for m in models], tokens, HOOK, tmp_path / "b", shard_seqs=3, progress=False)
+    assert b.manifest["shards"] == a.manifest["shards"] and a.manifest["dtype"] == "bfloat16"
+
+
+def test_several_hooks_in_one_pass(tmp_path, models, tokens):
+    hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_mid"]
+    stores = harvest(models, tokens, hooks, tmp_path, dtype="float32", shard_seqs=5, progress=False)
+    ref = _reference(models, tokens, hooks[1])
+    acts, _, pos = _read_all(stores[hooks[1]])
+    torch.testing.assert_close(acts, ref.flatten(0, 1)[pos], rtol=1e-5, atol=1e-5)
+    assert (tmp_path / hooks[0] / "manifest.json").exists()
+
+
+class Crash(RuntimeError):
+    pass
+
+
+@pytest.mark.parametrize("strategy", ["chunk", "snapshot"])
+def test_resume_after_interruption_is_identical(tmp_path, models, tokens, strategy):
+    calls = []
+
+    def loader(j, fail_at=None):
+        def load():
+            calls.append(j)
+            if fail_at is not None and len(calls) == fail_at:
+                raise Crash("killed")
+            return models[j]
+        return load
+
+    kw = dict(shard_seqs=3, strategy=strategy, progress=False, batch_size=2)
+    ref = harvest([loader(j) for j in range(3)], tokens, HOOK, tmp_path / "ref", **kw)
+    full_calls = len(calls)
+    calls.clear()
+    # chunk: loads per chunk for models 1, 2 (model 0 loaded once) -> crash while harvesting chunk 2;
+    # snapshot: crash while loading the third model, after two models' parts are on disk
+    with pytest.raises(Crash):
+        harvest([loader(j, fail_at=5 if strategy == "chunk" else 3) for j in range(3)], tokens, HOOK,
+                tmp_path / "run", **kw)
+    with pytest.raises(Exception, match="unfinished"):
+        ActivationStore(tmp_path / "run")
+    calls.clear()
+    out = harvest([loader(j) for j in range(3)], tokens, HOOK, tmp_path / "run", **kw)
+    assert len(calls) < full_calls  # finished work was skipped
+    assert out.manifest["shards"] == ref.manifest["shards"]
+    assert out.manifest["scales"] == ref.manifest["scales"]
+    for s in ref.manifest["shards"]:
+        assert (tmp_path / "run" / s["file"]).read_bytes() == (tmp_path / "ref" / s["file"]).read_bytes()
+    calls.clear()
+    harvest([loader(j) for j in range(3)], tokens, HOOK, tmp_path / "run", **kw)  # complete: nothing to redo
+    assert len(calls) <= 1
+
+
+def test_stream_equals_store(tmp_path, models, tokens):
+    store = harvest(models, tokens, HOOK, tmp_path, dtype="float32", shard_seqs=4, progress=False)
+    acts, _, _ = _read_all(store)
+    s = stream(models, tokens, HOOK, 16, shuffle=False, normalize=False, n_epochs=1, chunk_seqs=3)
+    got = torch.cat(list(s))
+    torch.testing.assert_close(got, acts, rtol=0, atol=0)
+    torch.testing.assert_close(s.scales, store.scales, rtol=1e-5, atol=0)
+    # shuffled and normalised: the same rows (as a multiset), scaled, and deterministic across iterations
+    sh = stream(models, tokens, HOOK, 16, seed=1, n_epochs=1, scales=store.scales)
+    b1, b2 = list(sh), list(sh)
+    assert all(torch.equal(x, y) for x, y in zip(b1, b2)) and b1[0].shape == (16, 3, 16)
+    x = torch.cat(b1) / store.scales[None, :, None]
+    key = lambda t: torch.sort(t[:, 0, 0]).values  # noqa: E731
+    torch.testing.assert_close(key(x), key(acts), rtol=1e-5, atol=1e-6)
+    assert not torch.equal(x, acts)
+    # bf16 stream == bf16 store, exactly
+    bstore = harvest(models, tokens, HOOK, tmp_path / "bf", shard_seqs=4, progress=False)
+    bst = stream(models, tokens, HOOK, 1000, shuffle=False, normalize=False, n_epochs=1, dtype=torch.bfloat16)
+    assert torch.equal(next(iter(bst)), _read_all(bstore)[0])
+
+
+def test_cache_and_hook_methods_agree(models, tokens):
+    a = model_acts(models[0], tokens, [HOOK], 4, "hooks")[HOOK]
+    b = model_acts(models[0], tokens, [HOOK], 4, "cache")[HOOK]
+    assert torch.equal(a, b)
