@@ -90,7 +90,7 @@ def model_acts(model: nn.Module, tokens: Int[Tensor, "n_seq seq_len"], hooks: Se
         elif method == "hooks":
             got = {}
 
-            def save(act: Tensor, hook) -> None:
+            def save(act: Tensor, hook, got=got) -> None:
                 got[hook.name] = act.detach()
 
             model.run_with_hooks(t, fwd_hooks=[(h, save) for h in hooks], stop_at_layer=stop)
@@ -156,6 +156,9 @@ def harvest(models: Sequence[ModelLike], tokens: Int[Tensor, "n_seq seq_len"], h
     meta = {**(metadata or {}), "exclude_bos": exclude_bos, "bos_token_id": bos_token_id,
             "pad_token_id": pad_token_id, "shard_seqs": shard_seqs}
     dirs = _store_dirs(hooks, Path(out_dir), single)
+    if not resume:
+        for d in dirs.values():
+            shutil.rmtree(d / PARTS, ignore_errors=True)
     writers = {h: StoreWriter(dirs[h], sources, h, d_in, dtype, meta, stream_id, resume=resume) for h in hooks}
     # chunk index from which each hook's store still needs shards (a shard always covers a whole chunk)
     start = {h: 0 if not w.shards else (w.last_position // seq_len) // shard_seqs + 1 for h, w in writers.items()}

@@ -33,7 +33,6 @@ from typing import Any
 import torch
 from jaxtyping import Float, Int
 from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 from torch import Tensor
 
 from .io import write_bytes, write_json
@@ -67,6 +66,26 @@ def _dtype_name(dtype: str | torch.dtype) -> str:
     if name not in DTYPES:
         raise ValueError(f"store dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     return name
+
+
+_ST_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.int64: "I64"}
+
+
+def serialize(tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """safetensors bytes with a deterministic layout (tensors in name order), so that the same data
+    always gives the same file and sha256: a resumed harvest is byte-identical to an uninterrupted one
+    (`safetensors.torch.save` orders tensors of different dtypes unpredictably)."""
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    blobs, offset = [], 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        raw = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
+        blobs.append(raw)
+        offset += len(raw)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # 8-byte alignment of the data section
+    return len(head).to_bytes(8, "little") + head + b"".join(blobs)
 
 
 def _check_finite(acts: Tensor, where: str) -> None:
@@ -114,6 +133,8 @@ class StoreWriter:
             path.unlink(missing_ok=True)
             for f in self.dir.glob("shard-*.safetensors"):
                 f.unlink()
+        if not path.exists():
+            self._write_manifest()  # the header is fixed from the start: a rerun with other settings is refused
 
     @property
     def n_shards(self) -> int:
@@ -148,8 +169,8 @@ class StoreWriter:
         stored = acts.detach().to("cpu", self.torch_dtype).contiguous()
         name = shard_name(self.n_shards)
         _check_finite(stored, f"{self.dir / name} (while writing)")
-        data = st_save({"acts": stored, "tokens": tokens, "positions": positions},
-                       metadata={"format": FORMAT, "hook": self.header["hook"]})
+        data = serialize({"acts": stored, "tokens": tokens, "positions": positions},
+                         metadata={"format": FORMAT, "hook": self.header["hook"]})
         write_bytes(self.dir / name, data)
         self.shards.append({"file": name, "n_tokens": n, "bytes": len(data),
                             "sha256": hashlib.sha256(data).hexdigest(),

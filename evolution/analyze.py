@@ -74,7 +74,7 @@ def source_steps(run_dir: str | Path, n_sources: int) -> list[int]:
     if ev.exists():
         candidates.append((str(ev), json.loads(ev.read_text()).get("sources")))
     candidates += [(f"{run}/activations/*/manifest.json", m.get("sources")) for m in _manifests(run)]
-    for where, names in candidates:
+    for _where, names in candidates:
         if names and len(names) == n_sources:
             steps = [_step_of(n) for n in names]
             if all(s is not None for s in steps):
@@ -138,7 +138,7 @@ def peak_step_by_type(features: pd.DataFrame) -> dict[str, dict[str, float]] | N
     alive = features[~features["dead"].astype(bool)]
     g = alive.groupby("gt_type")["peak_step"]
     return {str(t): {"median": float(m), "mean": float(a), "n": int(n)}
-            for (t, m), a, n in zip(g.median().items(), g.mean(), g.size())}
+            for (t, m), a, n in zip(g.median().items(), g.mean(), g.size(), strict=True)}
 
 
 def analyze(run_dir: str | Path, cfg: AnalyzeConfig | None = None) -> dict:

@@ -98,8 +98,8 @@ class Run:
         if not 0 <= i < self.timelines.d_sae:
             raise IndexError(f"feature {i} out of range 0..{self.timelines.d_sae - 1}")
         return {**self.features.iloc[i].to_dict(),
-                "rel_norms": dict(zip(self.steps, self.timelines.rel_norms[i].tolist())),
-                "cos_to_final": dict(zip(self.steps, self.timelines.cos_to_final[i].tolist())),
+                "rel_norms": dict(zip(self.steps, self.timelines.rel_norms[i].tolist(), strict=True)),
+                "cos_to_final": dict(zip(self.steps, self.timelines.cos_to_final[i].tolist(), strict=True)),
                 "contexts": self.contexts.get(str(i), {})}
 
     # figures: thin wrappers so a notebook needs one import

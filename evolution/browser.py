@@ -55,7 +55,7 @@ def browser_data(tl: Timelines, features: pd.DataFrame, contexts: dict | None = 
         raise ValueError(f"feature table must have one row per feature 0..{tl.d_sae - 1} in order")
     cols = [c for c in TABLE_COLUMNS if c in features]
     numeric = {c: pd.api.types.is_numeric_dtype(features[c]) and c != "group" for c in cols}
-    rows = [{c: _clean(v) for c, v in zip([*cols, "dead"], vals)}
+    rows = [{c: _clean(v) for c, v in zip([*cols, "dead"], vals, strict=True)}
             for vals in features.reindex(columns=[*cols, "dead"]).itertuples(index=False, name=None)]
     return {
         "title": title,

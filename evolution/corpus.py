@@ -149,13 +149,17 @@ def planted_grammar(vocab_size: int, cfg: PlantedConfig, seed: int) -> PlantedGr
             f"{cfg.n_topics}x{cfg.topic_size} topic words; need at least 16"
         )
     if not 1 <= cfg.copy_min_len <= cfg.copy_max_len:
-        raise ValueError(f"need 1 <= copy_min_len <= copy_max_len, got {cfg.copy_min_len}, {cfg.copy_max_len}")
+        raise ValueError(
+            f"need 1 <= copy_min_len <= copy_max_len, got {cfg.copy_min_len}, {cfg.copy_max_len}"
+        )
     rng = np.random.default_rng([seed, 0])
     base_ids = np.arange(1, n_base + 1)
     zipf = base_ids.astype(np.float64) ** -cfg.zipf_exponent
     topic_ids = (n_base + 1 + np.arange(n_topic_words)).reshape(cfg.n_topics, cfg.topic_size)
     names = [TOPIC_NAMES[k] if k < len(TOPIC_NAMES) else f"topic{k}x" for k in range(cfg.n_topics)]
-    words = [f"w{r}" for r in base_ids] + [f"{names[k]}{j}" for k in range(cfg.n_topics) for j in range(cfg.topic_size)]
+    words = [f"w{r}" for r in base_ids] + [
+        f"{names[k]}{j}" for k in range(cfg.n_topics) for j in range(cfg.topic_size)
+    ]
     zipf /= zipf.sum()
     # Triggers are added in random order until they hold `trigger_mass` of the unigram law, so the
     # share of bigram tokens does not hinge on whether the seed happens to pick the top-ranked words.
@@ -198,7 +202,11 @@ def generate_planted(
         if cfg.n_topics:
             topics[i] = rng.integers(cfg.n_topics)
         zipf = rng.choice(grammar.base_ids, size=T, p=grammar.zipf_probs).tolist()
-        topic_words = grammar.topic_ids[topics[i]][rng.integers(cfg.topic_size, size=T)].tolist() if cfg.n_topics else None
+        topic_words = (
+            grammar.topic_ids[topics[i]][rng.integers(cfg.topic_size, size=T)].tolist()
+            if cfg.n_topics
+            else None
+        )
         u = rng.random((T, 5)).tolist()
         lengths = rng.integers(cfg.copy_min_len, cfg.copy_max_len + 1, size=T).tolist()
         x, lab, src = toks[i], labs[i], srcs[i]
@@ -212,7 +220,7 @@ def generate_planted(
                 continue
             if prev in trig and u_follow < cfg.p_follow:
                 succ, cum = trig[prev]
-                x[t], lab[t] = succ[int(u_succ * len(succ))], BIGRAM
+                x[t], lab[t] = succ[min(np.searchsorted(cum, u_succ, side="right"), len(succ) - 1)], BIGRAM
                 continue
             if u_copy < cfg.p_copy:
                 L = min(lengths[t], T - t)
@@ -225,7 +233,9 @@ def generate_planted(
                 x[t], lab[t] = topic_words[t], TOPIC
             else:
                 x[t], lab[t] = zipf[t], UNIGRAM
-    return PlantedSample(torch.from_numpy(toks), torch.from_numpy(labs), torch.from_numpy(srcs), torch.from_numpy(topics))
+    return PlantedSample(
+        torch.from_numpy(toks), torch.from_numpy(labs), torch.from_numpy(srcs), torch.from_numpy(topics)
+    )
 
 
 def _copy_source(x: np.ndarray, lab: np.ndarray, copyable: np.ndarray, t: int, L: int, u: float) -> int:
@@ -246,8 +256,12 @@ def _copy_source(x: np.ndarray, lab: np.ndarray, copyable: np.ndarray, t: int, L
 
 def _build_planted(cfg: CorpusConfig) -> Corpus:
     grammar = planted_grammar(cfg.vocab_size, cfg.planted, cfg.seed)
-    train = generate_planted(grammar, cfg.planted, cfg.n_train_seqs, cfg.seq_len, np.random.default_rng([cfg.seed, 1]))
-    evals = generate_planted(grammar, cfg.planted, cfg.n_eval_seqs, cfg.seq_len, np.random.default_rng([cfg.seed, 2]))
+    train = generate_planted(
+        grammar, cfg.planted, cfg.n_train_seqs, cfg.seq_len, np.random.default_rng([cfg.seed, 1])
+    )
+    evals = generate_planted(
+        grammar, cfg.planted, cfg.n_eval_seqs, cfg.seq_len, np.random.default_rng([cfg.seed, 2])
+    )
     return Corpus(
         tokens=train.tokens,
         eval_tokens=evals.tokens,
@@ -315,7 +329,9 @@ def _load_dataset_texts(cfg: CorpusConfig) -> list[str]:
     texts, n_chars = [], 0
     for row in ds:
         if cfg.text_column not in row:
-            raise ValueError(f"corpus source {src!r} has no column {cfg.text_column!r}; columns: {sorted(row)}")
+            raise ValueError(
+                f"corpus source {src!r} has no column {cfg.text_column!r}; columns: {sorted(row)}"
+            )
         texts.append(row[cfg.text_column])
         n_chars += len(texts[-1])
         if cfg.max_chars and n_chars >= cfg.max_chars:
@@ -379,12 +395,16 @@ class Corpus:
             if v is not None:
                 setattr(self, name, torch.as_tensor(v).long())
         if self.tokens.ndim != 2 or self.tokens.shape[0] == 0 or self.eval_tokens.ndim != 2:
-            raise ValueError(f"empty corpus or bad shape: tokens {tuple(self.tokens.shape)}, eval {tuple(self.eval_tokens.shape)}")
+            raise ValueError(
+                f"empty corpus or bad shape: tokens {tuple(self.tokens.shape)}, eval {tuple(self.eval_tokens.shape)}"
+            )
         for toks, mech in ((self.tokens, self.mechanism), (self.eval_tokens, self.eval_mechanism)):
             if not bool((toks[:, 0] == self.bos_token_id).all()):
                 raise ValueError(f"every row must start with BOS id {self.bos_token_id}")
             if mech is not None and mech.shape != toks.shape:
-                raise ValueError(f"mechanism labels {tuple(mech.shape)} do not match tokens {tuple(toks.shape)}")
+                raise ValueError(
+                    f"mechanism labels {tuple(mech.shape)} do not match tokens {tuple(toks.shape)}"
+                )
         if self.mechanism_names is not None:
             self.mechanism_names = tuple(self.mechanism_names)
 
@@ -500,7 +520,9 @@ def build_corpus(cfg: CorpusConfig) -> Corpus:
     if cfg.seq_len < 2:
         raise ValueError(f"seq_len must be >= 2 (BOS + one token), got {cfg.seq_len}")
     if cfg.n_eval_seqs < 1 or cfg.n_train_seqs < 0:
-        raise ValueError(f"need n_eval_seqs >= 1 and n_train_seqs >= 0, got {cfg.n_eval_seqs}, {cfg.n_train_seqs}")
+        raise ValueError(
+            f"need n_eval_seqs >= 1 and n_train_seqs >= 0, got {cfg.n_eval_seqs}, {cfg.n_train_seqs}"
+        )
     if cfg.source == "planted":
         if cfg.n_train_seqs < 1:
             raise ValueError("the planted corpus needs n_train_seqs >= 1 (empty corpus)")

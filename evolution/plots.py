@@ -8,6 +8,7 @@ as in the Ge et al. 2025 figures.
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -84,7 +85,8 @@ def _example_panel(ax: Axes, tl: Timelines, idx: np.ndarray, title: str, n_examp
         ax.plot(tl.steps, np.median(rel[idx], axis=0), color="k", lw=2, label="median")
     _step_axis(ax, tl.steps)
     ax.set_ylim(-0.02, 1.05)
-    ax.set_title(f"{title} (n={len(idx)})", fontsize=9)
+    head, _, meaning = title.partition(": ")
+    ax.set_title(f"{head} (n={len(idx)})" + ("\n" + textwrap.fill(meaning, 45) if meaning else ""), fontsize=8)
     ax.legend(fontsize=6, loc="best")
 
 
@@ -102,7 +104,7 @@ def plot_timelines_by_group(tl: Timelines, n_examples: int = 5, seed: int = 0) -
     present = [g for g in GROUPS if g != "dead" and (groups == g).any()]
     fig, axes = _grid(len(present))
     rng = np.random.default_rng(seed)
-    for ax, g in zip(axes, present):
+    for ax, g in zip(axes, present, strict=False):
         _example_panel(ax, tl, np.flatnonzero(groups == g), f"{g}: {GROUPS[g]}", n_examples, rng)
     fig.supylabel("relative decoder norm")
     return fig
@@ -129,7 +131,7 @@ def plot_timelines_by_type(tl: Timelines, features: pd.DataFrame, n_examples: in
     names = sorted(t for t in types.dropna().unique())
     fig, axes = _grid(len(names))
     rng = np.random.default_rng(seed)
-    for ax, t in zip(axes, names):
+    for ax, t in zip(axes, names, strict=False):
         idx = np.flatnonzero((types.to_numpy() == t) & alive)
         _example_panel(ax, tl, idx, f"type: {t}", n_examples, rng)
     fig.supylabel("relative decoder norm")

@@ -14,10 +14,12 @@ falls below the best (lowest) reference among the models that *cannot* explain i
 - unigram tokens (i.i.d. Zipf draws): below the uniform model, log V. A unigram model explains them
   fully, so no n-gram model sits between; the next stage (falling to `unigram_model`) is the floor.
 - bigram tokens (a trigger's fixed successors): below the unigram model.
-- copy tokens (spans repeated within a document): below both the unigram and the bigram model; only
-  induction (previous token matched earlier -> predict what followed it; Olsson et al. 2022) explains
-  them. Caveat: a model that merely boosts tokens seen earlier in the context also gets below the
-  n-gram models, so the induction signature proper is the copy loss dropping far below (toward 0).
+- copy tokens (spans repeated within a document): below the unigram, the bigram *and the cache*
+  model. Only induction (previous token matched earlier -> predict what followed it; Olsson et al.
+  2022) explains them. The cache model (Kuhn & De Mori 1990: a unigram model mixed with the counts of
+  the tokens already in the context) is there because merely boosting tokens seen earlier, which a
+  one-layer model learns early, also beats the n-gram models on copied tokens; beating the cache model
+  needs to know *which* earlier token comes next.
 - topic tokens (drawn from the document's topic words): below both n-gram models; only the context
   (which topic words appeared earlier) explains them.
 
@@ -40,7 +42,7 @@ from torch import Tensor
 LEARNED_BELOW = {
     "unigram": ("uniform_model",),
     "bigram": ("unigram_model",),
-    "copy": ("unigram_model", "bigram_model"),
+    "copy": ("unigram_model", "bigram_model", "cache_model"),
     "topic": ("unigram_model", "bigram_model"),
 }
 """Per mechanism, the references that cannot explain it; learned = loss below the lowest of them."""
@@ -139,6 +141,49 @@ def ngram_log_probs(
     return torch.where(ekeep, logp, torch.nan)
 
 
+def _context_counts(tokens: Tensor, bos_token_id: int, chunk: int = 64) -> tuple[Tensor, Tensor]:
+    """For each target x_t (t >= 1): how often x_t occurred among x_1..x_{t-1}, and how many non-BOS
+    tokens those are. Both `[n_seq, seq_len - 1]`."""
+    counts, n_ctx = [], []
+    T = tokens.shape[1]
+    earlier = torch.ones(T - 1, T - 1, dtype=torch.bool).tril(-1)  # [target t-1, source s-1], s < t
+    for rows in tokens.split(chunk):
+        x = rows[:, 1:]
+        counts.append(((x[:, :, None] == x[:, None, :]) & earlier).sum(-1))
+        n_ctx.append(torch.cat([torch.zeros_like(x[:, :1]), (x != bos_token_id).cumsum(1)[:, :-1]], 1))
+    return torch.cat(counts), torch.cat(n_ctx)
+
+
+def cache_log_probs(
+    train_tokens: Int[Tensor, "n_seq seq_len"],
+    eval_tokens: Int[Tensor, "n_eval seq_len"],
+    lam: float | None = None,
+    alpha: float = 0.1,
+    vocab_size: int | None = None,
+    bos_token_id: int = 0,
+    n_fit_rows: int = 512,
+) -> Tensor:
+    """log p(x_t | x_<t) under a cache model: p = λ·c_t(x_t)/n_t + (1-λ)·p_unigram(x_t), where c_t counts
+    x_t among the n_t earlier (non-BOS) tokens of the row (p = p_unigram when n_t = 0).
+
+    `lam=None` picks λ from a grid by likelihood on the first `n_fit_rows` train rows. Returns float64
+    `[n_eval, seq_len - 1]`, NaN at BOS targets, like `ngram_log_probs`.
+    """
+    train_tokens, eval_tokens = torch.as_tensor(train_tokens).long(), torch.as_tensor(eval_tokens).long()
+
+    def logp(tokens: Tensor, lam: float) -> Tensor:
+        uni = ngram_log_probs(train_tokens, tokens, 1, alpha, vocab_size, bos_token_id).exp()
+        c, n = _context_counts(tokens, bos_token_id)
+        cache = c.double() / n.clamp(min=1).double()
+        return torch.where(n > 0, lam * cache + (1 - lam) * uni, uni).log()
+
+    if lam is None:
+        fit = train_tokens[:n_fit_rows]
+        grid = (0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8)
+        lam = max(grid, key=lambda g: float(logp(fit, g).nan_to_num(nan=0.0).sum()))
+    return logp(eval_tokens, lam)
+
+
 def mechanism_references(
     train_tokens: Int[Tensor, "n_seq seq_len"],
     eval_tokens: Int[Tensor, "n_eval seq_len"],
@@ -152,7 +197,9 @@ def mechanism_references(
 
     - `uniform_model`: log V,
     - `unigram_model`: add-α unigram model fitted on `train_tokens`,
-    - `bigram_model`: add-α bigram model fitted on `train_tokens`.
+    - `bigram_model`: add-α bigram model fitted on `train_tokens`,
+    - `cache_model`: the unigram model mixed with the in-context token counts (`cache_log_probs`),
+      its mixing weight fitted on `train_tokens`.
 
     `eval_mechanism[i, t]` is the index into `names` of the mechanism that produced `eval_tokens[i, t]`
     (-1: BOS or no mechanism). A mechanism with no eval tokens gets None. See `LEARNED_BELOW` and the
@@ -167,13 +214,14 @@ def mechanism_references(
     lp = {
         "unigram_model": ngram_log_probs(train_tokens, eval_tokens, 1, alpha, V, bos_token_id),
         "bigram_model": ngram_log_probs(train_tokens, eval_tokens, 2, alpha, V, bos_token_id),
+        "cache_model": cache_log_probs(train_tokens, eval_tokens, None, alpha, V, bos_token_id),
     }
     labels = eval_mechanism[:, 1:]
     out: dict[str, dict[str, float | None]] = {}
     for k, name in enumerate(names):
         mask = (labels == k) & ~lp["unigram_model"].isnan()
         if not mask.any():
-            out[name] = {"uniform_model": None, "unigram_model": None, "bigram_model": None}
+            out[name] = {"uniform_model": None, **{m: None for m in lp}}
             continue
         out[name] = {"uniform_model": math.log(V)}
         out[name].update({m: float(-v[mask].mean()) for m, v in lp.items()})

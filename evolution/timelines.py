@@ -255,7 +255,7 @@ def group_shapes(emergence_index: Tensor, fade_index: Tensor, dead: Tensor, n_so
     early = emergence_index <= early_frac * (n_sources - 1)
     present_at_end = fade_index < 0
     out = []
-    for e, p, d in zip(early.tolist(), present_at_end.tolist(), dead.tolist()):
+    for e, p, d in zip(early.tolist(), present_at_end.tolist(), dead.tolist(), strict=True):
         if d:
             out.append("dead")
         elif p:

@@ -22,7 +22,9 @@ EOT = "<|endoftext|>"
 
 
 def _wrap(tok: Tokenizer) -> PreTrainedTokenizerFast:
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOT, eos_token=EOT, pad_token=EOT, unk_token=EOT)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=EOT, eos_token=EOT, pad_token=EOT, unk_token=EOT
+    )
 
 
 def word_level_tokenizer(words: Sequence[str]) -> PreTrainedTokenizerFast:
@@ -49,7 +51,9 @@ def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> 
     The result may hold fewer than `vocab_size` entries when the text has too few distinct merges.
     """
     if vocab_size < 257 + 1:
-        raise ValueError(f"byte-level BPE needs vocab_size >= 258 (256 bytes + <|endoftext|> + merges), got {vocab_size}")
+        raise ValueError(
+            f"byte-level BPE needs vocab_size >= 258 (256 bytes + <|endoftext|> + merges), got {vocab_size}"
+        )
     tok = Tokenizer(models.BPE())
     # add_prefix_space=False as in GPT-2/Pythia: "Hello" and " Hello" are different tokens.
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -76,7 +80,9 @@ def load_pretrained_tokenizer(name_or_path: str) -> PreTrainedTokenizerFast:
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as e:
-        raise ValueError(f"could not load tokenizer {name_or_path!r} (hub name or local directory): {e}") from e
+        raise ValueError(
+            f"could not load tokenizer {name_or_path!r} (hub name or local directory): {e}"
+        ) from e
     if not tok.is_fast:
         raise ValueError(f"tokenizer {name_or_path!r} is not a fast tokenizer")
     if tok.eos_token is None and tok.bos_token is None:

@@ -19,7 +19,7 @@ from crosscoders.io import write_json
 from crosscoders.synthetic import PlantedFeatures, SyntheticConfig, match_features
 from crosscoders.train import train
 from evolution.analyze import AnalyzeConfig, analyze, source_steps
-from tests.chromium import Chromium, requires_chromium
+from tests.chromium import Chromium, chromium_path, requires_chromium
 
 STEPS = [0, 16, 64, 256, 512, 1000, 2000, 4000, 8000, 16000]
 TURN_AT = 4  # planted turning point: source 4 = step 512
@@ -118,3 +118,48 @@ def test_analyzed_browser_renders(run):
         assert page.errors == []
         assert page.evaluate("document.querySelectorAll('#features tbody tr').length") == 128
         assert page.evaluate("document.querySelector('#detail h2').textContent") == "Feature 0"
+
+
+def test_analyze_with_probes_on_a_tiny_pretrained_run(tmp_path):
+    """The whole path with the probes: planted corpus, a tiny model with 3 snapshots, a crosscoder on
+    its residual stream; `analyze` merges type scores and writes contexts the browser shows."""
+    from evolution.corpus import CorpusConfig, build_corpus
+    from evolution.pretrain import ModelConfig, PretrainConfig, pretrain
+    from evolution.snapshots import iter_snapshots
+
+    corpus = build_corpus(CorpusConfig(seq_len=32, n_train_seqs=128, n_eval_seqs=16, vocab_size=256))
+    corpus.save(tmp_path)
+    steps = pretrain(PretrainConfig(model=ModelConfig(d_model=32, n_layers=2, n_heads=2, d_mlp=64, n_ctx=32),
+                                    steps=20, batch_size=8, snapshot_steps=[0, 5, 20], eval_every=20,
+                                    checkpoint_every=1000), corpus, tmp_path)
+    hook = "blocks.1.hook_resid_post"
+    acts = []
+    for _, m in iter_snapshots(tmp_path / "snapshots", steps):
+        _, cache = m.run_with_cache(corpus.tokens[:32], names_filter=hook)
+        acts.append(cache[hook][:, 1:].reshape(-1, 32))
+    x = torch.stack(acts, 1)
+    scale = 32**0.5 / x.norm(dim=-1).mean(0)
+
+    def source(start=0):
+        g = torch.Generator().manual_seed(start)
+        while True:
+            yield x[torch.randint(len(x), (128,), generator=g)] * scale[:, None]
+
+    train(TrainConfig(crosscoder=CrosscoderConfig(d_sae=32, k=4), steps=30, batch_size=128, progress=False),
+          source, tmp_path / "crosscoder", norm_scale=scale)
+    write_json(tmp_path / "activations" / hook / "manifest.json", {"sources": [f"step{s}" for s in steps], "hook": hook})
+    summary = analyze(tmp_path, AnalyzeConfig(probe_max_seqs=16))
+    assert summary["probes"] and summary["steps"] == steps == [0, 5, 20]
+    r = evolution.load_run(tmp_path)
+    for col in ("prev_token_score", "induction_score", "context_score", "gt_type", "group", "peak_step"):
+        assert col in r.features
+    assert set(summary["peak_step_by_type"]) <= {*corpus.mechanism_names, "none"}
+    assert (tmp_path / "analysis" / "figures" / "timelines_by_type.png").exists()
+    f = next(i for i in range(32) if r.contexts.get(str(i)))
+    ctx = r.feature(f)["contexts"]
+    assert set(ctx) <= {str(s) for s in steps}
+    if chromium_path() is not None:
+        with Chromium() as br:
+            page = br.open(tmp_path / "analysis" / "browser" / "index.html", f"#feature-{f}")
+            assert page.errors == []
+            assert page.evaluate("document.querySelectorAll('#detail mark').length") == sum(map(len, ctx.values()))

@@ -132,7 +132,7 @@ def test_stream_equals_store(tmp_path, models, tokens):
     # shuffled and normalised: the same rows (as a multiset), scaled, and deterministic across iterations
     sh = stream(models, tokens, HOOK, 16, seed=1, n_epochs=1, scales=store.scales)
     b1, b2 = list(sh), list(sh)
-    assert all(torch.equal(x, y) for x, y in zip(b1, b2)) and b1[0].shape == (16, 3, 16)
+    assert all(torch.equal(x, y) for x, y in zip(b1, b2, strict=True)) and b1[0].shape == (16, 3, 16)
     x = torch.cat(b1) / store.scales[None, :, None]
     key = lambda t: torch.sort(t[:, 0, 0]).values  # noqa: E731
     torch.testing.assert_close(key(x), key(acts), rtol=1e-5, atol=1e-6)

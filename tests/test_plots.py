@@ -49,7 +49,7 @@ def test_group_and_type_panels(tl, tmp_path):
     fig = plots.plot_timelines_by_group(tl)
     titles = [ax.get_title() for ax in fig.axes]
     present = {g for g in tl.groups if g != "dead"}
-    assert len(titles) == len(present) and all(any(t.startswith(g + ":") for t in titles) for g in present)
+    assert len(titles) == len(present) and all(any(t.startswith(g + " (n=") for t in titles) for g in present)
     df = tl.to_frame()
     assert plots.plot_timelines_by_type(tl, df) is None  # no type columns yet
     df["gt_type"] = np.where(np.arange(len(df)) % 2 == 0, "bigram", "copy")

@@ -301,28 +301,33 @@ def test_contexts_window_and_bos_excluded():
 
 def test_induction_features_get_copy_type_on_planted_corpus():
     """The hand-built induction head run on the planted corpus: what its output features help predict
-    is mostly the `copy` mechanism (spans only induction can predict), far above the copy base rate."""
+    is the `copy` mechanism (spans only induction can predict) far above the copy base rate."""
     from handbuilt import Layout
 
     from evolution.corpus import CorpusConfig, build_corpus
 
-    corpus = build_corpus(CorpusConfig(n_train_seqs=2, n_eval_seqs=48, seq_len=48, vocab_size=256))
-    Vc, Nc = corpus.vocab_size, 48
+    corpus = build_corpus(CorpusConfig(n_train_seqs=2, n_eval_seqs=64, seq_len=64, vocab_size=512))
+    Vc, Nc = corpus.vocab_size, 64
     lay = Layout(Vc, Nc)
     W = torch.zeros(lay.d_model, Vc)
     W[lay.ind + torch.arange(1, Vc), torch.arange(1, Vc)] = 1.0  # ind[v]: "the head predicts v"
     W[lay.ind : lay.ind + Vc, 0] = 1.0  # the head's whole output: "some earlier match exists"
     res = probe_features(
         subspace_crosscoder(W), [(0, handbuilt_model(Vc, Nc))], corpus.eval_tokens, HOOK, corpus.eval_mechanism,
-        tokenizer=corpus.tokenizer, cfg=ProbeConfig(max_seqs=48, induction_seqs=16, top_k=3),
+        tokenizer=corpus.tokenizer, cfg=ProbeConfig(max_seqs=64, induction_seqs=16, top_k=3),
     )
     t = res.table
+    COPY = MECHANISMS.index("copy")
     mech = corpus.eval_mechanism[:, 1:]
-    base_copy = float((mech == MECHANISMS.index("copy")).sum() / (mech >= 0).sum())
-    assert t.gt_type[0] == "copy" and t.gt_purity[0] > 2 * base_copy
+    base_copy = float((mech == COPY).sum() / (mech >= 0).sum())
+    mass = res.per_snapshot["gt_mass"][:, 0]  # [d_sae, n_labels]
+    copy_share = mass[:, COPY] / mass.sum(1)
+    assert copy_share[0] > 2 * base_copy
     firing = t[(t.feature > 0) & (t.frac_active > 0)]
-    assert len(firing) > 50
-    assert (firing.gt_type == "copy").mean() > 0.5
+    assert len(firing) > 100
+    assert firing.gt_type.value_counts().index[0] == "copy"
+    pooled = mass[1:].sum(0)  # all ind[v] features together
+    assert pooled[COPY] / pooled.sum() > 2.5 * base_copy
     assert (firing.induction_score > 0.9).all()
-    ctx = res.contexts["0"]["0"][0]  # decoded with the corpus tokenizer: pseudo-words, not ids
+    ctx = res.contexts["1"]["0"][0]  # decoded with the corpus tokenizer: pseudo-words, not ids
     assert all(tok.strip().rstrip("0123456789") for tok in ctx["tokens"])

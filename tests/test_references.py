@@ -8,6 +8,7 @@ import torch
 
 from evolution.references import (
     bigram_entropy,
+    cache_log_probs,
     learned_threshold,
     mechanism_references,
     ngram_log_probs,
@@ -79,24 +80,48 @@ def test_add_alpha_log_probs_by_hand():
     evals = torch.tensor([[0, 2, 3]])  # targets 2 | ctx 0, and 3 | ctx 2
     V, a = 4, 1.0
     uni = ngram_log_probs(train, evals, 1, alpha=a, vocab_size=V)
-    assert uni[0].tolist() == pytest.approx([math.log((1 + a) / (3 + a * V)), math.log((0 + a) / (3 + a * V))])
+    assert uni[0].tolist() == pytest.approx(
+        [math.log((1 + a) / (3 + a * V)), math.log((0 + a) / (3 + a * V))]
+    )
     bi = ngram_log_probs(train, evals, 2, alpha=a, vocab_size=V)
     # p(2|0) = (0+1)/(1+4); p(3|2) = (0+1)/(0+4): context 2 never seen as a context
     assert bi[0].tolist() == pytest.approx([math.log(1 / 5), math.log(1 / 4)])
+
+
+def test_cache_model_by_hand():
+    tokens = torch.tensor([[0, 5, 6, 5]])  # unigram counts 5:2, 6:1 -> with α=1, V=8: 3/11, 2/11
+    lp = cache_log_probs(tokens, tokens, lam=0.5, alpha=1.0, vocab_size=8)
+    expected = [3 / 11, 0.5 * 0 + 0.5 * 2 / 11, 0.5 * 1 / 2 + 0.5 * 3 / 11]  # empty cache -> unigram
+    assert lp[0].exp().tolist() == pytest.approx(expected)
+    # with λ fitted, repeats in context are worth more than the unigram law says
+    rep = torch.tensor([[0, 1, 2, 3, 1, 2, 3, 1, 2, 3]] * 4 + [[0, 4, 5, 6, 7, 1, 2, 3, 4, 5]] * 4)
+    fitted = cache_log_probs(rep, rep, alpha=0.1)
+    plain = cache_log_probs(rep, rep, lam=0.0, alpha=0.1)
+    assert float(fitted[:, 4:].mean()) > float(plain[:, 4:].mean())
 
 
 def test_mechanism_references_and_threshold():
     train = torch.tensor([[0, 1, 2, 1, 2, 1, 2]] * 10)  # 1 -> 2 always; 2 -> 1 always
     evals = torch.tensor([[0, 1, 2, 3, 1]])
     labels = torch.tensor([[-1, 0, 1, 2, -1]])  # unigram, bigram, copy, (no label)
-    refs = mechanism_references(train, evals, labels, ("unigram", "bigram", "copy", "topic"), alpha=0.1, vocab_size=4)
-    assert refs["topic"] == {"uniform_model": None, "unigram_model": None, "bigram_model": None}
+    refs = mechanism_references(
+        train, evals, labels, ("unigram", "bigram", "copy", "topic"), alpha=0.1, vocab_size=4
+    )
+    assert refs["topic"] == {
+        "uniform_model": None,
+        "unigram_model": None,
+        "bigram_model": None,
+        "cache_model": None,
+    }
     assert refs["bigram"]["uniform_model"] == pytest.approx(math.log(4))
     # token 2 after 1: bigram model near-certain, unigram model about 1/2
     assert refs["bigram"]["bigram_model"] < 0.05 < math.log(2) - 0.05 < refs["bigram"]["unigram_model"]
     # token 3 (never seen) after 2: both models assign only smoothing mass
     assert refs["copy"]["unigram_model"] == pytest.approx(-math.log(0.1 / (60 + 0.4)))
-    assert refs["copy"]["bigram_model"] == pytest.approx(-math.log(0.1 / (20 + 0.4)))  # 2 is a context twice a row
+    # 2 is a context twice per row
+    assert refs["copy"]["bigram_model"] == pytest.approx(-math.log(0.1 / (20 + 0.4)))
+    # token 3 never appeared in its row either, so the cache model cannot help: the bigram model is lowest
+    assert refs["copy"]["cache_model"] > refs["copy"]["bigram_model"]
     assert learned_threshold(refs, "copy") == pytest.approx(refs["copy"]["bigram_model"])
     assert learned_threshold(refs, "bigram") == refs["bigram"]["unigram_model"]
     assert learned_threshold(refs, "unigram") == pytest.approx(math.log(4))

@@ -54,7 +54,7 @@ def test_reader_deterministic_mixes_shards_and_resumes(tmp_path):
     a = list(store.batches(20, seed=3, n_epochs=3, shuffle_buffer_tokens=90))
     b = list(store.batches(20, seed=3, n_epochs=3, shuffle_buffer_tokens=90))
     c = list(store.batches(20, seed=4, n_epochs=3, shuffle_buffer_tokens=90))
-    assert len(a) == 36 and all(torch.equal(x, y) for x, y in zip(a, b))
+    assert len(a) == 36 and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
     assert not torch.equal(a[0], c[0])
     # a batch mixes rows from several shards (shard of a row = its index // 30)
     row_of = {tuple(acts[i, 0, :3].tolist()): i // 30 for i in range(len(acts))}
@@ -63,7 +63,7 @@ def test_reader_deterministic_mixes_shards_and_resumes(tmp_path):
     assert len(shards_in_first) >= 2
     # resuming at batch 7 gives exactly the tail, also in the infinite stream
     tail = list(store.batches(20, seed=3, n_epochs=3, shuffle_buffer_tokens=90, start_batch=7))
-    assert len(tail) == 29 and all(torch.equal(x, y) for x, y in zip(a[7:], tail))
+    assert len(tail) == 29 and all(torch.equal(x, y) for x, y in zip(a[7:], tail, strict=True))
     inf = store.batches(20, seed=3, shuffle_buffer_tokens=90, start_batch=30)
     assert torch.equal(next(inf), a[30])
 

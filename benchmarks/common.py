@@ -1,0 +1,81 @@
+"""Timing, the dense-matmul peak, and peak memory: the yardsticks every benchmark reports against."""
+
+from __future__ import annotations
+
+import resource
+import time
+from collections.abc import Callable
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def best_time(fn: Callable[[], object], device: torch.device, repeats: int = 3, warmup: int = 1) -> float:
+    """Fastest of `repeats` timed calls (seconds) after `warmup` untimed ones: the least disturbed run
+    on a shared machine."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def matmul_peak(dtype: str, device: torch.device, n: int | None = None, repeats: int = 5) -> dict:
+    """Dense matmul throughput `[n, n] @ [n, n]` in GFLOP/s (2 n^3 FLOPs), the machine's practical peak
+    for `dtype` measured in this run, so fractions of it are comparable across machines and loads."""
+    n = n or (8192 if device.type == "cuda" else 2048)
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, generator=g).to(DTYPES[dtype])
+    b = torch.randn(n, n, device=device, generator=g).to(DTYPES[dtype])
+    t = best_time(lambda: a @ b, device, repeats=repeats, warmup=2)
+    return {"dtype": dtype, "n": n, "seconds": t, "gflops": 2 * n**3 / t / 1e9}
+
+
+class PeakMemory:
+    """Peak memory of a block: CUDA allocator peak on GPU; on CPU the process's peak RSS (whole process,
+    so run one case per process for a clean figure; `delta` is relative to the RSS on entry)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
+        else:
+            self.start = current_rss()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self.peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+    def as_dict(self) -> dict:
+        kind = "cuda_max_allocated" if self.device.type == "cuda" else "process_peak_rss"
+        return {"kind": kind, "peak_mib": self.peak / 2**20, "delta_mib": (self.peak - self.start) / 2**20}
+
+
+def current_rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def machine() -> dict:
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    info = {"device": dev, "torch": torch.__version__, "threads": torch.get_num_threads()}
+    if dev == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info

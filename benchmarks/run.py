@@ -1,0 +1,103 @@
+"""`python -m benchmarks.run [--quick] [--only train|harvest] [--device cuda]`: JSON to stdout and to
+`benchmarks/results/<name>.json`. See benchmarks/README.md for what each figure means."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from crosscoders.configs import parse_config, to_dict
+from crosscoders.io import write_json
+
+from .common import machine, matmul_peak
+from .harvest_bench import HarvestShape, harvest_cases
+from .train_bench import Shape, train_case, train_case_isolated
+
+RESULTS = Path(__file__).parent / "results"
+
+# The issue's large shape last: 8 snapshots x d_in 256 x d_sae 16384 at batch 4096.
+TRAIN_SHAPES = [Shape(4096, 2, 128, 4096), Shape(4096, 8, 256, 4096), Shape(4096, 8, 256, 16384)]
+QUICK_TRAIN_SHAPES = [Shape(256, 2, 16, 64), Shape(256, 4, 32, 128)]
+HARVEST_SHAPE = HarvestShape(n_models=4, d_model=256, n_layers=4, layer=1, n_seq=64, seq_len=128)
+QUICK_HARVEST_SHAPE = HarvestShape(n_models=2, d_model=32, n_layers=2, layer=0, n_seq=8, seq_len=16,
+                                   d_vocab=64, batch_size=4)
+
+
+@dataclass
+class BenchConfig:
+    """Crosscoder training and harvest benchmarks."""
+
+    quick: bool = False
+    """Tiny shapes, one step each, no subprocesses: a smoke run in seconds."""
+    only: str = ""
+    """Run only "train" or "harvest" ("" = both)."""
+    device: str = ""
+    """Torch device ("" = cuda when available, else cpu)."""
+    steps: int = 0
+    """Timed training steps per case (0 = 3 on CPU, 20 on GPU, 1 with --quick)."""
+    dtypes: str = "fp32,bf16"
+    """Training dtypes: fp32, bf16 (bf16 = autocast of the matmuls, as TrainConfig.autocast)."""
+    activation: str = "relu"
+    """Sparsity scheme of the timed crosscoder (relu: the matmuls alone; batchtopk adds its top-k)."""
+    isolate: bool = True
+    """Run each training case in its own process (clean CPU peak-RSS figures); off with --quick."""
+    name: str = ""
+    """Results file name under benchmarks/results/ ("" = <device>-<time>[-quick])."""
+
+
+def run(cfg: BenchConfig) -> dict:
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    steps = cfg.steps or (1 if cfg.quick else 20 if dev.type == "cuda" else 3)
+    dtypes = [d for d in cfg.dtypes.split(",") if d]
+    result: dict = {"config": to_dict(cfg), "machine": {**machine(), "device": device},
+                    "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    if cfg.only in ("", "train"):
+        peak_n = 512 if cfg.quick else None
+        peaks = {d: matmul_peak(d, dev, n=peak_n) for d in dtypes}
+        cases = []
+        for shape in QUICK_TRAIN_SHAPES if cfg.quick else TRAIN_SHAPES:
+            for d in dtypes:
+                if cfg.isolate and not cfg.quick and dev.type == "cpu":
+                    case = train_case_isolated(shape, d, steps, cfg.activation, device)
+                else:
+                    case = train_case(shape, d, steps, cfg.activation, device)
+                if "gflops" in case:
+                    case["fraction_of_matmul_peak"] = case["gflops"] / peaks[d]["gflops"]
+                cases.append(case)
+                print(json.dumps(case), flush=True)
+        result["train"] = {"matmul_peak": peaks, "cases": cases,
+                           "flops_counted": "3 x 2 x 2 x batch x n_sources x d_in x d_sae per step"}
+    if cfg.only in ("", "harvest"):
+        shape = QUICK_HARVEST_SHAPE if cfg.quick else HARVEST_SHAPE
+        result["harvest"] = harvest_cases(shape, device, repeats=1 if cfg.quick else 2)
+    name = cfg.name or f"{device}-{time.strftime('%Y%m%d-%H%M%S')}{'-quick' if cfg.quick else ''}"
+    path = RESULTS / f"{name}.json"
+    write_json(path, result)
+    result["path"] = str(path)
+    return result
+
+
+def _bare_flags(argv: list[str]) -> list[str]:
+    """Allow `--quick` for `--quick true` (configs.py flags always take a value)."""
+    out = []
+    for i, a in enumerate(argv):
+        out.append(a)
+        if a in ("--quick", "--isolate") and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+            out.append("true")
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    result = run(parse_config(BenchConfig, _bare_flags(sys.argv[1:] if argv is None else argv)))
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

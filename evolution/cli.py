@@ -1,0 +1,106 @@
+"""`feature-evolution <verb>`: the study's stages from the shell. This module only parses and dispatches;
+every verb's work lives in its own module.
+
+    feature-evolution demo                         # the whole study on the embedded default (runs/demo.toml)
+    feature-evolution run runs/pythia-70m.toml     # any recipe; cached stages are skipped
+    feature-evolution analyze runs/demo            # one stage of an existing run (re-run, forced)
+    feature-evolution pretrain --run-dir runs/x --steps 500 ...   # stage verbs with their own flags
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+STAGE_VERBS = {
+    "corpus": "corpus", "pretrain": "pretrain", "harvest": "harvest", "train": "crosscoder",
+    "analyze": "analyze", "geometry": "geometry", "phases": "phases", "report": "report",
+}
+DEMO_RECIPE = Path("runs/demo.toml")
+
+
+def _config_for(target: str):
+    """A RunConfig from a recipe (.toml) or from a run directory's run.json."""
+    from crosscoders.configs import from_dict
+    from evolution.pipeline import RunConfig, load_recipe
+
+    p = Path(target)
+    if p.suffix == ".toml":
+        return load_recipe(p)
+    if (p / "run.json").exists():
+        return from_dict(RunConfig, json.loads((p / "run.json").read_text()))
+    raise SystemExit(f"{target}: neither a recipe (.toml) nor a run directory with run.json")
+
+
+def _summary(cfg) -> None:
+    run = cfg.run_dir
+    lines = [f"\nResults of run {cfg.name!r} in {run}/:"]
+    for rel, what in [("report.html", "the run report (open in a browser)"),
+                      ("analysis/browser/index.html", "the feature browser"),
+                      ("figures/phase_map.png", "the phase map"), ("figures/loss.png", "loss against references"),
+                      ("phases.json", "phase boundary and signals"), ("analysis/features.csv", "per-feature table"),
+                      ("crosscoder/eval.json", "crosscoder FVU / L0 / dead per snapshot"),
+                      ("geometry.json", "geometry per snapshot and layer")]:
+        if (run / rel).exists():
+            lines.append(f"  {run / rel}: {what}")
+    print("\n".join(lines), file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbs = ["demo", "run", *STAGE_VERBS]
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in verbs:
+        print(__doc__.strip() + "\n\nverbs: " + ", ".join(verbs), file=sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    verb, rest = argv[0], argv[1:]
+
+    # Stage verbs with flags of their own (the module's dataclass config is the CLI).
+    flag_clis = {"pretrain": "evolution.pretrain:pretrain_cli", "geometry": "evolution.geometry:geometry_cli",
+                 "phases": "evolution.phases:phases_cli"}
+    if verb in flag_clis and rest and rest[0].startswith("-") and rest[0] not in ("-h", "--help"):
+        mod, fn = flag_clis[verb].split(":")
+        getattr(__import__(mod, fromlist=[fn]), fn)(rest)
+        return 0
+    if verb == "train" and rest and rest[0].startswith("--store"):
+        from crosscoders.train import main as train_main
+
+        train_main(rest)
+        return 0
+
+    from evolution.pipeline import run_study
+
+    p = argparse.ArgumentParser(prog=f"feature-evolution {verb}")
+    if verb != "demo":
+        p.add_argument("target", help="recipe (runs/*.toml) or run directory (runs/<name>)")
+    p.add_argument("--name", help="run name (default: the recipe's)")
+    p.add_argument("--force", default="", help="comma-separated stages to redo even if cached")
+    ns = p.parse_args(rest)
+    if verb == "demo":
+        from evolution.pipeline import RunConfig, load_recipe
+
+        cfg = load_recipe(DEMO_RECIPE, name=ns.name) if DEMO_RECIPE.exists() else RunConfig(name=ns.name or "demo")
+    else:
+        cfg = _config_for(ns.target)
+        if ns.name:
+            from crosscoders.configs import replace
+
+            cfg = replace(cfg, name=ns.name)
+    force = tuple(s for s in ns.force.split(",") if s)
+    only = (STAGE_VERBS[verb],) if verb in STAGE_VERBS else ()
+    try:
+        run_study(cfg, force=force, only=only)
+    except Exception as e:  # a clear one-line message; the traceback is for --debug users
+        from evolution.hub import HubUnavailable
+
+        if isinstance(e, (HubUnavailable, FileNotFoundError, ValueError)):
+            print(f"feature-evolution {verb}: error: {e}", file=sys.stderr)
+            return 1
+        raise
+    _summary(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,319 @@
+"""The whole study as one resumable chain: corpus → pre-training → harvest → crosscoder → analysis →
+geometry → phases → report. A recipe (`runs/*.toml`) is a `RunConfig`; each TOML table is one stage's
+config, so every knob of every stage is reachable from the recipe and recorded in `run.json`.
+
+Snapshots come from pre-training here (`snapshots.source = "pretrain"`), from a directory of
+`step{N}` checkpoints (`"local:<dir>"`), or from Pythia on the hub (`"hf:EleutherAI/pythia-160m"`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import sys
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from crosscoders.config import TrainConfig
+from crosscoders.configs import from_dict, to_dict
+from crosscoders.io import write_json
+from evolution.analyze import AnalyzeConfig
+from evolution.corpus import CorpusConfig
+from evolution.geometry import GeometryConfig
+from evolution.phases import PhasesConfig
+from evolution.pretrain import PretrainConfig
+from evolution.stages import Stage, run_stages
+
+
+@dataclass
+class SnapshotsConfig:
+    """Where the snapshots come from and which of them the study uses."""
+
+    source: str = "pretrain"
+    """"pretrain" (train a mini-Pythia in this run), "local:<dir>" (a directory of step{N} HF checkpoints),
+    or "hf:EleutherAI/pythia-70m" (Pythia's checkpoints from the hub, through transformer-lens)."""
+    steps: list[int] | None = None
+    """Steps to use (None: every saved step; for the hub, Ge et al. 2025's 32 steps)."""
+
+
+@dataclass
+class HarvestConfig:
+    """Which activations the crosscoder is trained on."""
+
+    hook: str = "blocks.1.hook_resid_post"
+    """transformer-lens hook name (Ge et al. 2025: blocks.6.hook_resid_post of Pythia-160M)."""
+    n_seqs: int = 1024
+    """Corpus rows harvested for training (tokens = n_seqs × (seq_len − 1), BOS excluded)."""
+    n_eval_seqs: int = 64
+    """Held-out corpus rows harvested for the crosscoder's per-snapshot evaluation (FVU, L0, dead)."""
+    batch_size: int = 64
+    """Sequences per forward pass."""
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    """Storage dtype of the activation store."""
+    device: str = "cpu"
+    """Device the snapshots run on."""
+
+
+@dataclass
+class RunConfig:
+    """A whole study: one TOML recipe, one run directory `root/name/`."""
+
+    name: str = "demo"
+    """Run name: results go to `root/name/`."""
+    root: str = "runs"
+    """Directory holding run directories."""
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    """[corpus]: the token stream."""
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    """[pretrain]: mini-Pythia training (only with snapshots.source = "pretrain")."""
+    snapshots: SnapshotsConfig = field(default_factory=SnapshotsConfig)
+    """[snapshots]: where the checkpoints come from."""
+    harvest: HarvestConfig = field(default_factory=HarvestConfig)
+    """[harvest]: hook and amount of activations."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """[train] and [train.crosscoder]: the crosscoder and its training."""
+    analyze: AnalyzeConfig = field(default_factory=AnalyzeConfig)
+    """[analyze]: timelines, probes, browser."""
+    geometry: GeometryConfig = field(default_factory=GeometryConfig)
+    """[geometry]: linearity, anisotropy, intrinsic dimension per layer and snapshot."""
+    phases: PhasesConfig = field(default_factory=PhasesConfig)
+    """[phases]: combination of the phase signals."""
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.root) / self.name
+
+
+def load_recipe(path: str | Path, **overrides) -> RunConfig:
+    """Read a TOML recipe into a RunConfig (unknown keys are an error naming the table)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"recipe {path} not found; recipes live in runs/*.toml")
+    with open(path, "rb") as f:
+        data = tomllib.load(f)
+    data.setdefault("name", path.stem)
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return from_dict(RunConfig, data)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
+
+
+# ------------------------------------------------------------------------------------------ stages
+
+
+def _hub_name(cfg: RunConfig) -> str | None:
+    src = cfg.snapshots.source
+    return src.removeprefix("hf:") if src.startswith("hf:") else None
+
+
+def snapshot_steps(cfg: RunConfig) -> list[int]:
+    from evolution.snapshots import GE2025_STEPS, local_steps
+
+    if _hub_name(cfg):
+        return list(cfg.snapshots.steps or GE2025_STEPS)
+    found = local_steps(snapshot_root(cfg))
+    if cfg.snapshots.steps is None:
+        return found
+    missing = sorted(set(cfg.snapshots.steps) - set(found))
+    if missing:
+        raise FileNotFoundError(f"snapshot steps {missing} not under {snapshot_root(cfg)}; available: {found}")
+    return sorted(cfg.snapshots.steps)
+
+
+def snapshot_root(cfg: RunConfig) -> Path:
+    src = cfg.snapshots.source
+    if src == "pretrain":
+        return cfg.run_dir / "snapshots"
+    if src.startswith("local:"):
+        return Path(src.removeprefix("local:"))
+    raise ValueError(f"snapshots.source {src!r} has no local root")
+
+
+def _loaders(cfg: RunConfig, steps: list[int]):
+    """One zero-argument loader per snapshot, so harvest keeps one model in memory at a time."""
+    from evolution.snapshots import load_local_snapshot, load_pythia_snapshot
+
+    dev = cfg.harvest.device
+    if (name := _hub_name(cfg)) is not None:
+        return [lambda s=s: load_pythia_snapshot(name, s, dev) for s in steps]
+    root = snapshot_root(cfg)
+    return [lambda s=s: load_local_snapshot(root / f"step{s}", dev) for s in steps]
+
+
+def build_corpus_stage(cfg: RunConfig) -> None:
+    from evolution.corpus import build_corpus
+
+    build_corpus(cfg.corpus).save(cfg.run_dir)
+
+
+def pretrain_stage(cfg: RunConfig) -> None:
+    from evolution.corpus import Corpus
+    from evolution.lossplot import learned_steps, save_loss_figure
+    from evolution.pretrain import pretrain
+
+    run = cfg.run_dir
+    pretrain(cfg.pretrain, Corpus.load(run / "corpus"), run)
+    save_loss_figure(run)
+    import json
+
+    from crosscoders.io import read_jsonl
+
+    meta = json.loads((run / "corpus" / "meta.json").read_text())
+    refs = meta.get("mechanism_references")
+    if refs:
+        write_json(run / "pretrain" / "learned_steps.json", learned_steps(read_jsonl(run / "pretrain" / "log.jsonl"), refs))
+
+
+def harvest_stage(cfg: RunConfig) -> None:
+    from crosscoders.harvest import harvest
+    from evolution.corpus import Corpus
+
+    run, h = cfg.run_dir, cfg.harvest
+    corpus = Corpus.load(run / "corpus")
+    steps = snapshot_steps(cfg)
+    if len(steps) < 2:
+        raise ValueError(f"a crosscoder across snapshots needs ≥ 2 snapshots, found steps {steps}")
+    sources = [f"step{s}" for s in steps]
+    common = dict(hook=h.hook, sources=sources, batch_size=h.batch_size, dtype=h.dtype,
+                  bos_token_id=corpus.bos_token_id, strategy="snapshot")
+    # A changed config means a different store: start clean rather than resume into a mismatch.
+    for d in (run / "activations", run / "activations_eval"):
+        shutil.rmtree(d / h.hook, ignore_errors=True)
+    harvest(_loaders(cfg, steps), corpus.tokens[: h.n_seqs], out_dir=run / "activations" / h.hook, **common)
+    eval_tokens = corpus.eval_tokens if corpus.eval_tokens is not None else corpus.tokens[-h.n_eval_seqs:]
+    harvest(_loaders(cfg, steps), eval_tokens[: h.n_eval_seqs], out_dir=run / "activations_eval" / h.hook, **common)
+
+
+def crosscoder_stage(cfg: RunConfig) -> None:
+    import itertools
+
+    import torch
+
+    from crosscoders.store import ActivationStore
+    from crosscoders.train import evaluate, train
+
+    run, h = cfg.run_dir, cfg.harvest
+    store = ActivationStore(run / "activations" / h.hook)
+    store.verify()
+    tcfg = cfg.train
+    cc = dataclasses.replace(tcfg.crosscoder, n_sources=store.n_sources, d_in=int(store.manifest["d_in"]))
+    tcfg = dataclasses.replace(tcfg, crosscoder=cc)
+    out = run / "crosscoder"
+    # the key in stages.json changed, so an old checkpoint belongs to another config
+    if (out / "checkpoint").exists() and not _same_train_config(out, tcfg):
+        shutil.rmtree(out / "checkpoint")
+
+    def batches(start: int):
+        return store.batches(tcfg.batch_size, seed=tcfg.crosscoder.seed, normalize=True, start_batch=start)
+
+    model = train(tcfg, batches, out, norm_scale=torch.as_tensor(store.scales, dtype=torch.float32))
+    ev_store = ActivationStore(run / "activations_eval" / h.hook)
+    ev = evaluate(model, itertools.islice(ev_store.batches(1024, seed=0, normalize=False, n_epochs=1), None))
+    sources = store.manifest["sources"]
+    result = {"sources": sources, "fvu": ev["fvu"], "l0": ev["l0_per_source"],
+              "dead_frac": ev["dead_frac_per_source"], "l0_shared": ev["l0"], "dead_frac_shared": ev["dead_frac"],
+              "fvu_mean": ev["fvu_mean"], "n_tokens": ev["n_tokens"]}
+    write_json(out / "eval.json", result)
+    from evolution.plots import save_figure
+
+    save_figure(quality_figure(result), out / "quality.png")
+
+
+def quality_figure(ev: dict):
+    """FVU and L0 of the crosscoder per snapshot: where the dictionary explains each snapshot well."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = range(len(ev["sources"]))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.2))
+    a1.plot(x, ev["fvu"], "o-")
+    a1.set_ylabel("FVU (held-out)")
+    a2.plot(x, ev["l0"], "o-", color="C1", label="L0, source's encoder alone")
+    a2.axhline(ev["l0_shared"], color="C2", ls="--", label=f"L0 of the shared code ({ev['l0_shared']:.1f})")
+    a2.set_ylabel("active latents / token")
+    a2.legend(fontsize=8)
+    for a in (a1, a2):
+        a.set_xticks(list(x), [s.removeprefix("step") for s in ev["sources"]], rotation=90, fontsize=7)
+        a.set_xlabel("snapshot step")
+        a.grid(alpha=0.3)
+    fig.suptitle("crosscoder quality per snapshot")
+    fig.tight_layout()
+    return fig
+
+
+def _same_train_config(out: Path, tcfg: TrainConfig) -> bool:
+    import torch
+
+    try:
+        state = torch.load(out / "checkpoint" / "state.pt", map_location="cpu", weights_only=True)
+        return state.get("train_config") == to_dict(tcfg)
+    except Exception:
+        return False
+
+
+def stages_for(cfg: RunConfig, force: tuple[str, ...] = ()) -> list[Stage]:
+    from evolution.analyze import analyze
+    from evolution.geometry import geometry
+    from evolution.phases import phases
+    from evolution.report import build_report
+
+    run = cfg.run_dir
+    hub = _hub_name(cfg)
+    snaps_in = ["corpus"] if hub else ["pretrain"]
+    st = [Stage("corpus", lambda: build_corpus_stage(cfg), cfg.corpus, outputs=["corpus/tokens.safetensors"],
+                describe=f"{run}/corpus/ (tokens, tokenizer, meta.json)")]
+    if cfg.snapshots.source == "pretrain":
+        st.append(Stage("pretrain", lambda: pretrain_stage(cfg), cfg.pretrain, inputs=["corpus"],
+                        outputs=["pretrain/log.jsonl", "figures/loss.png"],
+                        describe=f"{run}/snapshots/step*/, {run}/pretrain/log.jsonl, {run}/figures/loss.png"))
+    elif not hub:
+        snaps_in = ["corpus"]
+    st += [
+        Stage("harvest", lambda: harvest_stage(cfg), {"harvest": cfg.harvest, "snapshots": cfg.snapshots},
+              inputs=snaps_in, outputs=[f"activations/{cfg.harvest.hook}/manifest.json"],
+              describe=f"{run}/activations/{cfg.harvest.hook}/ (shards + manifest.json)"),
+        Stage("crosscoder", lambda: crosscoder_stage(cfg), cfg.train, inputs=["harvest"],
+              outputs=["crosscoder/weights.safetensors", "crosscoder/eval.json"],
+              describe=f"{run}/crosscoder/ (cfg.json, weights.safetensors, train_log.jsonl, eval.json)"),
+        Stage("analyze", lambda: analyze(run, cfg.analyze), cfg.analyze, inputs=["crosscoder"],
+              outputs=["analysis/features.csv"],
+              describe=f"{run}/analysis/ (features.csv, timelines.safetensors, figures/, browser/index.html)"),
+    ]
+    if not hub:  # geometry reads local snapshots; on the hub it would download every step again
+        st.append(Stage("geometry", lambda: geometry(run, dataclasses.replace(cfg.geometry, steps=snapshot_steps(cfg))),
+                        cfg.geometry, inputs=snaps_in, outputs=["geometry.json"],
+                        describe=f"{run}/geometry.json, {run}/figures/geometry_*.png"))
+    st += [
+        Stage("phases", lambda: phases(run, cfg.phases), cfg.phases,
+              inputs=[s.name for s in st if s.name in ("pretrain", "analyze", "geometry")],
+              outputs=["phases.json"], describe=f"{run}/phases.json, {run}/figures/phase_map.png"),
+        Stage("report", lambda: build_report(run), {"version": 1}, inputs=["phases", "analyze", "crosscoder"],
+              outputs=["report.html"], describe=f"{run}/report.html"),
+    ]
+    return st
+
+
+def run_study(cfg: RunConfig, force: tuple[str, ...] = (), only: tuple[str, ...] = ()) -> dict:
+    """Run (or resume) every stage of the study; returns stages.json's records."""
+    if (name := _hub_name(cfg)) is not None:
+        from evolution.hub import require_hub
+
+        require_hub(f"recipe {cfg.name!r} (Pythia checkpoints {name})", [name])
+    run = cfg.run_dir
+    run.mkdir(parents=True, exist_ok=True)
+    write_json(run / "run.json", to_dict(cfg))
+    stages = stages_for(cfg)
+    if only:
+        unknown = sorted(set(only) - {s.name for s in stages})
+        if unknown:
+            raise ValueError(f"unknown stage(s) {unknown}; this recipe has {[s.name for s in stages]}")
+        force = tuple(force) + tuple(only)
+        last = max(i for i, s in enumerate(stages) if s.name in only)
+        stages = stages[: last + 1]
+    records = run_stages(run, stages, force=force, log=lambda s: print(s, file=sys.stderr, flush=True))
+    return records

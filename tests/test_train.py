@@ -1,0 +1,130 @@
+"""Training loop: exact resume after a crash, clear errors on bad batches, schedules, evaluate."""
+
+import json
+
+import pytest
+import torch
+
+from crosscoders.config import CrosscoderConfig, TrainConfig
+from crosscoders.configs import replace
+from crosscoders.io import read_jsonl
+from crosscoders.model import Crosscoder
+from crosscoders.synthetic import PlantedFeatures, SyntheticConfig
+from crosscoders.train import evaluate, lr_factor, sparsity_factor, train
+
+TRUTH = PlantedFeatures(SyntheticConfig(n_sources=3, d_in=8, n_features=12, seed=3))
+
+
+def cfg(activation="batchtopk", steps=24, **kw):
+    cc = CrosscoderConfig(n_sources=3, d_in=8, d_sae=24, activation=activation, k=2.0)
+    base = dict(crosscoder=cc, steps=steps, lr=3e-3, sparsity_coef=0.5, dead_tokens=64 * 4, log_every=4,
+                checkpoint_every=8, progress=False)
+    return TrainConfig(**{**base, **kw})
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def crashing(source, at_step):
+    """A batch source that dies (like a killed process) when asked for the batch of `at_step`."""
+    def batches(start):
+        for i, x in enumerate(source(start), start):
+            if i == at_step:
+                raise Crash(f"killed at {i}")
+            yield x
+    return batches
+
+
+@pytest.mark.parametrize("activation", ["relu", "jumprelu", "batchtopk"])
+def test_resume_after_crash_ends_in_the_same_weights(tmp_path, activation):
+    c = cfg(activation)
+    src = TRUTH.batch_source(64)
+    ref = train(c, src, tmp_path / "ref")
+    with pytest.raises(Crash):
+        train(c, crashing(src, 19), tmp_path / "run")  # last checkpoint at step 16, steps 17-19 lost
+    assert torch.load(tmp_path / "run/checkpoint/state.pt", weights_only=True)["step"] == 16
+    resumed = train(c, src, tmp_path / "run")
+    for k, v in ref.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+    steps = [r["step"] for r in read_jsonl(tmp_path / "run/train_log.jsonl")]
+    assert steps == sorted(set(steps)) == [4, 8, 12, 16, 20, 24]  # rows after the checkpoint were redone once
+
+
+def test_resume_with_a_replayable_iterable(tmp_path):
+    c = cfg(steps=16)
+    data = [TRUTH.batch(i, 64) for i in range(16)]
+    ref = train(c, data, tmp_path / "ref")
+    with pytest.raises(Crash):
+        train(c, crashing(lambda s: iter(data[s:]), 12), tmp_path / "run")
+    resumed = train(c, data, tmp_path / "run")  # a list: the trainer skips the 8 consumed batches
+    assert torch.equal(ref.W_dec, resumed.W_dec)
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    train(cfg(steps=8), TRUTH.batch_source(64), tmp_path)
+    with pytest.raises(ValueError, match=r"different config.*lr"):
+        train(cfg(steps=8, lr=1e-2), TRUTH.batch_source(64), tmp_path)
+
+
+def test_nan_batch_names_the_step(tmp_path):
+    def src(start):
+        for i in range(start, 100):
+            x = TRUTH.batch(i, 32)
+            if i == 5:
+                x[3, 1, 2] = float("nan")
+            yield x
+    with pytest.raises(ValueError, match="step 5 .*non-finite"):
+        train(cfg(), src, tmp_path)
+
+
+def test_wrong_shape_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match=r"step 0.*n_sources=3, d_in=8.*\[16, 2, 8\]"):
+        train(cfg(), [torch.randn(16, 2, 8)], tmp_path)
+
+
+def test_shapes_taken_from_the_data_and_norm_scale_folded(tmp_path):
+    c = replace(cfg(steps=60), crosscoder={"d_sae": 24, "activation": "relu"})
+    scale = TRUTH.norm_scale()
+    model = train(c, TRUTH.batch_source(128, scale), tmp_path, norm_scale=scale,
+                  eval_batch=TRUTH.batch(999, 256, scale))
+    assert (model.cfg.n_sources, model.cfg.d_in) == (3, 8)
+    loaded = Crosscoder.load(tmp_path)
+    raw = TRUTH.batch(1000, 512)
+    ev_raw = evaluate(loaded, [raw])
+    ev_norm = evaluate(loaded.fold_norm_scale(1 / scale), [raw * scale[:, None]])  # unfold again
+    assert ev_raw["fvu"] == pytest.approx(ev_norm["fvu"], rel=1e-4)
+    assert ev_raw["fvu_mean"] < 0.5  # it learned something in 60 steps
+    log = read_jsonl(tmp_path / "train_log.jsonl")
+    assert log[-1]["final"] and len(log[-1]["eval"]["fvu"]) == 3
+    assert {"fvu", "l0", "dead_frac", "lr", "mse"} <= set(log[0])
+    assert json.loads((tmp_path / "train_config.json").read_text())["crosscoder"]["n_sources"] == 3
+
+
+def test_bf16_autocast_trains(tmp_path):
+    c = cfg(steps=40, autocast="bf16", log_every=1)
+    train(c, TRUTH.batch_source(64), tmp_path)
+    mse = [r["mse"] for r in read_jsonl(tmp_path / "train_log.jsonl")]
+    assert all(map(lambda v: v == v, mse)) and sum(mse[-5:]) < 0.5 * sum(mse[:5])
+
+
+def test_schedules():
+    c = TrainConfig(steps=100, lr_warmup_frac=0.1, lr_decay_start_frac=0.8, sparsity_warmup_frac=0.2)
+    assert lr_factor(c, 0) == pytest.approx(0.1) and lr_factor(c, 9) == 1.0 and lr_factor(c, 50) == 1.0
+    assert lr_factor(c, 90) == pytest.approx(0.5) and lr_factor(c, 100) == pytest.approx(0.0)
+    cos = replace(c, lr_decay="cosine", min_lr_frac=0.1)
+    assert lr_factor(cos, 90) == pytest.approx(0.55) and lr_factor(cos, 100) == pytest.approx(0.1)
+    assert sparsity_factor(c, 9) == pytest.approx(0.5) and sparsity_factor(c, 20) == 1.0
+
+
+def test_evaluate_against_definitions():
+    m = Crosscoder(CrosscoderConfig(n_sources=2, d_in=4, d_sae=6, activation="relu")).eval()
+    x = torch.randn(100, 2, 4) + 3
+    with torch.no_grad():
+        m.W_dec.zero_()
+        m.b_dec.copy_(x.mean(0))  # predicts the mean: FVU = 1 by definition
+        m.b_enc.copy_(torch.tensor([1.0, 1.0, -100, -100, -100, -100]))
+        m.W_enc.zero_()
+    ev = evaluate(m, [x[:50], x[50:]])
+    assert ev["fvu"] == pytest.approx([1.0, 1.0], rel=1e-6)
+    assert ev["l0"] == 2.0 and ev["dead_frac"] == pytest.approx(4 / 6) and ev["n_tokens"] == 100
