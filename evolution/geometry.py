@@ -276,6 +276,7 @@ def geometry_heatmap(data: dict, metric: str, ax=None):
     fig.colorbar(mesh, ax=ax, label=metric)
     ticks = [s for s in data["steps"] if s == 0 or math.log2(max(s, 1)).is_integer() or s == data["steps"][-1]]
     ax.set_xticks([math.log10(1 + s) for s in ticks], [str(s) for s in ticks], rotation=45, fontsize=7)
+    ax.set_yticks(layers)
     ax.set_xlabel("step (log scale)")
     ax.set_ylabel("block (l → l+1)" if metric in PAIR_METRICS else "layer (resid_pre l)")
     ax.set_title(metric)

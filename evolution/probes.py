@@ -61,6 +61,8 @@ MECHANISMS = ("unigram", "bigram", "copy", "topic")  # = evolution.corpus.MECHAN
 
 @dataclass
 class ProbeConfig:
+    """What `probe_features` measures and on how much data."""
+
     top_k: int = 10
     """contexts kept per feature and snapshot"""
     window_left: int = 12

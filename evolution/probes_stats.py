@@ -65,7 +65,7 @@ class GroupR2:
             self.S[f].index_add_(0, group[m], a[m])
             self.count[f].index_add_(0, group[m], torch.ones(int(m.sum()), dtype=torch.float64))
 
-    def r2(self, moments: FoldMoments, chunk: int = 4096) -> Float[Tensor, " d_sae"]:
+    def r2(self, moments: FoldMoments, chunk: int = 1024) -> Float[Tensor, " d_sae"]:
         """R² per feature; NaN where the feature has no variance on the stream (never fires)."""
         d_sae = self.S.shape[2]
         sse = torch.zeros(d_sae, dtype=torch.float64)

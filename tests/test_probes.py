@@ -328,6 +328,7 @@ def test_induction_features_get_copy_type_on_planted_corpus():
     assert firing.gt_type.value_counts().index[0] == "copy"
     pooled = mass[1:].sum(0)  # all ind[v] features together
     assert pooled[COPY] / pooled.sum() > 2.5 * base_copy
-    assert (firing.induction_score > 0.9).all()
+    scored = firing.induction_score.dropna()  # NaN: the token was not among the random sequences
+    assert len(scored) > 50 and (scored > 0.9).all()
     ctx = res.contexts["1"]["0"][0]  # decoded with the corpus tokenizer: pseudo-words, not ids
     assert all(tok.strip().rstrip("0123456789") for tok in ctx["tokens"])

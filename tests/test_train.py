@@ -128,3 +128,25 @@ def test_evaluate_against_definitions():
     ev = evaluate(m, [x[:50], x[50:]])
     assert ev["fvu"] == pytest.approx([1.0, 1.0], rel=1e-6)
     assert ev["l0"] == 2.0 and ev["dead_frac"] == pytest.approx(4 / 6) and ev["n_tokens"] == 100
+
+
+def test_cli_trains_from_an_activation_store(tmp_path):
+    store = pytest.importorskip("crosscoders.store")
+    from crosscoders.train import main
+
+    w = store.StoreWriter(tmp_path / "acts", sources=["step0", "step1", "step2"], hook="blocks.0.hook_resid_post",
+                          d_in=8, dtype="float32")
+    for i in range(4):
+        w.add(TRUTH.batch(i, 256), torch.arange(256))
+    w.finish()
+    model = main(["--store", str(tmp_path / "acts"), "--out", str(tmp_path / "cc"), "--steps", "30",
+                  "--batch-size", "64", "--lr", "3e-3", "--d-sae", "24", "--activation", "relu",
+                  "--progress", "false", "--eval-tokens", "128"])
+    assert (model.cfg.n_sources, model.cfg.d_in, model.cfg.d_sae) == (3, 8, 24)
+    loaded = Crosscoder.load(tmp_path / "cc")
+    assert evaluate(loaded, [TRUTH.batch(77, 512)])["fvu_mean"] < 0.8  # works on raw activations
+    # a second run resumes from the finished checkpoint and gives the same weights
+    again = main(["--store", str(tmp_path / "acts"), "--out", str(tmp_path / "cc"), "--steps", "30",
+                  "--batch-size", "64", "--lr", "3e-3", "--d-sae", "24", "--activation", "relu",
+                  "--progress", "false"])
+    assert torch.equal(again.W_dec, loaded.W_dec)

@@ -1,0 +1,25 @@
+"""Shared fixtures: one tiny end-to-end study per test session (the pipeline, report and notebook tests read it)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+TINY_RECIPE = Path(__file__).parent / "data" / "tiny.toml"
+
+# 2-core CI machines: one intra-op thread per process keeps test timings predictable.
+torch.set_num_threads(max(1, min(2, int(os.environ.get("OMP_NUM_THREADS", "2")))))
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A complete run directory of the tiny recipe (corpus → ... → report), built once per session."""
+    from evolution.pipeline import load_recipe, run_study
+
+    root = tmp_path_factory.mktemp("runs")
+    cfg = load_recipe(TINY_RECIPE, root=str(root))
+    records = run_study(cfg)
+    return cfg, cfg.run_dir, records
