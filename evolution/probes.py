@@ -47,6 +47,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
+from einops import einsum
 from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -91,23 +92,39 @@ class ProbeConfig:
 def crosscoder_acts_fn(crosscoder, model, hook: str, source: int, max_elements: int = 2**24) -> FeatureActsFn:
     """Feature activations in one snapshot: run `model` to `hook`, encode with source `source` alone.
 
-    `crosscoder` is anything with `W_enc[n_sources, d_in, d_sae]` and `encode_per_source` (docs/interfaces.md).
+    `crosscoder` is anything with `W_enc[n_sources, d_in, d_sae]` and `encode_per_source`
+    (docs/interfaces.md). When it also has `activate` and `b_enc` (crosscoders.model.Crosscoder), only
+    source `source`'s encoder is run, `activate(x_s W_enc[s] + b_enc)` in eval mode, which is what
+    `encode_per_source(x)[:, source]` returns (tested) without coding every other source as well:
+    probing all snapshots would otherwise cost n_sources² encoder passes.
     """
     m = re.match(r"blocks\.(\d+)\.", hook)
     stop = int(m.group(1)) + 1 if m else None  # no need to run the layers after the hook
-    n_sources = crosscoder.W_enc.shape[0]
-    dtype = crosscoder.W_enc.dtype
-    d_sae = crosscoder.W_enc.shape[2]
+    n_sources, _, d_sae = crosscoder.W_enc.shape
+    dtype, device = crosscoder.W_enc.dtype, crosscoder.W_enc.device
+    single = hasattr(crosscoder, "activate") and hasattr(crosscoder, "b_enc")
+
+    def encode(x: Float[Tensor, "rows d_in"]) -> Float[Tensor, "rows d_sae"]:
+        if single:
+            pre = einsum(x, crosscoder.W_enc[source], "r d, d h -> r h") + crosscoder.b_enc
+            return crosscoder.activate(pre)
+        return crosscoder.encode_per_source(x[:, None].expand(-1, n_sources, -1))[:, source]
 
     @torch.no_grad()
     def fn(tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_sae"]:
         _, cache = model.run_with_cache(tokens.to(model.cfg.device), names_filter=hook, stop_at_layer=stop)
         x = cache[hook]
         b, p, d = x.shape
-        x = x.reshape(b * p, 1, d).to(device=crosscoder.W_enc.device, dtype=dtype).expand(-1, n_sources, -1)
-        # encode_per_source codes every source ([rows, n_sources, d_sae]); chunk rows to bound memory
-        rows = max(1, max_elements // (n_sources * d_sae))
-        out = [crosscoder.encode_per_source(x[i : i + rows])[:, source].float().cpu() for i in range(0, b * p, rows)]
+        x = x.reshape(b * p, d).to(device=device, dtype=dtype)
+        rows = max(1, max_elements // ((1 if single else n_sources) * d_sae))  # bound the memory
+        was = getattr(crosscoder, "training", False)
+        if was:
+            crosscoder.eval()  # batch-dependent schemes (batchtopk) use their inference threshold
+        try:
+            out = [encode(x[i : i + rows]).float().cpu() for i in range(0, b * p, rows)]
+        finally:
+            if was:
+                crosscoder.train(True)
         return torch.cat(out).reshape(b, p, d_sae)
 
     return fn

@@ -121,6 +121,35 @@ def test_acts_fn_equals_full_forward_and_encode():
     torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("activation", ["relu", "jumprelu", "batchtopk"])
+def test_single_source_path_equals_encode_per_source(activation):
+    """The probes encode one source alone; that must be exactly the contract's encode_per_source."""
+    from crosscoders.config import CrosscoderConfig
+    from crosscoders.model import Crosscoder
+
+    model = handbuilt_model(V, N)
+    d = model.cfg.d_model
+    cc = Crosscoder(CrosscoderConfig(n_sources=3, d_in=d, d_sae=24, activation=activation, k=4, seed=1))
+    with torch.no_grad():
+        cc.W_enc.normal_(generator=torch.Generator().manual_seed(2))
+        cc.b_enc.fill_(-0.5)
+        cc.threshold.fill_(0.05)
+    cc.train()  # the probe must switch to inference mode itself
+    toks = random_stream(3)
+    got = crosscoder_acts_fn(cc, model, HOOK, source=2)(toks)
+    assert cc.training
+    _, cache = model.run_with_cache(toks)
+    x = cache[HOOK].reshape(-1, 1, d).expand(-1, 3, -1)
+    want = cc.eval().encode_per_source(x)[:, 2].reshape(got.shape)
+    torch.testing.assert_close(got, want)
+    assert (got > 0).any() and (got == 0).any()
+    # a reader with only the contract's W_enc + encode_per_source goes the general way, same codes
+    from types import SimpleNamespace
+
+    reader = SimpleNamespace(W_enc=cc.W_enc, encode_per_source=cc.encode_per_source)
+    torch.testing.assert_close(crosscoder_acts_fn(reader, model, HOOK, source=2, max_elements=500)(toks), want)
+
+
 # ---------------------------------------------------------------- handcrafted activation functions
 
 
