@@ -194,8 +194,6 @@ def generate_planted(
     srcs = np.full((n_seqs, T), -1, dtype=np.int64)
     topics = np.full(n_seqs, -1, dtype=np.int64)
     trig = {t: (s.tolist(), np.cumsum(p).tolist()) for t, (s, p) in grammar.successors.items()}
-    copyable = np.zeros(len(MECHANISMS) + 1, dtype=bool)  # indexed by label; -1 wraps to the last slot
-    copyable[[UNIGRAM, TOPIC]] = True
     for i in range(n_seqs):
         # Pre-draw every random number of the row in bulk: the loop below is only bookkeeping. All
         # draws are per row, so the first n rows do not depend on how many rows are asked for.
@@ -215,7 +213,9 @@ def generate_planted(
             u_follow, u_succ, u_copy, u_src, u_topic = u[t]
             prev = int(x[t - 1])
             if copy_left > 0:
-                x[t], lab[t], src[t] = x[copy_from], COPY, copy_from
+                # A copied (trigger, successor) pair stays predictable from the previous token: bigram.
+                x[t], src[t] = x[copy_from], copy_from
+                lab[t] = BIGRAM if lab[copy_from] == BIGRAM else COPY
                 copy_from, copy_left = copy_from + 1, copy_left - 1
                 continue
             if prev in trig and u_follow < cfg.p_follow:
@@ -224,7 +224,7 @@ def generate_planted(
                 continue
             if u_copy < cfg.p_copy:
                 L = min(lengths[t], T - t)
-                s = _copy_source(x, lab, copyable, t, L, u_src) if L >= cfg.copy_min_len else -1
+                s = _copy_source(x, t, L, u_src) if L >= cfg.copy_min_len else -1
                 if s >= 0:
                     x[t], lab[t], src[t] = x[s], NO_MECHANISM, s
                     copy_from, copy_left = s + 1, L - 1
@@ -238,15 +238,10 @@ def generate_planted(
     )
 
 
-def _copy_source(x: np.ndarray, lab: np.ndarray, copyable: np.ndarray, t: int, L: int, u: float) -> int:
-    """Start s of a source span x[s : s+L] lying before t whose continuation x[s+1 : s+L] was drawn by
-    unigram/topic. Starts whose token occurs once so far are preferred, so the first induction step is
-    unambiguous. Returns -1 if no span qualifies."""
+def _copy_source(x: np.ndarray, t: int, L: int, u: float) -> int:
+    """Start s >= 1 of a source span x[s : s+L] lying before t. Starts whose token occurs once so far are
+    preferred, so the first induction step is unambiguous. Returns -1 if the row is too short."""
     starts = np.arange(1, t - L + 1)
-    if starts.size == 0:
-        return -1
-    ok = np.concatenate([[0], np.cumsum(copyable[lab[:t]])])  # ok[j] = #copyable labels in x[0:j]
-    starts = starts[ok[starts + L] - ok[starts + 1] == L - 1]
     if starts.size == 0:
         return -1
     unique = starts[np.array([(x[1:t] == x[s]).sum() == 1 for s in starts])]
