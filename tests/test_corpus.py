@@ -65,10 +65,12 @@ def test_planted_labels_match_generation():
                 j = src[i, t]
                 assert 1 <= j < t and x[i, t] == x[i, j]
                 assert src[i, t - 1] == j - 1  # spans are contiguous copies
-                assert lab[i, j] in (UNIGRAM, TOPIC)  # so only induction predicts them
+                assert lab[i, j] != BIGRAM  # copied bigram pairs keep the bigram label (below)
             elif k == BIGRAM:
                 succ, _ = g.successors[int(x[i, t - 1])]  # KeyError if the previous token is no trigger
                 assert x[i, t] in succ.tolist()
+                if src[i, t] >= 0:  # inside a copy: its source was a bigram token too
+                    assert lab[i, src[i, t]] == BIGRAM and x[i, src[i, t]] == x[i, t]
             elif k == TOPIC:
                 assert x[i, t] in topic_words
             else:

@@ -147,3 +147,9 @@ def test_cache_and_hook_methods_agree(models, tokens):
     a = model_acts(models[0], tokens, [HOOK], 4, "hooks")[HOOK]
     b = model_acts(models[0], tokens, [HOOK], 4, "cache")[HOOK]
     assert torch.equal(a, b)
+
+
+def test_mismatched_model_is_a_clear_error(tmp_path, models, tokens):
+    cfg = HookedTransformerConfig(n_layers=1, d_model=8, n_ctx=12, d_head=4, n_heads=2, d_vocab=40, act_fn="gelu")
+    with pytest.raises(ValueError, match="source 'source1'.*width 8.*gives 16"):
+        harvest([models[0], HookedTransformer(cfg)], tokens, HOOK, tmp_path, progress=False)

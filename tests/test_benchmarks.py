@@ -1,0 +1,35 @@
+"""Smoke run of the benchmarks: tiny shapes, valid JSON with every figure the issue asks for."""
+
+import json
+import math
+
+from benchmarks.run import main
+from benchmarks.train_bench import Shape
+
+
+def test_flop_count():
+    # encoder + decoder matmuls, forward + backward: 3 x 2 x 2 x B x S x D x H
+    assert Shape(4096, 8, 256, 16384).flops_per_step() == 12 * 4096 * 8 * 256 * 16384
+
+
+def test_quick_run_writes_valid_json(tmp_path, capsys):
+    result = main(["--quick", "--name", "smoke", "--results-dir", str(tmp_path)])
+    saved = json.loads((tmp_path / "smoke.json").read_text())
+    out = capsys.readouterr().out
+    printed = json.loads(out[out.index("\n{\n") + 1:])  # the full result follows the per-case lines
+    assert printed["train"] == saved["train"]
+    assert saved["machine"]["device"] in ("cpu", "cuda") and result["path"].endswith("smoke.json")
+    peaks = saved["train"]["matmul_peak_at_start"]
+    assert set(peaks) == {"fp32", "bf16"} and all(p["gflops"] > 0 for p in peaks.values())
+    cases = saved["train"]["cases"]
+    assert len(cases) == 4 and {c["dtype"] for c in cases} == {"fp32", "bf16"}
+    for c in cases:
+        for k in ("tokens_per_s", "gflops", "fraction_of_matmul_peak", "seconds_per_step"):
+            assert math.isfinite(c[k]) and c[k] > 0, (k, c)
+        assert c["memory"]["peak_mib"] > 0
+        assert math.isclose(c["fraction_of_matmul_peak"], c["gflops"] / c["matmul_peak_gflops"])
+        assert math.isclose(c["gflops"], Shape(**c["shape"]).flops_per_step() / c["seconds_per_step"] / 1e9)
+    h = saved["harvest"]
+    for k in ("bare_forward", "capture_hooks", "capture_cache", "harvest_chunk", "harvest_snapshot", "stream"):
+        assert h[k]["seconds"] > 0 and h[k]["ratio_to_bare"] > 0, k
+    assert h["bare_forward"]["ratio_to_bare"] == 1.0 and h["store_read"]["rows_per_s"] > 0
