@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> Crosscoder:
 
     def source(start: int) -> Iterator[Tensor]:
         # The store's reader is deterministic for a seed: skip what the checkpoint already consumed.
-        return itertools.islice(store.batches(cfg.batch_size, seed=seed_data, normalize=True), start, None)
+        return store.batches(cfg.batch_size, seed=seed_data, normalize=True, start_batch=start)
 
     return train(cfg, source, out_dir, norm_scale=scales, eval_batch=eval_batch)
 

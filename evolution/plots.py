@@ -117,8 +117,9 @@ def feature_types(features: pd.DataFrame, min_score: float = 0.0) -> pd.Series |
     cols = [c for c in TYPE_SCORE_COLUMNS if c in features]
     if not cols:
         return None
-    scores = features[cols]
-    best = scores.idxmax(axis=1).str.removesuffix("_score")
+    scores = features[cols].astype(float)
+    # a feature that never fired on the probe text has only NaN scores: it has no type
+    best = scores.fillna(-np.inf).idxmax(axis=1).str.removesuffix("_score")
     return best.where(scores.max(axis=1) > min_score)
 
 
