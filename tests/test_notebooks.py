@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 from pathlib import Path
 
 import nbformat
 import pytest
+
+from tests.hubcache import hub_cache
 
 REPO = Path(__file__).resolve().parents[1]
 NB_DIR = REPO / "notebooks"
@@ -101,14 +102,6 @@ def test_phase_map(tiny_run, kernel_dirs, offline):
     assert images(nb) >= 5
 
 
-def _hub_cache(cache: Path, repo: str, revisions: dict[str, Path]) -> None:
-    """Lay `revisions` out as the Hugging Face hub cache does: refs/<rev> -> commit, snapshots/<commit>/."""
-    base = cache / ("models--" + repo.replace("/", "--"))
-    (base / "refs").mkdir(parents=True)
-    for i, (rev, src) in enumerate(revisions.items()):
-        commit = f"{i:040x}"
-        (base / "refs" / rev).write_text(commit)
-        shutil.copytree(src, base / "snapshots" / commit)
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +120,7 @@ def pythia_standin(tmp_path_factory) -> tuple[Path, Path]:
                      corpus, root)
     assert steps == STANDIN_STEPS
     snaps = {f"step{s}": root / "snapshots" / f"step{s}" for s in steps}
-    _hub_cache(root / "hub", HUB_MODEL, {**snaps, "main": snaps[f"step{steps[-1]}"]})
+    hub_cache(root / "hub", HUB_MODEL, {**snaps, "main": snaps[f"step{steps[-1]}"]})
     return root / "hub", text
 
 

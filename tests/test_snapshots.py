@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +20,7 @@ from evolution.snapshots import (
     pythia_like_schedule,
 )
 from evolution.tokenizers_util import word_level_tokenizer
+from tests.hubcache import hub_cache
 
 VOCAB = 40
 
@@ -128,14 +127,6 @@ def test_check_compatible(snap_root, tmp_path):
         check_compatible([a, c], labels=[0, 5])
 
 
-def _hub_cache(cache: Path, repo: str, revisions: dict[str, Path]) -> None:
-    """Lay `revisions` out as the Hugging Face hub cache does: refs/<rev> -> commit, snapshots/<commit>/."""
-    base = cache / ("models--" + repo.replace("/", "--"))
-    (base / "refs").mkdir(parents=True)
-    for i, (rev, src) in enumerate(revisions.items()):
-        commit = f"{i:040x}"
-        (base / "refs" / rev).write_text(commit)
-        shutil.copytree(src, base / "snapshots" / commit)
 
 
 def test_pythia_loader_on_hub_shaped_cache(snap_root, tmp_path):
@@ -144,7 +135,7 @@ def test_pythia_loader_on_hub_shaped_cache(snap_root, tmp_path):
     from transformers import GPTNeoXForCausalLM
 
     cache = tmp_path / "hub"
-    _hub_cache(cache, "EleutherAI/pythia-14m", {"main": snap_root / "step16", "step4": snap_root / "step4"})
+    hub_cache(cache, "EleutherAI/pythia-14m", {"main": snap_root / "step16", "step4": snap_root / "step4"})
     m = load_pythia_snapshot("EleutherAI/pythia-14m", 4, cache_dir=str(cache), local_files_only=True)
     x = torch.randint(1, VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
