@@ -71,11 +71,21 @@ def _phase_section(run: Path) -> str:
         b = ph.get("boundary_step")
         out.append(f"<p><b>Statistical → feature phase boundary: step {b}</b></p>")
         sig = ph.get("signals", {})
+        agree = set((ph.get("agreement") or {}).get("agree", []))
         if sig:
-            rows = [{"signal": k, "step": v.get("step"), "agrees": v.get("agrees", ""), "evidence": v.get("evidence", "")}
-                    for k, v in sig.items()]
+            rows = [{"signal": k, "step": "—" if v.get("step") is None else str(v["step"]),
+                     "agrees with boundary": ("yes" if k in agree else "no") if v.get("used") else "not used",
+                     "evidence": _evidence(v)} for k, v in sig.items()]
             out.append(_table(pd.DataFrame(rows), left=("signal", "evidence")))
     return "".join(out)
+
+
+def _evidence(signal: dict) -> str:
+    """One line of what a phase signal saw: its reason when unused, else its measured values."""
+    if signal.get("reason"):
+        return str(signal["reason"])
+    keys = [k for k in ("value", "before", "after", "reference") if k in signal]
+    return ", ".join(f"{k} {signal[k]:.3g}" for k in keys if isinstance(signal[k], (int, float)))
 
 
 def _loss_section(run: Path) -> str:
