@@ -179,9 +179,6 @@ def harvest_stage(cfg: RunConfig) -> None:
     sources = [f"step{s}" for s in steps]
     common = dict(hook=h.hook, sources=sources, batch_size=h.batch_size, dtype=h.dtype,
                   bos_token_id=corpus.bos_token_id, strategy="snapshot")
-    # A changed config means a different store: start clean rather than resume into a mismatch.
-    for d in (run / "activations", run / "activations_eval"):
-        shutil.rmtree(d / h.hook, ignore_errors=True)
     harvest(_loaders(cfg, steps), corpus.tokens[: h.n_seqs], out_dir=run / "activations" / h.hook, **common)
     eval_tokens = corpus.eval_tokens if corpus.eval_tokens is not None else corpus.tokens[-h.n_eval_seqs:]
     harvest(_loaders(cfg, steps), eval_tokens[: h.n_eval_seqs], out_dir=run / "activations_eval" / h.hook, **common)
@@ -202,9 +199,6 @@ def crosscoder_stage(cfg: RunConfig) -> None:
     cc = dataclasses.replace(tcfg.crosscoder, n_sources=store.n_sources, d_in=int(store.manifest["d_in"]))
     tcfg = dataclasses.replace(tcfg, crosscoder=cc)
     out = run / "crosscoder"
-    # the key in stages.json changed, so an old checkpoint belongs to another config
-    if (out / "checkpoint").exists() and not _same_train_config(out, tcfg):
-        shutil.rmtree(out / "checkpoint")
 
     def batches(start: int):
         return store.batches(tcfg.batch_size, seed=tcfg.crosscoder.seed, normalize=True, start_batch=start)
@@ -246,14 +240,9 @@ def quality_figure(ev: dict):
     return fig
 
 
-def _same_train_config(out: Path, tcfg: TrainConfig) -> bool:
-    import torch
-
-    try:
-        state = torch.load(out / "checkpoint" / "state.pt", map_location="cpu", weights_only=True)
-        return state.get("train_config") == to_dict(tcfg)
-    except Exception:
-        return False
+def _remover(*paths: Path):
+    """A stage's `clean`: delete partial results written under an earlier config."""
+    return lambda: [shutil.rmtree(p, ignore_errors=True) for p in paths]
 
 
 def stages_for(cfg: RunConfig, force: tuple[str, ...] = ()) -> list[Stage]:
@@ -270,15 +259,18 @@ def stages_for(cfg: RunConfig, force: tuple[str, ...] = ()) -> list[Stage]:
     if cfg.snapshots.source == "pretrain":
         st.append(Stage("pretrain", lambda: pretrain_stage(cfg), cfg.pretrain, inputs=["corpus"],
                         outputs=["pretrain/log.jsonl", "figures/loss.png"],
+                        clean=_remover(run / "pretrain", run / "snapshots"),
                         describe=f"{run}/snapshots/step*/, {run}/pretrain/log.jsonl, {run}/figures/loss.png"))
     elif not hub:
         snaps_in = ["corpus"]
     st += [
         Stage("harvest", lambda: harvest_stage(cfg), {"harvest": cfg.harvest, "snapshots": cfg.snapshots},
               inputs=snaps_in, outputs=[f"activations/{cfg.harvest.hook}/manifest.json"],
+              clean=_remover(run / "activations" / cfg.harvest.hook, run / "activations_eval" / cfg.harvest.hook),
               describe=f"{run}/activations/{cfg.harvest.hook}/ (shards + manifest.json)"),
         Stage("crosscoder", lambda: crosscoder_stage(cfg), cfg.train, inputs=["harvest"],
               outputs=["crosscoder/weights.safetensors", "crosscoder/eval.json"],
+              clean=_remover(run / "crosscoder" / "checkpoint"),
               describe=f"{run}/crosscoder/ (cfg.json, weights.safetensors, train_log.jsonl, eval.json)"),
         Stage("analyze", lambda: analyze(run, cfg.analyze), cfg.analyze, inputs=["crosscoder"],
               outputs=["analysis/features.csv"],

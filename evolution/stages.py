@@ -3,7 +3,8 @@
 A stage's key is the hash of its own resolved config and the keys of the stages it reads from, so
 changing the crosscoder's config redoes training, analysis and the report but not pre-training, and
 re-running an unchanged study only re-checks the keys. Keys and timings go to `stages.json`.
-A stage interrupted midway is simply run again: each stage resumes from its own checkpoints.
+A stage interrupted midway is simply run again with the same key: it resumes from its own checkpoints.
+A stage whose key changed first runs its `clean` (partial state of another config is not resumed).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,9 @@ class Stage:
     """Paths (relative to the run directory) that must exist for a cached result to count."""
     describe: str = ""
     """Where the result went, printed after the stage."""
-    meta: dict = field(default_factory=dict)
+    clean: Callable[[], Any] | None = None
+    """Removes the stage's partial state when its key changed, so it starts afresh instead of resuming
+    work done under another config (an unchanged key after an interruption resumes)."""
 
 
 def _load(path: Path) -> dict:
@@ -58,6 +61,8 @@ def run_stages(
         if done and st.name not in force:
             log(f"[{st.name}] up to date (key {key}) -> {st.describe}")
             continue
+        if prev.get("key") not in (None, key) and st.clean is not None:
+            st.clean()
         log(f"[{st.name}] running ...")
         records[st.name] = {"key": key, "finished": False}
         write_json(record_path, records)

@@ -55,3 +55,25 @@ def test_missing_output_or_interrupted_stage_reruns(tmp_path):
         pass
     run_stages(tmp_path, _chain(tmp_path, calls, {}, {"y": 9}), log=lambda s: None)
     assert calls == ["b", "c"]
+
+
+def test_clean_runs_only_when_the_key_changed(tmp_path):
+    cleaned: list[str] = []
+
+    def stages(cfg, fail=False):
+        def run():
+            if fail:
+                raise KeyboardInterrupt
+            (tmp_path / "a.out").write_text("x")
+
+        return [Stage("a", run, cfg, outputs=["a.out"], clean=lambda: cleaned.append("a"))]
+
+    run_stages(tmp_path, stages({"x": 1}), log=lambda s: None)
+    assert cleaned == []  # first run: nothing of another config to remove
+    try:
+        run_stages(tmp_path, stages({"x": 2}, fail=True), log=lambda s: None)
+    except KeyboardInterrupt:
+        pass
+    assert cleaned == ["a"]  # the key changed: partial state of {"x": 1} removed
+    run_stages(tmp_path, stages({"x": 2}), log=lambda s: None)
+    assert cleaned == ["a"]  # same key after the interruption: resume, do not clean
