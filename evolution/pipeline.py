@@ -9,6 +9,7 @@ Snapshots come from pre-training here (`snapshots.source = "pretrain"`), from a 
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import sys
 import tomllib
@@ -150,6 +151,7 @@ def build_corpus_stage(cfg: RunConfig) -> None:
 
 
 def pretrain_stage(cfg: RunConfig) -> None:
+    from crosscoders.io import read_jsonl
     from evolution.corpus import Corpus
     from evolution.lossplot import learned_steps, save_loss_figure
     from evolution.pretrain import pretrain
@@ -157,10 +159,6 @@ def pretrain_stage(cfg: RunConfig) -> None:
     run = cfg.run_dir
     pretrain(cfg.pretrain, Corpus.load(run / "corpus"), run)
     save_loss_figure(run)
-    import json
-
-    from crosscoders.io import read_jsonl
-
     meta = json.loads((run / "corpus" / "meta.json").read_text())
     refs = meta.get("mechanism_references")
     if refs:
@@ -185,8 +183,6 @@ def harvest_stage(cfg: RunConfig) -> None:
 
 
 def crosscoder_stage(cfg: RunConfig) -> None:
-    import itertools
-
     import torch
 
     from crosscoders.store import ActivationStore
@@ -205,39 +201,15 @@ def crosscoder_stage(cfg: RunConfig) -> None:
 
     model = train(tcfg, batches, out, norm_scale=torch.as_tensor(store.scales, dtype=torch.float32))
     ev_store = ActivationStore(run / "activations_eval" / h.hook)
-    ev = evaluate(model, itertools.islice(ev_store.batches(1024, seed=0, normalize=False, n_epochs=1), None))
+    ev = evaluate(model, ev_store.batches(1024, seed=0, normalize=False, n_epochs=1))
     sources = store.manifest["sources"]
     result = {"sources": sources, "fvu": ev["fvu"], "l0": ev["l0_per_source"],
               "dead_frac": ev["dead_frac_per_source"], "l0_shared": ev["l0"], "dead_frac_shared": ev["dead_frac"],
               "fvu_mean": ev["fvu_mean"], "n_tokens": ev["n_tokens"]}
     write_json(out / "eval.json", result)
-    from evolution.plots import save_figure
+    from evolution.plots import quality_figure, save_figure
 
     save_figure(quality_figure(result), out / "quality.png")
-
-
-def quality_figure(ev: dict):
-    """FVU and L0 of the crosscoder per snapshot: where the dictionary explains each snapshot well."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    x = range(len(ev["sources"]))
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.2))
-    a1.plot(x, ev["fvu"], "o-")
-    a1.set_ylabel("FVU (held-out)")
-    a2.plot(x, ev["l0"], "o-", color="C1", label="L0, source's encoder alone")
-    a2.axhline(ev["l0_shared"], color="C2", ls="--", label=f"L0 of the shared code ({ev['l0_shared']:.1f})")
-    a2.set_ylabel("active latents / token")
-    a2.legend(fontsize=8)
-    for a in (a1, a2):
-        a.set_xticks(list(x), [s.removeprefix("step") for s in ev["sources"]], rotation=90, fontsize=7)
-        a.set_xlabel("snapshot step")
-        a.grid(alpha=0.3)
-    fig.suptitle("crosscoder quality per snapshot")
-    fig.tight_layout()
-    return fig
 
 
 def _remover(*paths: Path):
