@@ -18,7 +18,8 @@ STAGE_VERBS = {
     "corpus": "corpus", "pretrain": "pretrain", "harvest": "harvest", "train": "crosscoder",
     "analyze": "analyze", "geometry": "geometry", "phases": "phases", "report": "report",
 }
-DEMO_RECIPE = Path("runs/demo.toml")
+# The demo recipe: the one in the current checkout, else the one beside this package's source tree.
+DEMO_RECIPES = (Path("runs/demo.toml"), Path(__file__).resolve().parents[1] / "runs" / "demo.toml")
 
 
 def _config_for(target: str):
@@ -80,7 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     if verb == "demo":
         from evolution.pipeline import RunConfig, load_recipe
 
-        cfg = load_recipe(DEMO_RECIPE, name=ns.name) if DEMO_RECIPE.exists() else RunConfig(name=ns.name or "demo")
+        recipe = next((r for r in DEMO_RECIPES if r.exists()), None)
+        if recipe is None:
+            print("runs/demo.toml not found: running the built-in RunConfig defaults", file=sys.stderr)
+        cfg = load_recipe(recipe, name=ns.name) if recipe else RunConfig(name=ns.name or "demo")
     else:
         cfg = _config_for(ns.target)
         if ns.name:
