@@ -19,6 +19,13 @@ Each position is produced by exactly one mechanism, tried in this order, and lab
              words disjoint from the base words): predictable only from the context (earlier topic words).
 5. unigram - otherwise an i.i.d. Zipf draw over the base words, p(w_r) ∝ r^-zipf_exponent.
 
+Optional (`n_doc_pairs` > 0): **in-context bigrams** (Bietti et al. 2023, "Birth of a Transformer"). Each
+document draws its own (trigger, successor) pairs; at a free position a pair may be emitted. The trigger is
+unlabelled (which pair comes is not predictable); its successor is labelled copy when the pair already
+occurred in the document, since only induction predicts it. Off by default: in our runs a 2-layer d=128
+model forms the induction circuit on pure in-context bigrams at ~1,000 steps, but mixed into this corpus
+not within the demo's 1,500 steps.
+
 The defaults (vocab 512, seq_len 64) give about 35% unigram, 18% bigram, 27% copy, 15% topic and 3.5%
 unlabelled copy-start tokens, generated in ~1-2 s for 4k rows on one core. The aim is that a 2-layer
 model shows all four in per-mechanism loss curves: unigram statistics first, then bigram, then
@@ -66,6 +73,12 @@ class PlantedConfig:
     """Longest copied span."""
     p_topic: float = 0.3
     """Per free position (not bigram, not copy), probability of a topic word."""
+    n_doc_pairs: int = 0
+    """In-context bigrams (Bietti et al. 2023): each document draws this many (trigger, successor) pairs of
+    non-trigger base words; a pair's successor is predictable only by induction, from the pair's earlier
+    occurrence in the same document (0: off)."""
+    p_doc_pair: float = 0.15
+    """Per free position, probability that one of the document's pairs is emitted (trigger, then successor)."""
 
 
 
@@ -153,12 +166,24 @@ def generate_planted(
             else None
         )
         u = rng.random((T, 5)).tolist()
+        pairs = _doc_pairs(grammar, cfg, rng)
+        u_pair = rng.random((T, 2)).tolist() if pairs else None
+        pair_pos: dict[int, int] = {}  # trigger -> position of its successor's last occurrence
+        pending = -1  # trigger whose successor is due at this position
         lengths = rng.integers(cfg.copy_min_len, cfg.copy_max_len + 1, size=T).tolist()
         x, lab, src = toks[i], labs[i], srcs[i]
         copy_from, copy_left = -1, 0
         for t in range(1, T):
             u_follow, u_succ, u_copy, u_src, u_topic = u[t]
             prev = int(x[t - 1])
+            if pending >= 0:
+                # The successor of an in-context pair: induction predicts it once the pair has occurred.
+                x[t] = pairs[pending]
+                if pending in pair_pos:
+                    lab[t], src[t] = COPY, pair_pos[pending]
+                pair_pos[pending] = t
+                pending = -1
+                continue
             if copy_left > 0:
                 # A copied (trigger, successor) pair stays predictable from the previous token: bigram.
                 x[t], src[t] = x[copy_from], copy_from
@@ -176,6 +201,10 @@ def generate_planted(
                     x[t], lab[t], src[t] = x[s], NO_MECHANISM, s
                     copy_from, copy_left = s + 1, L - 1
                     continue
+            if pairs and t < T - 1 and u_pair[t][0] < cfg.p_doc_pair:
+                pending = list(pairs)[min(int(u_pair[t][1] * len(pairs)), len(pairs) - 1)]
+                x[t] = pending  # which pair comes next is not predictable: no mechanism
+                continue
             if topic_words is not None and u_topic < cfg.p_topic:
                 x[t], lab[t] = topic_words[t], TOPIC
             else:
@@ -183,6 +212,16 @@ def generate_planted(
     return PlantedSample(
         torch.from_numpy(toks), torch.from_numpy(labs), torch.from_numpy(srcs), torch.from_numpy(topics)
     )
+
+
+def _doc_pairs(grammar: PlantedGrammar, cfg: PlantedConfig, rng: np.random.Generator) -> dict[int, int]:
+    """This document's in-context bigrams, trigger -> successor: distinct base words that are not global
+    bigram triggers, so only the document itself says what follows them."""
+    if not cfg.n_doc_pairs:
+        return {}
+    free = np.array([w for w in grammar.base_ids if int(w) not in grammar.successors])
+    words = rng.choice(free, size=2 * cfg.n_doc_pairs, replace=False).tolist()
+    return dict(zip(words[::2], words[1::2], strict=True))
 
 
 def _copy_source(x: np.ndarray, t: int, L: int, u: float) -> int:

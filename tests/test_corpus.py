@@ -261,3 +261,27 @@ def test_shakespeare_corpus_builds():
     corpus = build_corpus(CorpusConfig(source="shakespeare", vocab_size=4096, n_train_seqs=4096, seq_len=128))
     assert corpus.tokens.shape == (4096, 128) and corpus.vocab_size == 4096
     assert 0 < corpus.bigram_entropy < corpus.unigram_entropy < math.log(4096)
+
+
+def test_in_context_pairs_are_predictable_only_by_induction():
+    """With n_doc_pairs, a pair's successor is labelled copy exactly when the same (trigger, successor)
+    occurred earlier in the row, and the triggers are no global bigram triggers."""
+    g, cfg, s = _sample(n=300, n_doc_pairs=3, p_doc_pair=0.2)
+    x, lab, src = s.tokens.numpy(), s.mechanism.numpy(), s.copy_source.numpy()
+    n_pair_copies = 0
+    for i in range(x.shape[0]):
+        for t in range(2, x.shape[1]):
+            if lab[i, t] != COPY:
+                continue
+            j = src[i, t]
+            # the induction property: the token and the one before it both repeat an earlier pair
+            assert 1 <= j < t and x[i, t] == x[i, j] and x[i, t - 1] == x[i, j - 1]
+            if src[i, t - 1] != j - 1:  # not inside a copied span: an in-context pair
+                n_pair_copies += 1
+                assert int(x[i, t - 1]) not in g.successors
+    assert n_pair_copies > 300
+    # without pairs every copy token lies inside a contiguous copied span
+    _, _, s0 = _sample(n=100)
+    lab0, src0 = s0.mechanism.numpy(), s0.copy_source.numpy()
+    rows, cols = np.nonzero(lab0[:, 2:] == COPY)
+    assert all(src0[r, c + 1] == src0[r, c + 2] - 1 for r, c in zip(rows, cols, strict=True))
