@@ -151,13 +151,18 @@ def build_corpus_stage(cfg: RunConfig) -> None:
 
 
 def pretrain_stage(cfg: RunConfig) -> None:
-    from crosscoders.io import read_jsonl
     from evolution.corpus import Corpus
-    from evolution.lossplot import learned_steps, save_loss_figure
     from evolution.pretrain import pretrain
 
-    run = cfg.run_dir
-    pretrain(cfg.pretrain, Corpus.load(run / "corpus"), run)
+    pretrain(cfg.pretrain, Corpus.load(cfg.run_dir / "corpus"), cfg.run_dir)
+    loss_outputs(cfg.run_dir)
+
+
+def loss_outputs(run: Path) -> None:
+    """`figures/loss.png` and, on the planted corpus, the step each mechanism was learned at."""
+    from crosscoders.io import read_jsonl
+    from evolution.lossplot import learned_steps, save_loss_figure
+
     save_loss_figure(run)
     meta = json.loads((run / "corpus" / "meta.json").read_text())
     refs = meta.get("mechanism_references")

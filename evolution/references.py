@@ -41,11 +41,14 @@ from torch import Tensor
 
 LEARNED_BELOW = {
     "unigram": ("uniform_model",),
-    "bigram": ("unigram_model",),
-    "copy": ("unigram_model", "bigram_model", "cache_model"),
-    "topic": ("unigram_model", "bigram_model"),
+    "bigram": ("uniform_model", "unigram_model"),
+    "copy": ("uniform_model", "unigram_model", "bigram_model", "cache_model"),
+    "topic": ("uniform_model", "unigram_model", "bigram_model"),
 }
-"""Per mechanism, the references that cannot explain it; learned = loss below the lowest of them."""
+"""Per mechanism, the references that cannot explain it; learned = loss below the lowest of them. The
+uniform model is among them for every mechanism: a rare mechanism's tokens can score worse than log V
+under the n-gram models (they are rare in training), and beating a reference worse than knowing nothing
+proves nothing."""
 
 
 def learned_threshold(references: dict[str, dict[str, float | None]], mechanism: str) -> float | None:
