@@ -46,6 +46,11 @@ class AnalyzeConfig(TimelineConfig):
     """Rows the browser's table draws at once (the filter reaches every feature)."""
     device: str = "cpu"
     """Torch device for the probes."""
+    type_min_lift: float = 1.5
+    """`peak_step_by_clear_type` keeps features whose activation falls on their type's tokens at least this
+    many times the type's base rate."""
+    induction_min_score: float = 0.5
+    """`peak_step_induction_features` keeps features with an induction score above this."""
 
 
 def _step_of(name: Any) -> int | None:
@@ -131,11 +136,17 @@ def run_probes(run: Path, crosscoder, steps: list[int], cfg: AnalyzeConfig) -> t
     return result.table, result.contexts
 
 
-def peak_step_by_type(features: pd.DataFrame) -> dict[str, dict[str, float]] | None:
-    """Median and mean peak step of alive features per ground-truth type (planted corpus)."""
+def peak_step_by_type(features: pd.DataFrame, min_lift: float = 0.0) -> dict[str, dict[str, float]] | None:
+    """Median and mean peak step of alive features per ground-truth type (planted corpus).
+
+    `min_lift` keeps the features clearly of their type: `gt_lift` = share of the feature's activation on
+    that mechanism's tokens ÷ the mechanism's base rate. The argmax label alone also types features that
+    fire everywhere (their lift is ~1) by whichever mechanism is most common."""
     if "gt_type" not in features:
         return None
     alive = features[~features["dead"].astype(bool)]
+    if min_lift > 0 and "gt_lift" in alive:
+        alive = alive[alive["gt_lift"] >= min_lift]
     g = alive.groupby("gt_type")["peak_step"]
     return {str(t): {"median": float(m), "mean": float(a), "n": int(n)}
             for (t, m), a, n in zip(g.median().items(), g.mean(), g.size(), strict=True)}
@@ -164,6 +175,14 @@ def analyze(run_dir: str | Path, cfg: AnalyzeConfig | None = None) -> dict:
     summary = {**tl.summary(), "probes": contexts is not None, "run": str(run)}
     if (by_type := peak_step_by_type(features)) is not None:
         summary["peak_step_by_type"] = by_type
+        summary["peak_step_by_clear_type"] = peak_step_by_type(features, cfg.type_min_lift)
+        summary["type_min_lift"] = cfg.type_min_lift
+    if "induction_score" in features:
+        ind = features[~features["dead"].astype(bool) & (features["induction_score"] > cfg.induction_min_score)]
+        summary["peak_step_induction_features"] = {
+            "min_score": cfg.induction_min_score, "n": len(ind),
+            "median": float(ind["peak_step"].median()) if len(ind) else None,
+            "mean": float(ind["peak_step"].mean()) if len(ind) else None}
     write_json(out / "summary.json", summary)
     if cfg.figures:
         from evolution.plots import save_all

@@ -131,6 +131,17 @@ def _peak_section(run: Path) -> str:
         if "group" in df:
             counts = df["group"].value_counts().rename_axis("group").reset_index(name="features")
             out.append(_table(counts, left=("group",)))
+    by_type = s.get("peak_step_by_clear_type")
+    if by_type:
+        rows = [{"ground-truth type": t, "features": v["n"], "median peak step": v["median"], "mean peak step": round(v["mean"])}
+                for t, v in sorted(by_type.items(), key=lambda kv: kv[1]["median"])]
+        out.append(f"<p>Peak step per ground-truth type (features whose activation falls on their type's tokens "
+                   f"≥ {s.get('type_min_lift', 1.5)}× its base rate):</p>")
+        out.append(_table(pd.DataFrame(rows), left=("ground-truth type",)))
+    ind = s.get("peak_step_induction_features") or {}
+    if ind.get("n"):
+        out.append(f"<p>{ind['n']} features with induction score &gt; {ind['min_score']}: median peak step "
+                   f"{ind['median']:.0f}.</p>")
     out.append("<h3>Turning point</h3>")
     out.append(_img(run / "analysis" / "figures" / "cos_to_final.png", "direction cosine to final"))
     if "turning_point_step" in s:

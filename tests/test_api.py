@@ -163,3 +163,15 @@ def test_analyze_with_probes_on_a_tiny_pretrained_run(tmp_path):
             page = br.open(tmp_path / "analysis" / "browser" / "index.html", f"#feature-{f}")
             assert page.errors == []
             assert page.evaluate("document.querySelectorAll('#detail mark').length") == sum(map(len, ctx.values()))
+
+
+def test_peak_step_by_clear_type_drops_features_that_fire_everywhere():
+    import pandas as pd
+
+    from evolution.analyze import peak_step_by_type
+
+    f = pd.DataFrame({"dead": [False] * 4, "gt_type": ["copy", "copy", "bigram", "bigram"],
+                      "gt_lift": [3.0, 1.0, 2.0, 1.1], "peak_step": [2000, 10, 100, 5]})
+    assert peak_step_by_type(f)["copy"]["median"] == 1005
+    clear = peak_step_by_type(f, min_lift=1.5)
+    assert clear == {"copy": {"median": 2000.0, "mean": 2000.0, "n": 1}, "bigram": {"median": 100.0, "mean": 100.0, "n": 1}}
