@@ -284,7 +284,7 @@ def geometry_heatmap(data: dict, metric: str, ax=None):
 
 
 def plot_geometry(data: dict, fig_dir: str | Path) -> list[Path]:
-    from crosscoders.io import atomic_path
+    from evolution.plots import save_figure
 
     paths = []
     for metric in FIGURE_METRICS:
@@ -293,8 +293,7 @@ def plot_geometry(data: dict, fig_dir: str | Path) -> list[Path]:
         fig = geometry_heatmap(data, metric)
         fig.tight_layout()
         path = Path(fig_dir) / f"geometry_{metric}.png"
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=110, format="png")
+        save_figure(fig, path)
         paths.append(path)
     return paths
 

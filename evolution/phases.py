@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from crosscoders.io import atomic_path, read_jsonl, write_json
+from crosscoders.io import read_jsonl, write_json
 
 
 @dataclass
@@ -191,9 +191,9 @@ def phases(run_dir: str | Path, cfg: PhasesConfig | None = None) -> dict:
     signals = phase_signals(data, cfg)
     result = {**combine(signals, cfg.agree_factor), "signals": signals, "references": data["references"], "config": to_dict(cfg)}
     write_json(run_dir / "phases.json", result)
-    fig = phase_map(data, result)
-    with atomic_path(run_dir / "figures" / "phase_map.png") as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
+    from evolution.plots import save_figure
+
+    save_figure(phase_map(data, result), run_dir / "figures" / "phase_map.png")
     return result
 
 
