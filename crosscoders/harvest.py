@@ -35,20 +35,25 @@ import torch
 from jaxtyping import Bool, Float, Int
 from safetensors.torch import load_file
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from .io import save_safetensors
+from .progress import progress_bar
 from .store import ActivationStore, StoreWriter, tokens_sha256
 
 ModelLike = nn.Module | Callable[[], nn.Module]
 PARTS = ".parts"
 
 
+def hook_layer(hook: str) -> int | None:
+    """The block index L of a `blocks.L.*` hook name (TransformerLens naming), else None."""
+    m = re.match(r"blocks\.(\d+)\.", hook)
+    return int(m.group(1)) if m else None
+
+
 def stop_layer(hook: str) -> int | None:
     """`stop_at_layer` that still computes `hook`: L+1 for `blocks.L.*`, 0 for the embeddings, else None."""
-    m = re.match(r"blocks\.(\d+)\.", hook)
-    if m:
-        return int(m.group(1)) + 1
+    if (layer := hook_layer(hook)) is not None:
+        return layer + 1
     return 0 if hook in ("hook_embed", "hook_pos_embed") else None
 
 
@@ -186,7 +191,7 @@ def harvest(models: Sequence[ModelLike], tokens: Int[Tensor, "n_seq seq_len"], h
                                  f"{sources[0]!r} gives {d_in}: every snapshot must have the same shape")
         return acts
 
-    bar = tqdm(total=len(todo) * len(models), disable=not progress, desc=f"harvest {strategy}", unit="fwd")
+    bar = progress_bar(total=len(todo) * len(models), disable=not progress, desc=f"harvest {strategy}", unit="fwd")
     if strategy == "chunk":
         for c in todo:
             k = rows(c)[0]
@@ -217,7 +222,7 @@ def harvest(models: Sequence[ModelLike], tokens: Int[Tensor, "n_seq seq_len"], h
                     save_safetensors(part(h, j, c), {"acts": acts[h][k].to(writers[h].torch_dtype)})
                 bar.update(1)
             del model
-        for c in tqdm(todo, disable=not progress, desc="merge", unit="shard"):
+        for c in progress_bar(todo, disable=not progress, desc="merge", unit="shard"):
             for h in hooks:
                 if c >= start[h]:
                     add(h, c, [load_file(part(h, j, c))["acts"] for j in range(len(models))])

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from . import activations as A
 from .config import CrosscoderConfig
-from .configs import from_dict, to_dict
+from .dataclass_cli import from_dict, to_dict
 from .io import save_safetensors, write_json
 
 CFG_FILE = "cfg.json"

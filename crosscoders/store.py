@@ -35,6 +35,7 @@ from jaxtyping import Float, Int
 from safetensors.torch import load as st_load
 from torch import Tensor
 
+from .errors import UserError
 from .io import write_bytes, write_json
 
 FORMAT = "feature-evolution/activation-store"
@@ -43,7 +44,7 @@ MANIFEST = "manifest.json"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-class StoreError(ValueError):
+class StoreError(UserError, ValueError):
     """The activation store is unusable; the message names the file and what is wrong."""
 
 

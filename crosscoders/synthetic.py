@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from jaxtyping import Float
 from torch import Tensor
+from torch.nn.functional import normalize
 
 
 @dataclass
@@ -62,9 +63,9 @@ class PlantedFeatures:
         self.cfg = cfg
         S, D, F = cfg.n_sources, cfg.d_in, cfg.n_features
         g = torch.Generator().manual_seed(cfg.seed)
-        u = _unit(torch.randn(F, D, generator=g))
+        u = normalize(torch.randn(F, D, generator=g), dim=-1)
         v = torch.randn(F, D, generator=g)
-        v = _unit(v - (v * u).sum(-1, keepdim=True) * u)  # rotation plane (u, v) per feature
+        v = normalize(v - (v * u).sum(-1, keepdim=True) * u, dim=-1)  # rotation plane (u, v) per feature
         rate = cfg.max_rotation * (0.5 + 0.5 * torch.rand(F, generator=g))  # radians over all sources
         pos = torch.arange(S, dtype=torch.float32) / max(S - 1, 1)
         angle = rate[:, None] * pos[None, :]  # [F, S]
@@ -120,10 +121,6 @@ class PlantedFeatures:
         return self.cfg.d_in**0.5 / x.norm(dim=-1).mean(0)
 
 
-def _unit(x: Tensor) -> Tensor:
-    return x / x.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-
-
 def _mix(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step * 7919 + 12345) % (2**63 - 1)
 
@@ -136,7 +133,7 @@ def match_features(
     concatenated over sources (the crosscoder's joint decoder direction). Returns (cosine, latent index)."""
     learned = W_dec.permute(1, 0, 2).reshape(W_dec.shape[1], -1).float()
     true = truth.decoders.reshape(truth.cfg.n_features, -1)
-    cos = _unit(true) @ _unit(learned).T  # [n_features, d_sae]
+    cos = normalize(true, dim=-1) @ normalize(learned, dim=-1).T  # [n_features, d_sae]
     best, idx = cos.max(dim=1)
     return best, idx
 

@@ -29,13 +29,13 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from .config import CrosscoderConfig, TrainConfig
-from .configs import add_arguments, from_dict, to_dict
+from .dataclass_cli import add_arguments, from_dict, to_dict
 from .io import append_jsonl, read_jsonl, torch_save, write_json, write_text
 from .losses import crosscoder_loss
 from .model import Crosscoder
+from .progress import progress_bar
 
 BatchSource = Iterable[Tensor] | Callable[[int], Iterable[Tensor]]
 CHECKPOINT = "checkpoint/state.pt"
@@ -44,17 +44,23 @@ LOG = "train_log.jsonl"
 _RESUME_FREE = {"progress", "log_every", "eval_every", "checkpoint_every"}
 
 
-def lr_factor(cfg: TrainConfig, step: int) -> float:
-    """Linear warm-up from 0, flat, then linear or cosine decay to `min_lr_frac` (as a fraction of lr)."""
-    warm = int(cfg.lr_warmup_frac * cfg.steps)
-    if step < warm:
-        return (step + 1) / warm
-    start = int(cfg.lr_decay_start_frac * cfg.steps)
-    if cfg.lr_decay == "none" or step < start:
+def warmup_decay(step: int, total: int, warmup: int, decay_start: int, min_frac: float, shape: str) -> float:
+    """LR multiplier at update `step` (0-based): linear warm-up over `warmup` updates, flat until
+    `decay_start`, then "linear" / "cosine" decay to `min_frac` at `total` ("none": no decay).
+    The crosscoder's and the mini-Pythia's schedules are both this function."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if shape == "none" or step < decay_start:
         return 1.0
-    t = (step - start) / max(cfg.steps - start, 1)
-    shape = 1 - t if cfg.lr_decay == "linear" else 0.5 * (1 + math.cos(math.pi * t))
-    return cfg.min_lr_frac + (1 - cfg.min_lr_frac) * shape
+    t = min(1.0, (step - decay_start) / max(total - decay_start, 1))
+    s = 1 - t if shape == "linear" else 0.5 * (1 + math.cos(math.pi * t))
+    return min_frac + (1 - min_frac) * s
+
+
+def lr_factor(cfg: TrainConfig, step: int) -> float:
+    """The crosscoder's schedule: warm-up, flat, then linear or cosine decay to `min_lr_frac`."""
+    return warmup_decay(step, cfg.steps, int(cfg.lr_warmup_frac * cfg.steps), int(cfg.lr_decay_start_frac * cfg.steps),
+                        cfg.min_lr_frac, cfg.lr_decay)
 
 
 def sparsity_factor(cfg: TrainConfig, step: int) -> float:
@@ -192,7 +198,7 @@ def train(
     amp = (torch.autocast(dev.type, dtype=torch.bfloat16) if cfg.autocast == "bf16"
            else contextlib.nullcontext())
     model.train()
-    bar = tqdm(total=cfg.steps, initial=step, disable=not cfg.progress, desc="crosscoder", unit="step")
+    bar = progress_bar(total=cfg.steps, initial=step, disable=not cfg.progress, desc="crosscoder", unit="step")
     t0, tok0 = time.perf_counter(), tokens_seen
     while step < cfg.steps:
         try:
@@ -264,6 +270,7 @@ def train(
 def main(argv: list[str] | None = None) -> Crosscoder:
     """`python -m crosscoders.train --store DIR --out DIR [TrainConfig and CrosscoderConfig flags]`."""
     parser = argparse.ArgumentParser(description="Train a crosscoder on an activation store.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors (bad store, shapes)")
     parser.add_argument("--store", required=True, help="activation store directory (manifest.json + shards)")
     parser.add_argument("--out", required=True, help="output directory (model, log, checkpoint)")
     parser.add_argument("--seed-data", type=int, default=0, help="seed of the store's shuffled reader")
@@ -271,6 +278,7 @@ def main(argv: list[str] | None = None) -> Crosscoder:
     add_arguments(parser.add_argument_group("training (TrainConfig)"), TrainConfig)
     add_arguments(parser.add_argument_group("model (CrosscoderConfig)"), CrosscoderConfig)
     ns = vars(parser.parse_args(argv))
+    ns.pop("debug")
     store_dir, out_dir = ns.pop("store"), ns.pop("out")
     seed_data, eval_tokens = ns.pop("seed_data"), ns.pop("eval_tokens")
     cc_fields = set(CrosscoderConfig.__dataclass_fields__)
@@ -298,4 +306,8 @@ def main(argv: list[str] | None = None) -> Crosscoder:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from .errors import run_cli
+
+    sys.exit(run_cli(main, sys.argv[1:], "python -m crosscoders.train"))

@@ -22,8 +22,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from evolution import plots
-from evolution.timelines import Timelines
+from evolution.features import plots
+from evolution.features.timelines import Timelines
 
 
 class Run:
@@ -52,11 +52,11 @@ class Run:
     @cached_property
     def _analysis(self) -> tuple[Timelines, pd.DataFrame, dict]:
         if self.analyzed:
-            from evolution.analyze import load_analysis
+            from evolution.features.analyze import load_analysis
 
             return load_analysis(self.path)
-        from evolution.analyze import source_steps
-        from evolution.timelines import compute_timelines
+        from evolution.features.analyze import source_steps
+        from evolution.features.timelines import compute_timelines
 
         tl = compute_timelines(self.crosscoder, source_steps(self.path, self.crosscoder.cfg.n_sources))
         return tl, tl.to_frame(), tl.summary()
@@ -88,7 +88,7 @@ class Run:
 
     def pairwise_cos(self, features: list[int] | Tensor | None = None) -> Tensor:
         """[n_features, n_sources, n_sources] cosines between a feature's decoder directions (needs the crosscoder)."""
-        from evolution.timelines import pairwise_cos
+        from evolution.features.timelines import pairwise_cos
 
         W_dec = self.crosscoder.W_dec.detach().float()
         return pairwise_cos(W_dec, features)

@@ -14,6 +14,8 @@ import json
 import sys
 from pathlib import Path
 
+from crosscoders.errors import UserError, run_cli
+
 STAGE_VERBS = {
     "corpus": "corpus", "pretrain": "pretrain", "harvest": "harvest", "train": "crosscoder",
     "analyze": "analyze", "geometry": "geometry", "phases": "phases", "report": "report",
@@ -24,7 +26,7 @@ DEMO_RECIPES = (Path("runs/demo.toml"), Path(__file__).resolve().parents[1] / "r
 
 def _config_for(target: str):
     """A RunConfig from a recipe (.toml) or from a run directory's run.json."""
-    from crosscoders.configs import from_dict
+    from crosscoders.dataclass_cli import from_dict
     from evolution.pipeline import RunConfig, load_recipe
 
     p = Path(target)
@@ -32,7 +34,7 @@ def _config_for(target: str):
         return load_recipe(p)
     if (p / "run.json").exists():
         return from_dict(RunConfig, json.loads((p / "run.json").read_text()))
-    raise SystemExit(f"{target}: neither a recipe (.toml) nor a run directory with run.json")
+    raise UserError(f"{target}: neither a recipe (.toml) nor a run directory with run.json")
 
 
 def _summary(cfg) -> None:
@@ -50,16 +52,23 @@ def _summary(cfg) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The CLI: a user error (bad recipe, store, missing hub, shapes) prints one line and returns 2;
+    `--debug` or FEATURE_EVOLUTION_DEBUG=1 shows its traceback; other errors keep theirs."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    return run_cli(_main, argv, f"feature-evolution {argv[0] if argv else ''}".strip())
+
+
+def _main(argv: list[str]) -> int:
     verbs = ["demo", "run", *STAGE_VERBS]
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in verbs:
-        print(__doc__.strip() + "\n\nverbs: " + ", ".join(verbs), file=sys.stderr)
+        print(__doc__.strip() + "\n\nverbs: " + ", ".join(verbs) + "\n--debug (any verb): show tracebacks of user errors",
+              file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     verb, rest = argv[0], argv[1:]
 
     # Stage verbs with flags of their own (the module's dataclass config is the CLI).
-    flag_clis = {"pretrain": "evolution.pretrain:pretrain_cli", "geometry": "evolution.geometry:geometry_cli",
-                 "phases": "evolution.phases:phases_cli"}
+    flag_clis = {"pretrain": "evolution.sources.pretrain:pretrain_cli", "geometry": "evolution.geometry.stage:geometry_cli",
+                 "phases": "evolution.phases.stage:phases_cli"}
     if verb in flag_clis and rest and rest[0].startswith("-") and rest[0] not in ("-h", "--help"):
         mod, fn = flag_clis[verb].split(":")
         getattr(__import__(mod, fromlist=[fn]), fn)(rest)
@@ -88,20 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         cfg = _config_for(ns.target)
         if ns.name:
-            from crosscoders.configs import replace
+            from crosscoders.dataclass_cli import replace
 
             cfg = replace(cfg, name=ns.name)
     force = tuple(s for s in ns.force.split(",") if s)
     only = (STAGE_VERBS[verb],) if verb in STAGE_VERBS else ()
-    try:
-        run_study(cfg, force=force, only=only)
-    except Exception as e:  # a clear one-line message; the traceback is for --debug users
-        from evolution.hub import HubUnavailable
-
-        if isinstance(e, (HubUnavailable, FileNotFoundError, ValueError)):
-            print(f"feature-evolution {verb}: error: {e}", file=sys.stderr)
-            return 1
-        raise
+    run_study(cfg, force=force, only=only)
     _summary(cfg)
     return 0
 

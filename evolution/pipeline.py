@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Literal
 
 from crosscoders.config import TrainConfig
-from crosscoders.configs import from_dict, to_dict
+from crosscoders.dataclass_cli import from_dict, to_dict
 from crosscoders.io import write_json
-from evolution.analyze import AnalyzeConfig
-from evolution.corpus import CorpusConfig
-from evolution.geometry import GeometryConfig
-from evolution.phases import PhasesConfig
-from evolution.pretrain import PretrainConfig
+from evolution.features.analyze import AnalyzeConfig
+from evolution.geometry.stage import GeometryConfig
+from evolution.phases.stage import PhasesConfig
+from evolution.sources.corpus import CorpusConfig
+from evolution.sources.pretrain import PretrainConfig
 from evolution.stages import Stage, run_stages
 
 
@@ -111,7 +111,7 @@ def _hub_name(cfg: RunConfig) -> str | None:
 
 
 def snapshot_steps(cfg: RunConfig) -> list[int]:
-    from evolution.snapshots import GE2025_STEPS, local_steps
+    from evolution.sources.snapshots import GE2025_STEPS, local_steps
 
     if _hub_name(cfg):
         return list(cfg.snapshots.steps or GE2025_STEPS)
@@ -135,7 +135,7 @@ def snapshot_root(cfg: RunConfig) -> Path:
 
 def _loaders(cfg: RunConfig, steps: list[int]):
     """One zero-argument loader per snapshot, so harvest keeps one model in memory at a time."""
-    from evolution.snapshots import load_local_snapshot, load_pythia_snapshot
+    from evolution.sources.snapshots import load_local_snapshot, load_pythia_snapshot
 
     dev = cfg.harvest.device
     if (name := _hub_name(cfg)) is not None:
@@ -145,14 +145,14 @@ def _loaders(cfg: RunConfig, steps: list[int]):
 
 
 def build_corpus_stage(cfg: RunConfig) -> None:
-    from evolution.corpus import build_corpus
+    from evolution.sources.corpus import build_corpus
 
     build_corpus(cfg.corpus).save(cfg.run_dir)
 
 
 def pretrain_stage(cfg: RunConfig) -> None:
-    from evolution.corpus import Corpus
-    from evolution.pretrain import pretrain
+    from evolution.sources.corpus import Corpus
+    from evolution.sources.pretrain import pretrain
 
     pretrain(cfg.pretrain, Corpus.load(cfg.run_dir / "corpus"), cfg.run_dir)
     loss_outputs(cfg.run_dir)
@@ -161,7 +161,7 @@ def pretrain_stage(cfg: RunConfig) -> None:
 def loss_outputs(run: Path) -> None:
     """`figures/loss.png` and, on the planted corpus, the step each mechanism was learned at."""
     from crosscoders.io import read_jsonl
-    from evolution.lossplot import learned_steps, save_loss_figure
+    from evolution.phases.loss import learned_steps, save_loss_figure
 
     save_loss_figure(run)
     meta = json.loads((run / "corpus" / "meta.json").read_text())
@@ -172,7 +172,7 @@ def loss_outputs(run: Path) -> None:
 
 def harvest_stage(cfg: RunConfig) -> None:
     from crosscoders.harvest import harvest
-    from evolution.corpus import Corpus
+    from evolution.sources.corpus import Corpus
 
     run, h = cfg.run_dir, cfg.harvest
     corpus = Corpus.load(run / "corpus")
@@ -212,7 +212,8 @@ def crosscoder_stage(cfg: RunConfig) -> None:
               "dead_frac": ev["dead_frac_per_source"], "l0_shared": ev["l0"], "dead_frac_shared": ev["dead_frac"],
               "fvu_mean": ev["fvu_mean"], "n_tokens": ev["n_tokens"]}
     write_json(out / "eval.json", result)
-    from evolution.plots import quality_figure, save_figure
+    from evolution.features.plots import quality_figure
+    from evolution.figures import save_figure
 
     save_figure(quality_figure(result), out / "quality.png")
 
@@ -223,10 +224,10 @@ def _remover(*paths: Path):
 
 
 def stages_for(cfg: RunConfig, force: tuple[str, ...] = ()) -> list[Stage]:
-    from evolution.analyze import analyze
-    from evolution.geometry import geometry
-    from evolution.phases import phases
-    from evolution.report import build_report
+    from evolution.features.analyze import analyze
+    from evolution.geometry.stage import geometry
+    from evolution.phases.stage import phases
+    from evolution.report.html import build_report
 
     run = cfg.run_dir
     hub = _hub_name(cfg)
@@ -270,7 +271,7 @@ def stages_for(cfg: RunConfig, force: tuple[str, ...] = ()) -> list[Stage]:
 def run_study(cfg: RunConfig, force: tuple[str, ...] = (), only: tuple[str, ...] = ()) -> dict:
     """Run (or resume) every stage of the study; returns stages.json's records."""
     if (name := _hub_name(cfg)) is not None:
-        from evolution.hub import require_hub
+        from evolution.sources.hub import require_hub
 
         require_hub(f"recipe {cfg.name!r} (Pythia checkpoints {name})", [name])
     run = cfg.run_dir

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from crosscoders.configs import config_hash
+from crosscoders.dataclass_cli import config_hash
 from crosscoders.io import write_json
 
 

@@ -18,7 +18,7 @@ from crosscoders.config import CrosscoderConfig, TrainConfig
 from crosscoders.io import write_json
 from crosscoders.synthetic import PlantedFeatures, SyntheticConfig, match_features
 from crosscoders.train import train
-from evolution.analyze import AnalyzeConfig, analyze, source_steps
+from evolution.features.analyze import AnalyzeConfig, analyze, source_steps
 from tests.chromium import Chromium, chromium_path, requires_chromium
 
 STEPS = [0, 16, 64, 256, 512, 1000, 2000, 4000, 8000, 16000]
@@ -123,9 +123,9 @@ def test_analyzed_browser_renders(run):
 def test_analyze_with_probes_on_a_tiny_pretrained_run(tmp_path):
     """The whole path with the probes: planted corpus, a tiny model with 3 snapshots, a crosscoder on
     its residual stream; `analyze` merges type scores and writes contexts the browser shows."""
-    from evolution.corpus import CorpusConfig, build_corpus
-    from evolution.pretrain import ModelConfig, PretrainConfig, pretrain
-    from evolution.snapshots import iter_snapshots
+    from evolution.sources.corpus import CorpusConfig, build_corpus
+    from evolution.sources.pretrain import ModelConfig, PretrainConfig, pretrain
+    from evolution.sources.snapshots import iter_snapshots
 
     corpus = build_corpus(CorpusConfig(seq_len=32, n_train_seqs=128, n_eval_seqs=16, vocab_size=256))
     corpus.save(tmp_path)
@@ -168,7 +168,7 @@ def test_analyze_with_probes_on_a_tiny_pretrained_run(tmp_path):
 def test_peak_step_by_clear_type_drops_features_that_fire_everywhere():
     import pandas as pd
 
-    from evolution.analyze import peak_step_by_type
+    from evolution.features.analyze import peak_step_by_type
 
     f = pd.DataFrame({"dead": [False] * 4, "gt_type": ["copy", "copy", "bigram", "bigram"],
                       "gt_lift": [3.0, 1.0, 2.0, 1.1], "peak_step": [2000, 10, 100, 5]})

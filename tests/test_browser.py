@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from evolution.browser import browser_data, write_browser
-from evolution.timelines import compute_timelines_from_W_dec
+from evolution.features.browser import browser_data, write_browser
+from evolution.features.timelines import compute_timelines_from_W_dec
 from tests.chromium import Chromium, requires_chromium
 from tests.test_timelines import STEPS, planted_decoder
 

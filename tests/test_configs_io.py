@@ -6,7 +6,7 @@ from typing import Literal
 import pytest
 
 from crosscoders import io
-from crosscoders.configs import config_hash, field_docs, from_dict, parse_config, to_dict
+from crosscoders.dataclass_cli import config_hash, field_docs, from_dict, parse_config, to_dict
 
 
 @dataclass

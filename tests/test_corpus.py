@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from evolution.corpus import (
+from evolution.sources.corpus import (
     BIGRAM,
     COPY,
     MECHANISMS,
@@ -22,8 +22,8 @@ from evolution.corpus import (
     planted_grammar,
     shakespeare_texts,
 )
-from evolution.references import bigram_entropy
-from evolution.tokenizers_util import train_bpe
+from evolution.sources.references import bigram_entropy
+from evolution.sources.tokenizer import train_bpe
 
 SMALL = dict(n_train_seqs=64, n_eval_seqs=16)
 

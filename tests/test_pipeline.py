@@ -39,7 +39,7 @@ def test_rerun_skips_and_changed_config_redoes_downstream(tiny_run):
     run_stages(run, stages_for(cfg), log=lines.append)
     assert all("up to date" in line for line in lines), lines
     # a different probe setting invalidates analysis and what reads it, not the expensive stages
-    from crosscoders.configs import replace
+    from crosscoders.dataclass_cli import replace
 
     cfg2 = replace(cfg, analyze={**cfg.analyze.__dict__, "threshold": 0.4})
     lines.clear()
@@ -50,7 +50,7 @@ def test_rerun_skips_and_changed_config_redoes_downstream(tiny_run):
 
 def test_hub_recipe_fails_fast_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    from evolution.hub import HubUnavailable
+    from evolution.sources.hub import HubUnavailable
 
     cfg = load_recipe("runs/pythia-70m.toml", root=str(tmp_path))
     with pytest.raises(HubUnavailable, match="needs the Hugging Face hub"):

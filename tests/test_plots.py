@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 from matplotlib.figure import Figure
 
-from evolution import plots
-from evolution.timelines import compute_timelines_from_W_dec
+from evolution.features import plots
+from evolution.features.timelines import compute_timelines_from_W_dec
 from tests.test_timelines import STEPS, planted_decoder
 
 

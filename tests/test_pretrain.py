@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from crosscoders.io import read_jsonl
-from evolution.corpus import CorpusConfig, PlantedConfig, build_corpus
-from evolution.lossplot import learned_steps, loss_figure, save_loss_figure
-from evolution.pretrain import (
+from evolution.phases.loss import learned_steps, loss_figure, save_loss_figure
+from evolution.sources.corpus import CorpusConfig, PlantedConfig, build_corpus
+from evolution.sources.pretrain import (
     ModelConfig,
     PretrainConfig,
     batch_indices,
@@ -23,7 +23,7 @@ from evolution.pretrain import (
     pretrain_cli,
     snapshot_schedule,
 )
-from evolution.snapshots import load_local_snapshot, local_steps
+from evolution.sources.snapshots import load_local_snapshot, local_steps
 
 
 @pytest.fixture(scope="module")

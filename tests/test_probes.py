@@ -12,7 +12,8 @@ import torch
 from handbuilt import BOS, HOOK, handbuilt_model, subspace_crosscoder, subspace_directions
 from safetensors.torch import load_file
 
-from evolution.probes import (
+from evolution.features.probe_stats import FoldMoments, GroupR2, group_ids
+from evolution.features.probes import (
     MECHANISMS,
     ProbeConfig,
     crosscoder_acts_fn,
@@ -20,8 +21,7 @@ from evolution.probes import (
     probe_features,
     stream_scores,
 )
-from evolution.probes_stats import FoldMoments, GroupR2, group_ids
-from evolution.probes_topk import StreamingTopK, contexts_from_topk
+from evolution.features.top_contexts import StreamingTopK, contexts_from_topk
 
 V, N = 16, 40
 
@@ -333,7 +333,7 @@ def test_induction_features_get_copy_type_on_planted_corpus():
     is the `copy` mechanism (spans only induction can predict) far above the copy base rate."""
     from handbuilt import Layout
 
-    from evolution.corpus import CorpusConfig, PlantedConfig, build_corpus
+    from evolution.sources.corpus import CorpusConfig, PlantedConfig, build_corpus
 
     # copy settings pinned (copy ~17% of labelled tokens) so the test does not move with the defaults
     planted = PlantedConfig(p_copy=0.08, copy_min_len=4, copy_max_len=12, trigger_mass=0.35)

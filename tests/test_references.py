@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from evolution.references import (
+from evolution.sources.references import (
     bigram_entropy,
     cache_log_probs,
     learned_threshold,

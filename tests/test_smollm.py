@@ -10,7 +10,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def smol():
     pytest.importorskip("gguf")
-    from evolution.smollm import SmolConfig, smollm2_dir, smollm2_geometry
+    from evolution.geometry.smollm import SmolConfig, smollm2_dir, smollm2_geometry
 
     try:
         smollm2_dir()

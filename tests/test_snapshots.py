@@ -7,19 +7,18 @@ import json
 import pytest
 import torch
 
-from evolution.pretrain import ModelConfig, build_model, save_snapshot
-from evolution.snapshots import (
+from evolution.sources.pretrain import ModelConfig, build_model, save_snapshot
+from evolution.sources.snapshots import (
     GE2025_STEPS,
     PYTHIA_STEPS,
     SnapshotError,
-    check_compatible,
     iter_snapshots,
     load_local_snapshot,
     load_pythia_snapshot,
     local_steps,
     pythia_like_schedule,
 )
-from evolution.tokenizers_util import word_level_tokenizer
+from evolution.sources.tokenizer import word_level_tokenizer
 from tests.hubcache import hub_cache
 
 VOCAB = 40
@@ -115,17 +114,6 @@ def test_non_neox_directory_is_refused(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SnapshotError, match="no config.json"):
         load_local_snapshot(tmp_path / "empty")
-
-
-def test_check_compatible(snap_root, tmp_path):
-    a = load_local_snapshot(snap_root / "step0")
-    b = load_local_snapshot(snap_root / "step16")
-    check_compatible([a, b], labels=[0, 16])
-    save_snapshot(_model(3, d_model=48), _tokenizer(), tmp_path / "other", 5)
-    c = load_local_snapshot(tmp_path / "other" / "step5")
-    with pytest.raises(SnapshotError, match=r"snapshots disagree: .* in snapshot 0 but .* in snapshot 5.*d_model 32 vs 48"):
-        check_compatible([a, c], labels=[0, 5])
-
 
 
 

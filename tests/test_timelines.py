@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from evolution.timelines import (
+from evolution.features.timelines import (
     GROUPS,
     TimelineConfig,
     Timelines,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from crosscoders.config import CrosscoderConfig, TrainConfig
-from crosscoders.configs import replace
+from crosscoders.dataclass_cli import replace
 from crosscoders.io import read_jsonl
 from crosscoders.model import Crosscoder
 from crosscoders.synthetic import PlantedFeatures, SyntheticConfig

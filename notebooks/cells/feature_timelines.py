@@ -73,7 +73,7 @@ CELLS: list[Cell] = [
     groups below; each panel shows a few examples and the group's median profile.
     """),
     code("""
-    from evolution.timelines import GROUPS
+    from evolution.features.timelines import GROUPS
 
     pd.DataFrame({"meaning": GROUPS, "features": f["group"].value_counts()}).fillna(0)
     """),
@@ -85,7 +85,7 @@ CELLS: list[Cell] = [
 
     `cos_to_final[i, s]` compares the feature's direction in snapshot `s` with its final one. The
     **turning point** is the snapshot interval where alive features change direction most, each change
-    weighted by how present the feature is on both sides (`evolution/timelines.py`); Ge et al. 2025 see
+    weighted by how present the feature is on both sides (`evolution/features/timelines`); Ge et al. 2025 see
     most Pythia features turn around step ~1000.
     """),
     code("""
@@ -134,7 +134,7 @@ CELLS: list[Cell] = [
     Ge et al. 2025 find previous-token features form first, induction features later.
     """),
     code("""
-    from evolution.plots import feature_types
+    from evolution.features.plots import feature_types
 
     types = feature_types(f)
     if types is None:

@@ -30,7 +30,7 @@ CELLS: list[Cell] = [
     """),
     code("""
     from crosscoders.io import read_jsonl
-    from evolution.lossplot import learned_steps, loss_figure
+    from evolution.phases.loss import learned_steps, loss_figure
 
     log = read_jsonl(RUN / "pretrain" / "log.jsonl")
     meta = json.loads((RUN / "corpus" / "meta.json").read_text())
@@ -80,7 +80,7 @@ CELLS: list[Cell] = [
     fig
     """),
     code("""
-    from evolution.geometry import geometry_heatmap
+    from evolution.geometry.stage import geometry_heatmap
 
     geometry_heatmap(geo, "anisotropy")
     """),
@@ -101,7 +101,7 @@ CELLS: list[Cell] = [
     table
     """),
     code("""
-    from evolution.phases import PhasesConfig, combine, phase_map, phase_signals, read_run
+    from evolution.phases.stage import PhasesConfig, combine, phase_map, phase_signals, read_run
 
     data = read_run(RUN)
     phase_map(data, phases)

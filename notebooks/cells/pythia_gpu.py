@@ -24,7 +24,7 @@ CELLS: list[Cell] = [
 
     import torch
 
-    from evolution.snapshots import GE2025_STEPS
+    from evolution.sources.snapshots import GE2025_STEPS
 
     # Inputs: environment variables with defaults for real use. The tests serve a tiny GPT-NeoX laid out
     # like the hub's cache (HF_HUB_OFFLINE=1, HF_HUB_CACHE), under the same model name.
@@ -52,8 +52,8 @@ CELLS: list[Cell] = [
     Offline, fail now with a message rather than deep inside a download.
     """),
     code("""
-    from evolution.corpus import CorpusConfig, build_corpus
-    from evolution.hub import require_hub
+    from evolution.sources.corpus import CorpusConfig, build_corpus
+    from evolution.sources.hub import require_hub
 
     require_hub(f"this notebook ({MODEL} checkpoints)", [MODEL])
     corpus = build_corpus(CorpusConfig(source=CORPUS, tokenizer=MODEL, seq_len=SEQ_LEN, n_train_seqs=N_SEQS,
@@ -70,8 +70,8 @@ CELLS: list[Cell] = [
     """),
     code("""
     from crosscoders.harvest import keep_mask, model_acts
-    from evolution.references import bigram_entropy, unigram_entropy
-    from evolution.snapshots import iter_snapshots
+    from evolution.sources.references import bigram_entropy, unigram_entropy
+    from evolution.sources.snapshots import iter_snapshots
 
     eval_tokens = corpus.eval_tokens
     keep = keep_mask(eval_tokens, bos_token_id=corpus.bos_token_id)
@@ -114,7 +114,7 @@ CELLS: list[Cell] = [
     from functools import partial
 
     from crosscoders.harvest import harvest
-    from evolution.snapshots import load_pythia_snapshot
+    from evolution.sources.snapshots import load_pythia_snapshot
 
     store = harvest([partial(load_pythia_snapshot, MODEL, s, DEVICE) for s in STEPS], corpus.tokens, HOOK,
                     OUT / "activations" / HOOK, sources=[f"step{s}" for s in STEPS], batch_size=32,
@@ -153,8 +153,8 @@ CELLS: list[Cell] = [
     On Pythia, Ge et al. 2025 see most features turn direction around step ~1000.
     """),
     code("""
-    from evolution import plots
-    from evolution.timelines import compute_timelines
+    from evolution.features import plots
+    from evolution.features.timelines import compute_timelines
 
     tl = compute_timelines(crosscoder, STEPS)
     s = tl.summary()
@@ -172,11 +172,11 @@ CELLS: list[Cell] = [
     ## What the features are
 
     Probe a few snapshots: previous-token, induction and context-dependence scores per feature, and its
-    top contexts (`evolution/probes.py`). Ge et al. 2025: previous-token features form first (~1k–5k
+    top contexts (`evolution/features/probes`). Ge et al. 2025: previous-token features form first (~1k–5k
     steps), induction features later (~10k–100k), context-dependent ones late.
     """),
     code("""
-    from evolution.probes import ProbeConfig, probe_features
+    from evolution.features.probes import ProbeConfig, probe_features
 
     probe_steps = sorted({STEPS[0], STEPS[len(STEPS) // 2], STEPS[-1]})
     probes = probe_features(crosscoder, iter_snapshots(f"hf:{MODEL}", probe_steps, device=DEVICE), corpus.eval_tokens,

@@ -72,7 +72,7 @@ CELLS: list[Cell] = [
     code("""
     import json
 
-    from evolution.phases import phase_map, read_run
+    from evolution.phases.stage import phase_map, read_run
 
     phases = json.loads((run.path / "phases.json").read_text())
     print(f"boundary ≈ step {phases['boundary_step']}; agreeing signals: {phases['agreement']['agree']}")

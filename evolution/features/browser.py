@@ -7,7 +7,7 @@ header) and filters by a search box, a group and an alive switch; URL parameters
 (`?sort=peak_step&desc=1&group=late-rising&q=induction&alive=0`) and `#feature-<i>` opens a feature,
 which is how `report.html` links into it.
 
-Top contexts come from the probes as `analysis/contexts.json` (docs/interfaces.md):
+Top contexts come from the probes as `analysis/contexts.json` (docs/architecture.md):
 `{"<feature>": {"<step>": [{"tokens": [str, ...], "highlight": j, "activation": a}, ...]}}`;
 `text_tokens` is accepted as a synonym of `tokens`.
 """
@@ -22,7 +22,7 @@ from typing import Any
 import pandas as pd
 
 from crosscoders.io import write_text
-from evolution.timelines import GROUPS, Timelines
+from evolution.features.timelines import GROUPS, Timelines
 
 TEMPLATE = Path(__file__).parent / "templates" / "browser.html"
 TABLE_COLUMNS = ("feature", "peak_step", "emergence_step", "fade_step", "max_norm", "group", "turn_step",

@@ -7,8 +7,8 @@ a time, and writes `geometry.json` and `figures/geometry_*.png`.
 Layers are residual-stream points: layer l < L is `blocks.{l}.hook_resid_pre` (l = 0 is the token +
 position embedding), layer L is `blocks.{L-1}.hook_resid_post` (before the final LayerNorm). Pair
 metrics (linearity) are stored at the *source* layer: `linearity[l]` is block l's map from layer l to
-layer l+1, and the entry at layer L is null. Definitions: `evolution/layer_metrics.py`,
-`evolution/intrinsic_dim.py`.
+layer l+1, and the entry at layer L is null. Definitions: `evolution/geometry/layer_metrics`,
+`evolution/geometry/intrinsic_dim`.
 
 Tokens: the same `n_tokens` positions of the corpus's eval split are sampled (seeded) for every
 snapshot and layer, BOS excluded by default: the BOS position's residual stream is a huge-norm
@@ -25,12 +25,12 @@ from pathlib import Path
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from crosscoders.configs import config_hash, to_dict
+from crosscoders.dataclass_cli import config_hash, to_dict
 from crosscoders.io import write_json
-from evolution.intrinsic_dim import intrinsic_dims
-from evolution.layer_metrics import anisotropy, linearity_pair
+from crosscoders.progress import progress_bar
+from evolution.geometry.intrinsic_dim import intrinsic_dims
+from evolution.geometry.layer_metrics import anisotropy, linearity_pair
 
 PAIR_METRICS = ("linearity", "linearity_no_residual", "token_nonlinearity_p90", "token_nonlinearity_max")
 POINT_METRICS = ("anisotropy", "id_twonn", "id_mle", "duplicate_frac", "mean_norm")
@@ -142,7 +142,7 @@ def resid_metrics(resid: Float[Tensor, "n_layers_plus_1 n d_model"], cfg: Geomet
     """Every metric per layer (pair metrics at their source layer, null at the last)."""
     n_points = resid.shape[0]
     metrics: dict[str, list] = {m: [] for m in PAIR_METRICS + POINT_METRICS}
-    for layer in tqdm(range(n_points), desc="layers", unit="layer", leave=False):
+    for layer in progress_bar(range(n_points), desc="layers", unit="layer", leave=False):
         X = resid[layer]
         pair = linearity_pair(X, resid[layer + 1]) if layer + 1 < n_points else dict.fromkeys(PAIR_METRICS)
         for m in PAIR_METRICS:
@@ -188,7 +188,7 @@ def _eval_tokens(run_dir: Path) -> Tensor:
 def geometry(run_dir: str | Path, cfg: GeometryConfig | None = None) -> dict:
     """Measure every snapshot of `run_dir` (one model in memory at a time), write `geometry.json` after
     each snapshot (so an interrupted job resumes) and `figures/geometry_<metric>.png`."""
-    from evolution.snapshots import iter_snapshots, local_steps
+    from evolution.sources.snapshots import iter_snapshots, local_steps
 
     cfg = cfg or GeometryConfig()
     run_dir = Path(run_dir)
@@ -208,7 +208,7 @@ def geometry(run_dir: str | Path, cfg: GeometryConfig | None = None) -> dict:
             for i, s in enumerate(old["steps"]):
                 done[s] = {m: v[i] for m, v in old["metrics"].items()}
     todo = [s for s in steps if s not in done]
-    bar = tqdm(total=len(steps), initial=len(steps) - len(todo), desc="geometry", unit="snapshot")
+    bar = progress_bar(total=len(steps), initial=len(steps) - len(todo), desc="geometry", unit="snapshot")
     for step, model in iter_snapshots(snap_root, todo, device=cfg.device) if todo else []:
         result = model_geometry(model, tokens, cfg)
         del model
@@ -284,7 +284,7 @@ def geometry_heatmap(data: dict, metric: str, ax=None):
 
 
 def plot_geometry(data: dict, fig_dir: str | Path) -> list[Path]:
-    from evolution.plots import save_figure
+    from evolution.figures import save_figure
 
     paths = []
     for metric in FIGURE_METRICS:
@@ -302,7 +302,7 @@ def geometry_cli(argv: list[str] | None = None) -> dict:
     """`feature-evolution geometry RUN [--n-tokens N ...]`."""
     import argparse
 
-    from crosscoders.configs import add_arguments, from_dict
+    from crosscoders.dataclass_cli import add_arguments, from_dict
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("run_dir")

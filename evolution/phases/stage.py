@@ -132,7 +132,7 @@ def references(run_dir: Path) -> dict[str, float] | None:
         return None
     from safetensors.torch import load_file
 
-    from evolution.references import bigram_entropy, unigram_entropy
+    from evolution.sources.references import bigram_entropy, unigram_entropy
 
     tokens = load_file(str(tok_path))["tokens"]
     bos = int(tokens[0, 0])
@@ -183,7 +183,7 @@ def phase_signals(data: dict, cfg: PhasesConfig | None = None) -> dict[str, dict
 
 def phases(run_dir: str | Path, cfg: PhasesConfig | None = None) -> dict:
     """Write `phases.json` (boundary step, each signal's step, agreement) and `figures/phase_map.png`."""
-    from crosscoders.configs import to_dict
+    from crosscoders.dataclass_cli import to_dict
 
     cfg = cfg or PhasesConfig()
     run_dir = Path(run_dir)
@@ -191,7 +191,7 @@ def phases(run_dir: str | Path, cfg: PhasesConfig | None = None) -> dict:
     signals = phase_signals(data, cfg)
     result = {**combine(signals, cfg.agree_factor), "signals": signals, "references": data["references"], "config": to_dict(cfg)}
     write_json(run_dir / "phases.json", result)
-    from evolution.plots import save_figure
+    from evolution.figures import save_figure
 
     save_figure(phase_map(data, result), run_dir / "figures" / "phase_map.png")
     return result
@@ -275,7 +275,7 @@ def phases_cli(argv: list[str] | None = None) -> dict:
     """`feature-evolution phases RUN [--agree-factor F ...]`."""
     import argparse
 
-    from crosscoders.configs import add_arguments, from_dict
+    from crosscoders.dataclass_cli import add_arguments, from_dict
 
     parser = argparse.ArgumentParser(description="phase boundary and phase map of a run")
     parser.add_argument("run_dir")

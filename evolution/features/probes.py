@@ -27,7 +27,7 @@ Scores (one value per feature and snapshot):
   that the current token alone does not explain, held out (~0 for a pure token feature; previous-token,
   induction and topic features are all context-dependent by this measure).
 
-Ground-truth type (planted corpus, labels from `evolution.corpus.MECHANISMS`, -1 = none): the
+Ground-truth type (planted corpus, labels from `evolution.sources.corpus.MECHANISMS`, -1 = none): the
 activation-weighted distribution of mechanism labels over the positions where the feature fires.
 The residual stream at position t has read tokens ≤ t and is trained to predict token t+1, so the
 label of **t+1** says which mechanism the feature helps predict: that is `gt_type` / `gt_purity`
@@ -50,7 +50,6 @@ groups with scores of this kind and find they form in that order during pre-trai
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -60,14 +59,15 @@ import torch
 from einops import einsum
 from jaxtyping import Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
 
+from crosscoders.harvest import stop_layer
 from crosscoders.io import save_safetensors, write_json
-from evolution.probes_stats import FoldMoments, GroupR2, LabelMass, group_ids
-from evolution.probes_topk import StreamingTopK, contexts_from_topk, decoder_for
+from crosscoders.progress import progress_bar
+from evolution.features.probe_stats import FoldMoments, GroupR2, LabelMass, group_ids
+from evolution.features.top_contexts import StreamingTopK, contexts_from_topk, decoder_for
+from evolution.sources.planted import MECHANISMS
 
 FeatureActsFn = Callable[[Int[Tensor, "batch pos"]], Float[Tensor, "batch pos d_sae"]]
-MECHANISMS = ("unigram", "bigram", "copy", "topic")  # = evolution.corpus.MECHANISMS (kept import-free)
 PROBE_COLUMNS = ("prev_token_score", "induction_score", "context_score", "gt_type", "gt_purity")
 """the columns of `ProbeResult.table` that go into analysis/features.csv (gt_* only on the planted corpus)"""
 
@@ -105,13 +105,12 @@ def crosscoder_acts_fn(crosscoder, model, hook: str, source: int, max_elements: 
     """Feature activations in one snapshot: run `model` to `hook`, encode with source `source` alone.
 
     `crosscoder` is anything with `W_enc[n_sources, d_in, d_sae]` and `encode_per_source`
-    (docs/interfaces.md). When it also has `activate` and `b_enc` (crosscoders.model.Crosscoder), only
+    (docs/architecture.md). When it also has `activate` and `b_enc` (crosscoders.model.Crosscoder), only
     source `source`'s encoder is run, `activate(x_s W_enc[s] + b_enc)` in eval mode, which is what
     `encode_per_source(x)[:, source]` returns (tested) without coding every other source as well:
     probing all snapshots would otherwise cost n_sources² encoder passes.
     """
-    m = re.match(r"blocks\.(\d+)\.", hook)
-    stop = int(m.group(1)) + 1 if m else None  # no need to run the layers after the hook
+    stop = stop_layer(hook)  # no need to run the layers after the hook
     n_sources, _, d_sae = crosscoder.W_enc.shape
     dtype, device = crosscoder.W_enc.dtype, crosscoder.W_enc.device
     single = hasattr(crosscoder, "activate") and hasattr(crosscoder, "b_enc")
@@ -305,7 +304,7 @@ def probe_features(
     per: dict[str, list[Tensor]] = {}
     topks: list[StreamingTopK | None] = []
     decode = decoder_for(tokenizer)
-    for i, (step, model) in enumerate(tqdm(snapshots, desc="probing snapshots", unit="snapshot")):
+    for i, (step, model) in enumerate(progress_bar(snapshots, desc="probing snapshots", unit="snapshot")):
         source = list(steps).index(step) if steps is not None else i
         if source >= n_sources:
             raise ValueError(f"snapshot step {step} maps to source {source}, the crosscoder has {n_sources}")

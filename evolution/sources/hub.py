@@ -9,11 +9,13 @@ from __future__ import annotations
 import os
 import socket
 
+from crosscoders.errors import UserError
+
 HUB_HOST = "huggingface.co"
 
 
-class HubUnavailable(RuntimeError):
-    pass
+class HubUnavailable(UserError, RuntimeError):
+    """The model/dataset hub cannot be reached (offline machine, HF_HUB_OFFLINE=1)."""
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:

@@ -36,6 +36,7 @@ from typing import Any
 import einops
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from safetensors.torch import load_file
 from torch import Tensor
@@ -65,22 +66,18 @@ class TimelineConfig:
     """A feature's own direction turn counts only if its weighted direction change reaches this."""
 
 
-def _unit(x: Tensor, eps: float = 1e-12) -> Tensor:
-    return x / x.norm(dim=-1, keepdim=True).clamp_min(eps)
-
-
 def decoder_norms(W_dec: Float[Tensor, "n_sources d_sae d_in"]) -> Float[Tensor, "d_sae n_sources"]:
     return einops.rearrange(W_dec.float().norm(dim=-1), "n_sources d_sae -> d_sae n_sources")
 
 
 def cos_to_final(W_dec: Float[Tensor, "n_sources d_sae d_in"]) -> Float[Tensor, "d_sae n_sources"]:
-    u = _unit(W_dec.float())
+    u = F.normalize(W_dec.float(), dim=-1)
     return einops.einsum(u, u[-1], "n_sources d_sae d_in, d_sae d_in -> d_sae n_sources")
 
 
 def adjacent_cos(W_dec: Float[Tensor, "n_sources d_sae d_in"]) -> Float[Tensor, "d_sae n_intervals"]:
     """Cosine between the directions of consecutive snapshots; column s-1 is the pair (s-1, s)."""
-    u = _unit(W_dec.float())
+    u = F.normalize(W_dec.float(), dim=-1)
     return einops.einsum(u[:-1], u[1:], "n_int d_sae d_in, n_int d_sae d_in -> d_sae n_int")
 
 
@@ -95,7 +92,7 @@ def pairwise_cos(
     idx = torch.arange(W_dec.shape[1]) if features is None else torch.as_tensor(features, dtype=torch.long)
     out = []
     for part in idx.split(chunk):
-        u = _unit(W_dec[:, part].float())
+        u = F.normalize(W_dec[:, part].float(), dim=-1)
         out.append(einops.einsum(u, u, "s f d_in, t f d_in -> f s t"))
     return torch.cat(out) if out else torch.empty(0, W_dec.shape[0], W_dec.shape[0])
 
@@ -167,7 +164,7 @@ class Timelines:
         return [self.steps[i] if i >= 0 else None for i in idx.tolist()]
 
     def to_frame(self) -> pd.DataFrame:
-        """One row per feature: the `analysis/features.csv` columns (docs/interfaces.md)."""
+        """One row per feature: the `analysis/features.csv` columns (docs/architecture.md)."""
         df = pd.DataFrame({
             "feature": range(self.d_sae),
             "peak_index": self.peak_index.tolist(),
@@ -311,7 +308,3 @@ def compute_timelines(crosscoder: Any, steps: list[int], cfg: TimelineConfig | N
         W_dec = W_dec * scale.detach().float().cpu().reshape(-1, 1, 1)
     return compute_timelines_from_W_dec(W_dec, steps, cfg)
 
-
-def turning_point(timelines: Timelines) -> int:
-    """The turning-point step (definition in the module docstring)."""
-    return timelines.turning_point_step

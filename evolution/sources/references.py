@@ -4,7 +4,7 @@ The *statistical phase* of pre-training (DESIGN.md) is the stretch where the los
 entropy of the token statistics: first the unigram entropy H(x_t), then the conditional bigram
 entropy H(x_t | x_{t-1}). These numbers are the horizontal reference lines on the loss figure.
 
-On the planted corpus (`evolution.corpus`) each token also carries the mechanism that produced it,
+On the planted corpus (`evolution.sources.corpus`) each token also carries the mechanism that produced it,
 and `mechanism_references` gives, per mechanism, the cross-entropy of add-α smoothed n-gram models on
 exactly those tokens. **Rule for "learned"** (used by the loss figures and the phase map): a mechanism
 counts as learned by a model at the first step where the model's eval loss on that mechanism's tokens

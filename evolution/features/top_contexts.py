@@ -3,7 +3,7 @@
 `StreamingTopK` holds, per feature, the k largest activations seen so far and where they were
 (a flat index `seq * seq_len + pos` into the stream); each batch is merged in with one `topk`, so memory
 is O(k * d_sae) whatever the stream length. `contexts_from_topk` turns that into the JSON the feature
-browser reads (`analysis/contexts.json`, docs/interfaces.md):
+browser reads (`analysis/contexts.json`, docs/architecture.md):
 
     {"<feature>": {"<step>": [{"tokens": [str, ...], "highlight": j, "activation": a}, ...]}}
 

@@ -15,7 +15,6 @@ half-written `step{N}/`; log rows written after the last saved state are dropped
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import shutil
@@ -30,11 +29,12 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from crosscoders.configs import config_hash, to_dict
+from crosscoders.dataclass_cli import config_hash, to_dict
 from crosscoders.io import append_jsonl, read_jsonl, torch_save, write_json, write_text
-from evolution.snapshots import pythia_like_schedule
+from crosscoders.progress import progress_bar
+from crosscoders.train import warmup_decay
+from evolution.sources.snapshots import pythia_like_schedule
 
 PRESETS: dict[str, dict[str, int]] = {
     # CPU default: ~16k tok/s on 2 cores (DESIGN.md), enough for the planted corpus's mechanisms.
@@ -155,12 +155,9 @@ def make_optimizer(model: torch.nn.Module, cfg: PretrainConfig):
 
 
 def lr_factor(t: int, cfg: PretrainConfig) -> float:
-    """Multiplier of the peak LR for update t (0-based): linear warm-up, then cosine to min_lr_frac."""
+    """Pythia's schedule for update t (0-based): linear warm-up, then cosine to min_lr_frac."""
     warmup = max(1, round(cfg.warmup_frac * cfg.steps))
-    if t < warmup:
-        return (t + 1) / warmup
-    progress = min(1.0, (t - warmup) / max(1, cfg.steps - warmup))
-    return cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress))
+    return warmup_decay(t, cfg.steps, warmup, warmup, cfg.min_lr_frac, "cosine")
 
 
 def batch_indices(seed: int, step: int, batch_size: int, n_seq: int) -> Int[Tensor, " batch"]:
@@ -300,7 +297,7 @@ def pretrain(cfg: PretrainConfig, corpus, out_dir: str | Path, *, stop_after: in
     if step == 0:
         at_step_end()
     n_seq, seq_len = corpus.tokens.shape
-    bar = tqdm(total=cfg.steps, initial=step, desc="pretrain", unit="step", dynamic_ncols=True)
+    bar = progress_bar(total=cfg.steps, initial=step, desc="pretrain", unit="step", dynamic_ncols=True)
     t0 = time.perf_counter() - elapsed
     while step < cfg.steps:
         idx = batch_indices(cfg.seed, step, cfg.batch_size, n_seq)
@@ -334,7 +331,7 @@ def pretrain(cfg: PretrainConfig, corpus, out_dir: str | Path, *, stop_after: in
 
 def run_pretrain(run_dir: str | Path, cfg: PretrainConfig) -> list[int]:
     """The `feature-evolution pretrain` verb: read `run_dir/corpus/`, train, write into `run_dir`."""
-    from evolution.corpus import Corpus
+    from evolution.sources.corpus import Corpus
 
     corpus_dir = Path(run_dir) / "corpus"
     if not corpus_dir.exists():
@@ -349,7 +346,7 @@ def pretrain_cli(argv: Sequence[str] | None = None) -> list[int]:
     --preset, --d-model, --n-layers, --n-heads, --d-mlp, --n-ctx, --rotary-pct)."""
     import argparse
 
-    from crosscoders.configs import add_arguments, from_dict
+    from crosscoders.dataclass_cli import add_arguments, from_dict
 
     parser = argparse.ArgumentParser(prog="feature-evolution pretrain", description=PretrainConfig.__doc__)
     parser.add_argument("--run-dir", required=True, help="run directory holding corpus/ (written by the corpus stage)")
