@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from crosscoders.configs import parse_config, to_dict
+from crosscoders.dataclass_cli import parse_config, to_dict
 from crosscoders.io import write_json
 
 from .common import machine, matmul_peak
