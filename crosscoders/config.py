@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 Activation = Literal["relu", "jumprelu", "batchtopk"]
+Gate = Literal["shared", "per_source"]
 
 
 @dataclass
@@ -21,6 +22,11 @@ class CrosscoderConfig:
     activation: Activation = "batchtopk"
     """Sparsity scheme: relu + decoder-norm-weighted L1 (Lindsey et al. 2024), jumprelu + tanh penalty
     (Ge et al. 2025), batchtopk + AuxK (Bussmann et al. 2024; Minder et al. 2025)."""
+    gate: Gate = "shared"
+    """shared: one code for all sources, f = act(pre) gated on pre * sum_s |W_dec[s,i]| (Lindsey et al. 2024);
+    per_source: shared pre-activation, one gate per source with that source's decoder norm,
+    f[s,i] = act(pre_i |W_dec[s,i]|) / |W_dec[s,i]| (Ge et al. 2025; OpenMOSS models/crosscoder.py).
+    Defined for relu and jumprelu; batchtopk refuses it."""
     k: float = 32.0
     """batchtopk: mean number of active latents per token over a batch."""
     dec_init_norm: float = 0.1

@@ -4,6 +4,9 @@ Each penalty is a plain function; `crosscoder_loss` picks them by `cfg.activatio
   relu      : L1 of f weighted by N_i = sum_s |W_dec[s, i]| (Lindsey et al. 2024, eq. for crosscoders)
   jumprelu  : sum_i tanh(c f_i N_i) (Anthropic Jan 2025 update; Ge et al. 2025), optional pre-act loss
   batchtopk : no penalty (sparsity is the top-k); AuxK on dead latents (Gao et al. 2024; Minder et al. 2025)
+With the per-source gate (Ge et al. 2025) the code is f[s, i] and each penalty is summed over latents and
+sources with that source's decoder norm, sum_s sum_i pen(f[s, i] |W_dec[s, i]|); with the shared gate
+f_i * sum_s |W_dec[s, i]| is the one term per latent.
 """
 
 from __future__ import annotations
@@ -31,28 +34,28 @@ class LossOutput(NamedTuple):
     mse_per_source: Tensor
     """|x_s - x_hat_s|^2 per source, mean over the batch, detached: [n_sources]."""
     f: Tensor
-    """The code [batch, d_sae], for metrics."""
+    """The code [batch, d_sae] (shared gate) or [batch, n_sources, d_sae] (per-source gate), for metrics."""
     x_hat: Tensor
     """The reconstruction [batch, n_sources, d_in]."""
     min_kept: Tensor | None
     """batchtopk: smallest kept decoder-norm-scaled activation (feeds the inference threshold)."""
 
 
-def l1_penalty(f: Float[Tensor, "batch d_sae"], dec_norm: Float[Tensor, " d_sae"]) -> Tensor:
-    return (f * dec_norm).sum(-1).mean()
+def l1_penalty(f: Tensor, dec_norm: Tensor) -> Tensor:
+    """sum over latents (and sources, per-source gate) of f * norm, mean over the batch."""
+    return (f * dec_norm).flatten(1).sum(-1).mean()
 
 
-def tanh_penalty(f: Float[Tensor, "batch d_sae"], dec_norm: Float[Tensor, " d_sae"], c: float) -> Tensor:
+def tanh_penalty(f: Tensor, dec_norm: Tensor, c: float) -> Tensor:
     # A smooth L0 proxy that, unlike L1, does not shrink the active latents' magnitudes.
-    return torch.tanh(c * f * dec_norm).sum(-1).mean()
+    return torch.tanh(c * f * dec_norm).flatten(1).sum(-1).mean()
 
 
-def pre_act_loss(
-    pre: Float[Tensor, "batch d_sae"], dec_norm: Float[Tensor, " d_sae"], threshold: Tensor, dead: Bool[Tensor, " d_sae"]
-) -> Tensor:
-    """Anthropic Jan 2025: sum_i ReLU(theta_i - pre_i N_i) over dead latents pulls them back to their gate."""
+def pre_act_loss(pre: Tensor, dec_norm: Tensor, threshold: Tensor, dead: Bool[Tensor, " d_sae"]) -> Tensor:
+    """Anthropic Jan 2025: sum_i ReLU(theta_i - pre_i N_i) over dead latents pulls them back to their gate
+    (per-source gate: pre [batch, 1, d_sae] against each source's norms [n_sources, d_sae])."""
     gap = torch.relu(threshold - pre * dec_norm) * dead.to(pre.dtype)
-    return gap.sum(-1).mean()
+    return gap.flatten(1).sum(-1).mean()
 
 
 def auxk_loss(
@@ -92,7 +95,7 @@ def crosscoder_loss(
     cfg = model.cfg
     model.check_input(x)
     pre = model.pre_acts(x)
-    dec_norm = model.decoder_norms().sum(-1)
+    dec_norm = model.gate_norms()  # [d_sae] shared, [n_sources, d_sae] per-source
     min_kept = None
     if cfg.activation == "batchtopk":
         f, min_kept = A.batch_topk(pre, dec_norm, cfg.k)
@@ -110,7 +113,7 @@ def crosscoder_loss(
         sparsity = tanh_penalty(f.float(), dec_norm.float(), cfg.tanh_scale)
         if pre_act_coef > 0 and dead is not None:
             th = model.threshold.clamp(min=0)
-            aux = pre_act_coef * pre_act_loss(pre.float(), dec_norm.float(), th, dead)
+            aux = pre_act_coef * pre_act_loss(model.gate_input(pre).float(), dec_norm.float(), th, dead)
     elif cfg.activation == "batchtopk" and dead is not None and auxk_coef > 0:
         aux = auxk_coef * auxk_loss(model, x.float(), x_hat.float(), pre.float(), dec_norm.float(), dead,
                                     k_aux or max(1, cfg.d_in // 2))

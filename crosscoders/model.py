@@ -1,7 +1,14 @@
-"""The crosscoder: per-source encoders summed into one sparse code, per-source decoders.
+"""The crosscoder: per-source encoders summed into one pre-activation, per-source decoders.
 
-    f      = act(sum_s W_enc[s]^T x_s + b_enc)          (Lindsey et al. 2024, *Sparse Crosscoders*)
-    x_hat_s = W_dec[s]^T f + b_dec[s]
+    pre     = sum_s W_enc[s]^T x_s + b_enc
+    shared gate     f = act(pre)                          x_hat_s = W_dec[s]^T f + b_dec[s]
+                    (Lindsey et al. 2024, *Sparse Crosscoders*; code [batch, d_sae])
+    per-source gate f[s] = act(pre * n_s) / n_s,  n_s = |W_dec[s, i]|,   x_hat_s = W_dec[s]^T f[s] + b_dec[s]
+                    (Ge et al. 2025; OpenMOSS Language-Model-SAEs models/crosscoder.py; code [batch, n_sources, d_sae])
+
+The per-snapshot activation of latent i in source s (`activations_per_snapshot`, one definition for every
+probe, metric and browser; docs DESIGN.md): the per-source code where the gate is per-source, else
+f_i * n_s[i], how much of the feature source s writes (in normalised units, see below).
 
 A latent's decoder norm per source, `|W_dec[s, i]|`, is what the evolution study reads off
 (Ge et al. 2025): its profile over snapshots says when the feature is born, peaks and fades.
@@ -38,6 +45,13 @@ class Crosscoder(nn.Module):
         super().__init__()
         if cfg.n_sources < 1 or cfg.d_in < 1 or cfg.d_sae < 1:
             raise ValueError(f"CrosscoderConfig needs n_sources, d_in, d_sae >= 1, got {cfg}")
+        if cfg.gate not in ("shared", "per_source"):
+            raise ValueError(f"CrosscoderConfig.gate must be 'shared' or 'per_source', got {cfg.gate!r}")
+        if cfg.gate == "per_source" and cfg.activation == "batchtopk":
+            # A per-source top-k would make each snapshot compete for one batch budget, so a snapshot with
+            # large activations would take the budget of the others; Ge et al. define no such scheme.
+            raise ValueError("CrosscoderConfig.gate='per_source' is not defined for activation='batchtopk' "
+                             "(use gate='shared', or activation='jumprelu' / 'relu')")
         self.cfg = cfg
         S, D, H = cfg.n_sources, cfg.d_in, cfg.d_sae
         gen = torch.Generator().manual_seed(cfg.seed)
@@ -73,8 +87,18 @@ class Crosscoder(nn.Module):
         """|W_dec[s, i]| in the training (normalised) units, whether or not the scales are folded in."""
         return (self.W_dec.norm(dim=-1) * self.norm_scale[:, None]).T
 
-    def _gate_norm(self) -> Float[Tensor, " d_sae"]:
-        return self.decoder_norms().sum(-1)
+    @property
+    def per_source(self) -> bool:
+        return self.cfg.gate == "per_source"
+
+    def gate_norms(self) -> Float[Tensor, " d_sae"] | Float[Tensor, "n_sources d_sae"]:
+        """What the gate multiplies the pre-activation by: sum_s n_s (shared) or each n_s (per-source)."""
+        n = self.decoder_norms()
+        return n.T if self.per_source else n.sum(-1)
+
+    def gate_input(self, pre: Tensor) -> Tensor:
+        # per-source: broadcast pre [..., d_sae] against norms [n_sources, d_sae] -> [..., n_sources, d_sae]
+        return pre.unsqueeze(-2) if self.per_source else pre
 
     # ------------------------------------------------------------------ encode / decode
     def pre_acts(self, x: Float[Tensor, "batch n_sources d_in"]) -> Float[Tensor, "batch d_sae"]:
@@ -86,10 +110,14 @@ class Crosscoder(nn.Module):
         mode (and for per-source codes) it is the learned threshold gate, so codes do not depend on
         the batch."""
         act = self.cfg.activation
+        norm = self.gate_norms()
         if act == "relu":
+            if self.per_source:  # relu(pre n)/n = relu(pre) where n > 0; a zero-norm slice writes nothing
+                return A.relu(pre).unsqueeze(-2) * (norm > 0).to(pre.dtype)
             return A.relu(pre)
-        norm = self._gate_norm()
+        pre = self.gate_input(pre)
         if act == "jumprelu":
+            # per-source: act(pre n)/n with act(z) = z H(z - theta) is pre H(pre n - theta), what jumprelu returns
             if self.training:
                 return A.jumprelu(pre, norm, self.threshold.clamp(min=0), self.cfg.jumprelu_bandwidth,
                                   self.cfg.jumprelu_ste_to_input)
@@ -100,26 +128,32 @@ class Crosscoder(nn.Module):
             return A.threshold_gate(pre, norm, self.threshold)
         raise ValueError(f"unknown activation {act!r}")
 
-    def encode(self, x: Float[Tensor, "batch n_sources d_in"]) -> Float[Tensor, "batch d_sae"]:
+    def encode(self, x: Float[Tensor, "batch n_sources d_in"]) -> Tensor:
+        """The code: [batch, d_sae] for the shared gate, [batch, n_sources, d_sae] for the per-source gate."""
         self.check_input(x)
         return self.activate(self.pre_acts(x))
 
-    def encode_per_source(self, x: Float[Tensor, "batch n_sources d_in"]) -> Float[Tensor, "batch n_sources d_sae"]:
-        """Each source's encoder alone (+ b_enc), then the activation: how strongly a latent reads in one
-        snapshot. batchtopk uses its inference threshold here."""
-        self.check_input(x)
-        pre = einsum(x.to(self.W_enc.dtype), self.W_enc, "b s d, s d h -> b s h") + self.b_enc
-        if self.cfg.activation == "batchtopk":
-            return A.threshold_gate(pre, self._gate_norm(), self.threshold)
+    def decode(self, f: Tensor) -> Float[Tensor, "batch n_sources d_in"]:
+        if f.ndim == 3:  # per-source code
+            return einsum(f.to(self.W_dec.dtype), self.W_dec, "b s h, s h d -> b s d") + self.b_dec
+        return einsum(f.to(self.W_dec.dtype), self.W_dec, "b h, s h d -> b s d") + self.b_dec
+
+    def per_snapshot(self, f: Tensor) -> Float[Tensor, "batch n_sources d_sae"]:
+        """Per-snapshot activations from a code: the per-source code itself, or f_i * n_s[i] (shared gate)."""
+        if f.ndim == 3:
+            return f
+        return f.unsqueeze(-2) * self.decoder_norms().T.to(f.dtype)
+
+    @torch.no_grad()
+    def activations_from_pre(self, pre: Float[Tensor, "batch d_sae"]) -> Float[Tensor, "batch n_sources d_sae"]:
+        """Per-snapshot activations from an already summed pre-activation, in inference mode (the probes
+        accumulate `pre` one snapshot model at a time)."""
         was = self.training
         self.eval()
         try:
-            return self.activate(pre)
+            return self.per_snapshot(self.activate(pre))
         finally:
             self.train(was)
-
-    def decode(self, f: Float[Tensor, "batch d_sae"]) -> Float[Tensor, "batch n_sources d_in"]:
-        return einsum(f.to(self.W_dec.dtype), self.W_dec, "b h, s h d -> b s d") + self.b_dec
 
     def forward(self, x: Float[Tensor, "batch n_sources d_in"]) -> tuple[Tensor, Tensor]:
         f = self.encode(x)
@@ -163,3 +197,18 @@ class Crosscoder(nn.Module):
         except Exception as e:  # safetensors / shape errors: say which file
             raise ValueError(f"cannot load crosscoder weights from {weights_file}: {e}") from e
         return model.to(device).eval()
+
+
+@torch.no_grad()
+def activations_per_snapshot(model: Crosscoder, x: Float[Tensor, "batch n_sources d_in"]) -> Float[Tensor, "batch n_sources d_sae"]:
+    """Activation of each latent in each snapshot (source), the one definition used by probes, top
+    contexts, the browser and eval.json (DESIGN.md, "Definitions"):
+
+      per-source gate: the model's own code f[s, i] = act(pre_i n_s[i]) / n_s[i] (Ge et al. 2025);
+      shared gate:     f_i * n_s[i], the norm of what latent i writes into source s (f_i is shared, so
+                       the snapshot profile comes from the decoder norms, Lindsey et al. 2024).
+
+    n_s[i] = |W_dec[s, i]| in the training (normalised) units (`decoder_norms`). Inference mode: batchtopk
+    uses its threshold, so the result does not depend on the batch."""
+    model.check_input(x)
+    return model.activations_from_pre(model.pre_acts(x))

@@ -87,10 +87,19 @@ def _check_batch(model: Crosscoder, x: Tensor, step: int) -> None:
         )
 
 
+def active_latents(f: Tensor) -> Tensor:
+    """[batch, d_sae] bool: latent active on the token (in any source, for a per-source code)."""
+    active = f > 0
+    return active.any(-2) if active.ndim == 3 else active
+
+
 @torch.no_grad()
 def evaluate(model: Crosscoder, batches: Iterable[Tensor], max_batches: int | None = None) -> dict:
     """Per-source FVU = sum|x - x_hat|^2 / sum|x - mean x|^2 over all tokens; L0 = mean active latents per
-    token; dead_frac = fraction of latents never active. `*_per_source` use each source's encoder alone."""
+    token (per-source gate: active in any source); dead_frac = fraction of latents never active.
+    `l0_per_source`, `dead_frac_per_source` and `n_features_firing_per_source` (latents with a positive
+    activation in that source on some token of the window) count `activations_per_snapshot` > 0, the
+    one per-snapshot definition (crosscoders.model)."""
     was = model.training
     model.eval()
     S, H = model.cfg.n_sources, model.cfg.d_sae
@@ -109,10 +118,10 @@ def evaluate(model: Crosscoder, batches: Iterable[Tensor], max_batches: int | No
         sse += (x - x_hat).double().pow(2).sum((0, 2))
         sx += x.double().sum(0)
         sxx += x.double().pow(2).sum((0, 2))
-        active = f > 0
+        active = active_latents(f)
         fired |= active.any(0)
         l0 += active.sum().item()
-        fs = model.encode_per_source(x) > 0
+        fs = model.per_snapshot(f) > 0
         fired_s |= fs.any(0)
         l0_s += fs.sum((0, 2)).double()
         n += x.shape[0]
@@ -128,6 +137,7 @@ def evaluate(model: Crosscoder, batches: Iterable[Tensor], max_batches: int | No
         "dead_frac": 1 - fired.float().mean().item(),
         "l0_per_source": (l0_s / n).tolist(),
         "dead_frac_per_source": (1 - fired_s.float().mean(1)).tolist(),
+        "n_features_firing_per_source": fired_s.sum(1).tolist(),
         "n_tokens": n,
     }
 
@@ -225,7 +235,7 @@ def train(
         opt.step()
         sched.step()
         with torch.no_grad():
-            fired = (loss.f > 0).any(0)
+            fired = active_latents(loss.f).any(0)
             since_fired += x.shape[0]
             since_fired[fired] = 0
             if cfg.crosscoder.activation == "batchtopk" and loss.min_kept is not None:
@@ -242,7 +252,7 @@ def train(
             row = {"step": step, "tokens_seen": tokens_seen, "lr": sched.get_last_lr()[0],
                    "sparsity_coef": coef, "loss": loss.total.item(), "mse": loss.mse.item(),
                    "sparsity": loss.sparsity.item(), "aux": loss.aux.item(), "fvu": fvu,
-                   "l0": (loss.f > 0).sum(-1).float().mean().item(),
+                   "l0": active_latents(loss.f).sum(-1).float().mean().item(),
                    "dead_frac": (since_fired >= cfg.dead_tokens).float().mean().item(),
                    "tok_per_s": (tokens_seen - tok0) / max(time.perf_counter() - t0, 1e-9)}
             append_jsonl(out / LOG, row)

@@ -9,8 +9,8 @@ from crosscoders.interop import export_sae_lens
 from crosscoders.model import Crosscoder
 
 
-def generic(activation, S, seed=0):
-    m = Crosscoder(CrosscoderConfig(n_sources=S, d_in=8, d_sae=32, activation=activation, seed=seed))
+def generic(activation, S, seed=0, gate="shared"):
+    m = Crosscoder(CrosscoderConfig(n_sources=S, d_in=8, d_sae=32, activation=activation, seed=seed, gate=gate))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in (m.W_enc, m.W_dec, m.b_enc, m.b_dec):
@@ -37,14 +37,31 @@ def test_one_source_crosscoder_equals_exported_sae(tmp_path, activation):
     torch.testing.assert_close(out, x_hat[:, 0], rtol=1e-5, atol=1e-5)
 
 
-def test_slice_of_a_multi_source_crosscoder_is_its_per_source_code(tmp_path):
-    m = generic("jumprelu", S=3, seed=1)
+@pytest.mark.parametrize("activation,gate", [("jumprelu", "per_source"), ("relu", "per_source"),
+                                             ("jumprelu", "shared"), ("batchtopk", "shared")])
+def test_export_of_snapshot_s_reproduces_its_codes_and_reconstruction(tmp_path, activation, gate):
+    m = generic(activation, S=3, seed=1, gate=gate)
     export_sae_lens(m, tmp_path, source=2)
     sae = SAE.load_from_disk(tmp_path)
-    x = torch.randn(64, 3, 8)
+    x = 3 * torch.randn(64, 3, 8)
     with torch.no_grad():
-        f = m.encode_per_source(x)[:, 2]
-        torch.testing.assert_close(sae.encode(x[:, 2]), f, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(sae.decode(f), m.decode(f)[:, 2], rtol=1e-5, atol=1e-5)
+        x_hat, f = m(x)
+        f2 = f[:, 2] if gate == "per_source" else f
+        got = sae.encode(x.reshape(64, -1))
+        torch.testing.assert_close(got, f2, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(sae(x.reshape(64, -1)).view(64, 3, 8)[:, 2], x_hat[:, 2], rtol=1e-5, atol=1e-5)
+    assert 0 < (f2 > 0).float().mean() < 1
     with pytest.raises(ValueError, match="source must be in 0..2"):
         export_sae_lens(m, tmp_path / "x", source=3)
+
+
+@pytest.mark.parametrize("gate", ["shared", "per_source"])
+def test_own_source_export_reads_one_snapshot(tmp_path, gate):
+    m = generic("jumprelu", S=3, seed=2, gate=gate)
+    sae = SAE.load_from_disk(export_sae_lens(m, tmp_path, source=1, reads="own_source"))
+    x = 3 * torch.randn(64, 3, 8)
+    only = torch.zeros_like(x)
+    only[:, 1] = x[:, 1]  # the crosscoder with the other sources' inputs at zero
+    with torch.no_grad():
+        f = m.encode(only)
+        torch.testing.assert_close(sae.encode(x[:, 1]), f[:, 1] if gate == "per_source" else f, rtol=1e-5, atol=1e-6)

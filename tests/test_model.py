@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from crosscoders.config import CrosscoderConfig
-from crosscoders.model import Crosscoder
+from crosscoders.model import Crosscoder, activations_per_snapshot
 
 SCHEMES = ["relu", "jumprelu", "batchtopk"]
 
@@ -46,17 +46,66 @@ def test_forward_matches_loop_reference(activation):
         assert 0 < (f > 0).float().mean() < 0.6  # the gate really closes some latents
 
 
-@pytest.mark.parametrize("activation", SCHEMES)
-def test_encode_per_source_is_each_encoder_alone(activation):
-    m = make(activation)
-    x = torch.randn(16, 3, 8)
+def per_source_reference(m, x):
+    """Ge et al. 2025 written with loops: f[s] = act(pre * n_s) / n_s, x_hat_s = f[s] W_dec[s] + b_dec[s]."""
+    pre = m.b_enc + sum(x[:, s] @ m.W_enc[s] for s in range(m.cfg.n_sources))
+    fs, xs = [], []
+    for s in range(m.cfg.n_sources):
+        n = m.W_dec[s].norm(dim=-1)
+        z = pre * n
+        act = torch.relu(z) if m.cfg.activation == "relu" else torch.where(z > m.threshold, z, torch.zeros_like(z))
+        fs.append(act / n)
+        xs.append(fs[-1] @ m.W_dec[s] + m.b_dec[s])
+    return torch.stack(fs, 1), torch.stack(xs, 1)
+
+
+@pytest.mark.parametrize("activation", ["relu", "jumprelu"])
+def test_per_source_gate_matches_loop_reference(activation):
+    m = make(activation, gate="per_source")
+    x = torch.randn(32, 3, 8, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        per = m.encode_per_source(x)
-        for s in range(3):
-            only = torch.zeros_like(x)
-            only[:, s] = x[:, s]
-            # zeroing the other sources' inputs removes exactly their encoder terms
-            torch.testing.assert_close(per[:, s], m.encode(only), rtol=1e-5, atol=1e-5)
+        x_hat, f = m(x)
+        f_ref, x_hat_ref = per_source_reference(m, x)
+    assert f.shape == (32, 3, 16)
+    torch.testing.assert_close(f, f_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x_hat, x_hat_ref, rtol=1e-5, atol=1e-5)
+    if activation == "jumprelu":  # the gate opens in some sources and not others for the same token
+        opened = (f > 0).sum(1)
+        assert ((opened > 0) & (opened < 3)).any()
+        m.train()
+        torch.testing.assert_close(m.encode(x), f)  # training mode: same values, pseudo-gradient only
+
+
+@pytest.mark.parametrize("activation,gate", [(a, "shared") for a in SCHEMES] + [("relu", "per_source"),
+                                                                               ("jumprelu", "per_source")])
+def test_activations_per_snapshot_definition(activation, gate):
+    m = make(activation, gate=gate).train()  # must switch to inference mode itself
+    x = torch.randn(16, 3, 8)
+    a = activations_per_snapshot(m, x)
+    assert m.training and a.shape == (16, 3, 16)
+    with torch.no_grad():
+        f = m.eval().encode(x)
+    want = f if gate == "per_source" else f[:, None] * m.decoder_norms().T
+    torch.testing.assert_close(a, want)
+
+
+def test_per_source_batchtopk_is_refused():
+    with pytest.raises(ValueError, match="gate='per_source'.*batchtopk"):
+        make("batchtopk", gate="per_source")
+
+
+def test_old_reader_names_the_gate_field(tmp_path):
+    """A reader whose CrosscoderConfig predates `gate` refuses a per-source model, naming the field."""
+    import dataclasses
+    import json
+
+    from crosscoders.dataclass_cli import from_dict
+
+    make("jumprelu", gate="per_source").save(tmp_path)
+    fields = [(f.name, f.type, f) for f in dataclasses.fields(CrosscoderConfig) if f.name != "gate"]
+    Old = dataclasses.make_dataclass("CrosscoderConfig", fields)
+    with pytest.raises(ValueError, match="unknown CrosscoderConfig field.*gate"):
+        from_dict(Old, json.loads((tmp_path / "cfg.json").read_text()))
 
 
 def test_batchtopk_training_mode_keeps_k_per_token_on_average():
@@ -83,9 +132,9 @@ def test_wrong_shape_is_a_clear_error():
         m(torch.randn(4, 3, 9))
 
 
-@pytest.mark.parametrize("activation", SCHEMES)
-def test_save_load_folds_norm_scale(tmp_path, activation):
-    m = make(activation)
+@pytest.mark.parametrize("activation,gate", [(a, "shared") for a in SCHEMES] + [("jumprelu", "per_source")])
+def test_save_load_folds_norm_scale(tmp_path, activation, gate):
+    m = make(activation, gate=gate)
     scale = torch.tensor([0.5, 2.0, 7.0])
     raw = 3 * torch.randn(20, 3, 8)
     with torch.no_grad():
@@ -95,7 +144,9 @@ def test_save_load_folds_norm_scale(tmp_path, activation):
         m.save(tmp_path)
         loaded = Crosscoder.load(tmp_path)
         x_hat_raw, f_raw = loaded(raw)
+        per_raw = activations_per_snapshot(loaded, raw)
     assert loaded.cfg == m.cfg
+    torch.testing.assert_close(per_raw, m.per_snapshot(f_norm), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(f_raw, f_norm, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x_hat_raw, x_hat_norm / scale[:, None], rtol=1e-5, atol=1e-5)
     # decoder norms stay in the normalised units: comparable across sources whatever the raw scales
