@@ -92,8 +92,9 @@ class TrainConfig:
     """Clip the global gradient norm to this (0 = off)."""
     b_dec_init: Literal["mean", "zeros"] = "mean"
     """Initialise each source's b_dec at the mean of the first batch, or at zero."""
-    autocast: Literal["none", "bf16"] = "none"
-    """Mixed precision: bf16 autocast of the matmuls (works on CPU and GPU)."""
+    autocast: Literal["auto", "none", "bf16"] = "auto"
+    """Mixed precision of the matmuls: "auto" = bf16 only where a measured probe finds it faster on this
+    device (crosscoders/precision.py), "none" = fp32, "bf16" = always (warns where it is slow)."""
     device: str = "cpu"
     """Torch device."""
     log_every: int = 50

@@ -37,6 +37,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from .io import save_safetensors
+from .precision import autocast_context, resolve_autocast
 from .progress import progress_bar
 from .store import ActivationStore, StoreWriter, tokens_sha256
 
@@ -80,19 +81,23 @@ def _device(model: nn.Module) -> torch.device:
 
 @torch.no_grad()
 def model_acts(model: nn.Module, tokens: Int[Tensor, "n_seq seq_len"], hooks: Sequence[str],
-               batch_size: int = 32, method: str = "cache") -> dict[str, Float[Tensor, "n_seq seq_len d_in"]]:
+               batch_size: int = 32, method: str = "cache",
+               autocast: str = "none") -> dict[str, Float[Tensor, "n_seq seq_len d_in"]]:
     """Activations of `hooks` on `tokens`, `batch_size` sequences per forward pass stopped at the last
     hook's layer. `method`: "cache" (`run_with_cache(names_filter=hooks)`) or "hooks" (`run_with_hooks` with
     a saving hook). Same values. Speed relative to the bare forward over four CPU runs of
-    benchmarks/harvest_bench.py (d_model 256): "cache" 0.99-1.09x, "hooks" 0.83-1.06x; so "cache"."""
+    benchmarks/harvest_bench.py (d_model 256): "cache" 0.99-1.09x, "hooks" 0.83-1.06x; so "cache".
+    `autocast`: "auto" / "none" / "bf16" for the forward passes (crosscoders/precision.py)."""
     stops = [stop_layer(h) for h in hooks]
     stop = None if None in stops else max(stops)
     dev = _device(model)
+    amp = autocast_context(resolve_autocast(autocast, dev), dev)
     out: dict[str, list[Tensor]] = {h: [] for h in hooks}
     for i in range(0, tokens.shape[0], batch_size):
         t = tokens[i:i + batch_size].to(dev)
         if method == "cache":
-            _, cache = model.run_with_cache(t, names_filter=list(hooks), stop_at_layer=stop)
+            with amp:
+                _, cache = model.run_with_cache(t, names_filter=list(hooks), stop_at_layer=stop)
             got = {h: cache[h] for h in hooks}
         elif method == "hooks":
             got = {}
@@ -100,7 +105,8 @@ def model_acts(model: nn.Module, tokens: Int[Tensor, "n_seq seq_len"], hooks: Se
             def save(act: Tensor, hook, got=got) -> None:
                 got[hook.name] = act.detach()
 
-            model.run_with_hooks(t, fwd_hooks=[(h, save) for h in hooks], stop_at_layer=stop)
+            with amp:
+                model.run_with_hooks(t, fwd_hooks=[(h, save) for h in hooks], stop_at_layer=stop)
         else:
             raise ValueError(f"method must be 'hooks' or 'cache', got {method!r}")
         for h in hooks:
@@ -133,12 +139,13 @@ def harvest(models: Sequence[ModelLike], tokens: Int[Tensor, "n_seq seq_len"], h
             exclude_bos: bool = True, resume: bool = True, *, dtype: str = "bfloat16",
             shard_seqs: int | None = None, bos_token_id: int | None = None, pad_token_id: int | None = None,
             strategy: str = "auto", method: str = "cache", metadata: dict | None = None,
-            progress: bool = True) -> ActivationStore | dict[str, ActivationStore]:
+            progress: bool = True, autocast: str = "auto") -> ActivationStore | dict[str, ActivationStore]:
     """Harvest `hook` of every model on `tokens` into a store at `out_dir` (one hook), or into
     `out_dir/<hook>/` for each of several hooks (one forward pass per model and chunk serves them all).
 
     `batch_size`: sequences per forward pass. `shard_seqs`: sequences per shard (default: ~64 MiB
-    shards). `sources`: names in the manifest (default source0, source1, ...)."""
+    shards). `sources`: names in the manifest (default source0, source1, ...). `autocast`: precision of the
+    forward passes ("auto": bf16 only where measured faster, crosscoders/precision.py)."""
     single = isinstance(hook, str)
     hooks = [hook] if single else list(hook)
     tokens = torch.as_tensor(tokens)
@@ -184,7 +191,7 @@ def harvest(models: Sequence[ModelLike], tokens: Int[Tensor, "n_seq seq_len"], h
             writers[h].add(torch.stack(per_source, 1), toks, pos)
 
     def run(model: nn.Module, j: int, c: int) -> dict[str, Tensor]:
-        acts = model_acts(model, tokens[slice(*chunks[c])], hooks, batch_size, method)
+        acts = model_acts(model, tokens[slice(*chunks[c])], hooks, batch_size, method, autocast)
         for h, a in acts.items():
             if a.shape[-1] != d_in:
                 raise ValueError(f"source {sources[j]!r} gives {h} of width {a.shape[-1]}, but source "

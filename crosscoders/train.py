@@ -18,11 +18,11 @@ weights as an uninterrupted run (tests/test_train.py).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import itertools
 import json
 import math
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -35,6 +35,7 @@ from .dataclass_cli import add_arguments, from_dict, to_dict
 from .io import append_jsonl, read_jsonl, torch_save, write_json, write_text
 from .losses import crosscoder_loss
 from .model import Crosscoder
+from .precision import autocast_context, describe, resolve_autocast
 from .progress import progress_bar
 
 BatchSource = Iterable[Tensor] | Callable[[int], Iterable[Tensor]]
@@ -205,8 +206,12 @@ def train(
         (out / LOG).unlink(missing_ok=True)
     write_json(out / "train_config.json", to_dict(cfg))
 
-    amp = (torch.autocast(dev.type, dtype=torch.bfloat16) if cfg.autocast == "bf16"
-           else contextlib.nullcontext())
+    precision = resolve_autocast(cfg.autocast, dev)
+    write_json(out / "precision.json", describe(cfg.autocast, precision, dev))  # what "auto" chose here
+    if cfg.progress:
+        print(f"crosscoder: computing in {'bf16' if precision == 'bf16' else 'fp32'} (autocast={cfg.autocast!r})",
+              file=sys.stderr)
+    amp = autocast_context(precision, dev)
     model.train()
     bar = progress_bar(total=cfg.steps, initial=step, disable=not cfg.progress, desc="crosscoder", unit="step")
     t0, tok0 = time.perf_counter(), tokens_seen

@@ -55,6 +55,8 @@ class HarvestConfig:
     """Storage dtype of the activation store."""
     device: str = "cpu"
     """Device the snapshots run on."""
+    autocast: Literal["auto", "none", "bf16"] = "auto"
+    """Precision of the snapshots' forward passes: "auto" = bf16 only where measured faster on the device."""
 
 
 @dataclass
@@ -180,7 +182,7 @@ def harvest_stage(cfg: RunConfig) -> None:
     if len(steps) < 2:
         raise ValueError(f"a crosscoder across snapshots needs ≥ 2 snapshots, found steps {steps}")
     sources = [f"step{s}" for s in steps]
-    common = dict(hook=h.hook, sources=sources, batch_size=h.batch_size, dtype=h.dtype,
+    common = dict(hook=h.hook, sources=sources, batch_size=h.batch_size, dtype=h.dtype, autocast=h.autocast,
                   bos_token_id=corpus.bos_token_id, strategy="snapshot")
     harvest(_loaders(cfg, steps), corpus.tokens[: h.n_seqs], out_dir=run / "activations" / h.hook, **common)
     eval_tokens = corpus.eval_tokens if corpus.eval_tokens is not None else corpus.tokens[-h.n_eval_seqs:]

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from crosscoders.dataclass_cli import config_hash, to_dict
 from crosscoders.io import append_jsonl, read_jsonl, torch_save, write_json, write_text
+from crosscoders.precision import describe, resolve_autocast
 from crosscoders.progress import progress_bar
 from crosscoders.train import warmup_decay
 from evolution.sources.snapshots import pythia_like_schedule
@@ -108,8 +109,15 @@ class PretrainConfig:
     """Seed of the initialisation and the data order."""
     device: str = "cpu"
     """torch device."""
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    """Compute dtype: bfloat16 runs the forward pass under autocast; weights stay float32."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Compute dtype: bfloat16 runs the forward pass under autocast (weights stay float32); "auto" picks
+    bfloat16 only where a measured probe finds it faster on this device (crosscoders/precision.py)."""
+
+
+def compute_dtype(cfg: PretrainConfig) -> str:
+    """"float32" or "bfloat16": `cfg.dtype`, with "auto" decided by measurement on `cfg.device`."""
+    mode = {"auto": "auto", "float32": "none", "bfloat16": "bf16"}[cfg.dtype]
+    return "bfloat16" if resolve_autocast(mode, cfg.device) == "bf16" else "float32"
 
 
 def snapshot_schedule(cfg: PretrainConfig) -> list[int]:
@@ -186,12 +194,12 @@ def token_losses(model, tokens: Int[Tensor, "batch seq"], dtype: str = "float32"
 
 
 @torch.no_grad()
-def evaluate(model, corpus, cfg: PretrainConfig) -> dict:
+def evaluate(model, corpus, cfg: PretrainConfig, dtype: str = "float32") -> dict:
     """Mean eval loss over target tokens (BOS targets excluded) and, on the planted corpus, per mechanism."""
     model.eval()
     toks = corpus.eval_tokens[: cfg.eval_max_seqs].to(cfg.device)
     mech = corpus.eval_mechanism[: cfg.eval_max_seqs] if corpus.eval_mechanism is not None else None
-    losses = torch.cat([token_losses(model, toks[i : i + 64], cfg.dtype) for i in range(0, len(toks), 64)]).cpu()
+    losses = torch.cat([token_losses(model, toks[i : i + 64], dtype) for i in range(0, len(toks), 64)]).cpu()
     keep = toks[:, 1:].cpu() != corpus.bos_token_id
     row = {"eval_loss": float(losses[keep].mean())}
     if mech is not None and corpus.mechanism_names:
@@ -251,6 +259,8 @@ def pretrain(cfg: PretrainConfig, corpus, out_dir: str | Path, *, stop_after: in
     mcfg = cfg.model.resolved(corpus.tokens.shape[1])
     resolved = {**to_dict(cfg), "model": to_dict(mcfg), "vocab_size": _vocab_size(corpus)}
     key = config_hash(resolved)
+    dtype = compute_dtype(cfg)
+    resolved["precision"] = describe(cfg.dtype, "bf16" if dtype == "bfloat16" else "none", cfg.device)
     snaps, evals = set(snapshot_schedule(cfg)), set(eval_schedule(cfg))
 
     torch.manual_seed(cfg.seed)
@@ -287,7 +297,7 @@ def pretrain(cfg: PretrainConfig, corpus, out_dir: str | Path, *, stop_after: in
 
     def at_step_end() -> None:  # weights now are "after `step` updates"
         if step in evals:
-            append_jsonl(log_path, {"step": step, **evaluate(model, corpus, cfg)})
+            append_jsonl(log_path, {"step": step, **evaluate(model, corpus, cfg, dtype)})
         if step in snaps:
             save_snapshot(model, corpus.tokenizer, sdir, step)
         if step in snaps or step % cfg.checkpoint_every == 0 or step == cfg.steps:
@@ -302,7 +312,7 @@ def pretrain(cfg: PretrainConfig, corpus, out_dir: str | Path, *, stop_after: in
     while step < cfg.steps:
         idx = batch_indices(cfg.seed, step, cfg.batch_size, n_seq)
         tokens = corpus.tokens[idx].to(cfg.device)
-        losses = token_losses(model, tokens, cfg.dtype)
+        losses = token_losses(model, tokens, dtype)
         loss = losses[tokens[:, 1:] != corpus.bos_token_id].mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
