@@ -45,3 +45,11 @@ def progress_bar(iterable=None, *, disable: bool = False, **kwargs) -> tqdm:
     kwargs.pop("leave", None)
     return tqdm(iterable, file=_Lines(stream), mininterval=LOG_EVERY_S, maxinterval=LOG_EVERY_S * 6,
                 ncols=100, ascii=True, leave=True, **kwargs)
+
+
+def quiet_library_bars() -> None:
+    """Turn off Hugging Face's own bars (weight loading, downloads) when stderr is not a terminal."""
+    if sys.stderr is not None and not sys.stderr.isatty():
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()

@@ -22,6 +22,7 @@ import torch
 from transformer_lens import HookedTransformer
 
 from crosscoders.errors import UserError
+from crosscoders.progress import quiet_library_bars
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +130,7 @@ def load_local_snapshot(
     path = Path(path)
     _read_neox_config(path)
     tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(path)
+    quiet_library_bars()
     try:
         hf_model = GPTNeoXForCausalLM.from_pretrained(str(path), dtype=dtype)
     except OSError as e:
