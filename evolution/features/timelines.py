@@ -12,16 +12,14 @@ how much the feature is present in that snapshot; its direction says what it wri
   the last snapshot; None when the feature is still above the threshold in the final snapshot.
 - `cos_to_final[i, s]`: cosine between the feature's decoder direction at s and at the final snapshot.
 - **turning point** (Ge et al. 2025 see most features' directions turn around step ~1000 on Pythia):
-  for every adjacent pair of snapshots (s-1, s) and feature i, the direction change
-  `turn[i, s] = (1 - cos(W_dec[s-1, i], W_dec[s, i])) * min(rel_norms[i, s-1], rel_norms[i, s])`.
-  The weight matters: where a feature has (almost) no norm its direction is unconstrained noise in a
-  trained crosscoder, so only changes of a direction that is really written count. The turning point
-  is the snapshot s (reported as `steps[s]`, the first snapshot with the new direction) maximising
-  the mean of `turn[:, s]` over alive features. Each feature's own turn is `argmax_s turn[i, s]`
-  (None when its largest weighted change is below `min_turn`); `turn_agreement` is the fraction of
-  turning features whose own turn lies within one snapshot of the turning point.
-  Changes are per snapshot *interval*, so on a log-spaced schedule they are per log-step, as in the
-  paper's figures.
+  a logistic in log-step fitted to the norm-weighted mean angle to the final direction, with an edge
+  check, a permutation null and a bootstrap CI over features (`evolution.features.turning`: the rule is
+  schedule-invariant; the largest change per snapshot interval is not). `turning_index` is the first
+  snapshot at or after the fitted turning step; each feature's own turn is its own fit's midpoint (-1
+  when it does not turn); `turn_agreement` is the fraction of turning features whose own turn lies
+  within one snapshot of the turning point. `turn[i, s]` =
+  `(1 - cos(W_dec[s-1, i], W_dec[s, i])) * min(rel_norms[i, s-1], rel_norms[i, s])` is kept as the
+  per-interval direction change for figures (it is not normalised by the interval's length).
 - **groups** of timeline shapes, from two questions about the rel-norm profile (`GROUPS` explains them):
   did it emerge early (emergence index <= `early_frac * (n_sources - 1)`), and is it still above the
   threshold in the final snapshot. Features whose max norm is negligible are "dead".
@@ -29,6 +27,7 @@ how much the feature is present in that snapshot; its direction says what it wri
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +41,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from crosscoders.io import save_safetensors
+from evolution.features.turning import TurnConfig, turning_point
 
 GROUPS: dict[str, str] = {
     "persistent": "emerges early and is still present in the final snapshot",
@@ -63,7 +63,7 @@ class TimelineConfig:
     early_frac: float = 1 / 3
     """Emergence at or before this fraction of the snapshot indices counts as early (for the groups)."""
     min_turn: float = 0.1
-    """A feature's own direction turn counts only if its weighted direction change reaches this."""
+    """A feature turns when its norm-weighted angle drop within a `turning.TurnConfig.window` reaches this (radians)."""
 
 
 def decoder_norms(W_dec: Float[Tensor, "n_sources d_sae d_in"]) -> Float[Tensor, "d_sae n_sources"]:
@@ -117,6 +117,8 @@ class Timelines:
     groups: list[str]
     turning_index: int
     cfg: TimelineConfig = field(default_factory=TimelineConfig)
+    turning: dict = field(default_factory=dict)
+    """`evolution.features.turning.turning_point`: step, CI, used/reason, null, fraction turning there."""
     W_dec: Tensor | None = field(default=None, repr=False)
     """Kept (not saved) so pairwise cosines can be computed on demand."""
 
@@ -186,13 +188,15 @@ class Timelines:
         alive = ~self.dead
         groups = pd.Series(self.groups).value_counts()
         peak_alive = torch.tensor(self.peak_step, dtype=torch.float)[alive]
+        turning = {k: v for k, v in self.turning.items() if k != "feature_turn_index"}
         return {
+            "turning_point": turning,
             "turning_point_step": self.turning_point_step,
             "turning_point_index": self.turning_index,
             "turning_interval": [self.steps[max(self.turning_index - 1, 0)], self.turning_point_step],
             "turn_agreement": self.turn_agreement,
-            "turning_point_definition": "snapshot maximising the mean over alive features of "
-            "(1 - cos(W_dec[s-1,i], W_dec[s,i])) * min(rel_norm[i,s-1], rel_norm[i,s])",
+            "turning_point_definition": "first snapshot at or after the midpoint of a logistic in log10(step+1) "
+            "fitted to the norm-weighted mean angle to the final direction (evolution.features.turning)",
             "steps": list(self.steps),
             "n_features": self.d_sae,
             "n_alive": int(alive.sum()),
@@ -212,6 +216,7 @@ class Timelines:
             "peak_index": self.peak_index, "emergence_index": self.emergence_index,
             "fade_index": self.fade_index, "dead": self.dead, "turn": self.turn, "turn_index": self.turn_index,
         }, metadata={"turning_index": str(self.turning_index), "groups": ",".join(self.groups),
+                     "turning": json.dumps({k: v for k, v in self.turning.items() if k != "feature_turn_index"}),
                      **{k: str(getattr(self.cfg, k)) for k in TimelineConfig.__dataclass_fields__}})
 
     @classmethod
@@ -229,7 +234,8 @@ class Timelines:
         return cls(steps=t["steps"].tolist(), norms=t["norms"], rel_norms=t["rel_norms"],
                    peak_index=t["peak_index"], emergence_index=t["emergence_index"], fade_index=t["fade_index"],
                    dead=t["dead"], cos_to_final=t["cos_to_final"], turn=t["turn"], turn_index=t["turn_index"],
-                   groups=groups, turning_index=int(meta.get("turning_index", 0)), cfg=cfg)
+                   groups=groups, turning_index=int(meta.get("turning_index", 0)), cfg=cfg,
+                   turning=json.loads(meta.get("turning", "{}")))
 
 
 def emergence_and_fade(
@@ -282,18 +288,18 @@ def compute_timelines_from_W_dec(
     if n_sources > 1:
         weight = torch.minimum(rel[:, :-1], rel[:, 1:])
         turn = (1 - adjacent_cos(W_dec)).clamp_min(0) * weight
-        best, arg = turn.max(dim=1)
-        turn_index = torch.where((best >= cfg.min_turn) & ~dead, arg + 1, -1)
-        mean_turn = turn[~dead].mean(0) if (~dead).any() else turn.mean(0)
-        turning_index = int(mean_turn.argmax()) + 1
+        turning = turning_point(c_final, rel, dead, steps, TurnConfig(min_drop=cfg.min_turn))
+        turn_index = torch.tensor(turning["feature_turn_index"], dtype=torch.long)
+        turning_index = int(turning["index"])
     else:
+        turning = {}
         turn = torch.zeros(norms.shape[0], 0)
         turn_index = torch.full((norms.shape[0],), -1)
         turning_index = 0
     groups = group_shapes(emergence, fade, dead, n_sources, cfg.early_frac)
     return Timelines(steps=list(steps), norms=norms, rel_norms=rel, peak_index=peak, emergence_index=emergence,
                      fade_index=fade, dead=dead, cos_to_final=c_final, turn=turn, turn_index=turn_index,
-                     groups=groups, turning_index=turning_index, cfg=cfg, W_dec=W_dec)
+                     groups=groups, turning_index=turning_index, cfg=cfg, W_dec=W_dec, turning=turning)
 
 
 def compute_timelines(crosscoder: Any, steps: list[int], cfg: TimelineConfig | None = None) -> Timelines:
