@@ -11,6 +11,13 @@ and profiles rise, peak at a planted source and fade, like features forming and 
 (Ge et al. 2025). `turn_at` plants a sharp turn: at that source most features' directions jump by
 `turn_angle` (Ge et al. see most directions turn around step ~1000).
 
+Harder data (`hard_config`): `profile="rise_fade"` gives each feature a birth, peak and death snapshot
+(zero outside [birth, death], a strict linear rise to 1 at the peak and a strict fade), `mag_noise` gives
+each token its own per-snapshot magnitudes (a lognormal factor per token, feature and snapshot),
+`noise_decay` makes the noise anisotropic (power-law spectrum in a random basis, like the few large
+directions of a residual stream) and `offset` adds a per-source mean vector. With more features than
+n_sources * d_in / 4 the joint space is in superposition.
+
 Batches are a deterministic function of (seed, step), so `planted.batches(start_step)` is the resumable
 batch source that `crosscoders.train.train` accepts.
 """
@@ -18,7 +25,8 @@ batch source that `crosscoders.train.train` accepts.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Literal
 
 import torch
 from jaxtyping import Float
@@ -52,8 +60,35 @@ class SyntheticConfig:
     """Fraction of features that turn at `turn_at`."""
     turn_angle: float = 1.2
     """Angle (radians) of the sharp turn."""
+    profile: Literal["bump", "rise_fade"] = "bump"
+    """Norm profile over sources: a Gaussian bump around the peak, or zero before a birth and after a death
+    snapshot with a linear rise to the peak and a linear fade (both strict, so the peak is unique)."""
+    alive_floor: float = 0.3
+    """rise_fade: norm at the birth and death snapshots (the profile is 1 at the peak)."""
+    max_life: int = 0
+    """rise_fade: most snapshots from birth to death (0 = n_sources)."""
+    alive_frac: float = 0.25
+    """A feature is alive in a source where its profile is at least this (recovery is judged there)."""
+    mag_noise: float = 0.0
+    """Std of a per-token, per-feature, per-source lognormal factor on the magnitude (0 = one magnitude
+    per token shared by all sources)."""
+    noise_decay: float = 0.0
+    """Noise spectrum: variance of the k-th direction of a random basis ~ k^-noise_decay (0 = isotropic);
+    the mean variance per coordinate stays noise^2."""
+    offset: float = 0.0
+    """Norm of a constant per-source mean vector added to every activation."""
     seed: int = 0
     """Seed of the ground truth; batches use (seed, step)."""
+
+
+def hard_config(n_sources: int = 8, d_in: int = 32, seed: int = 0, **overrides) -> SyntheticConfig:
+    """Drifting directions, a sharp turn, rise/peak/fade profiles, per-snapshot magnitudes, anisotropic noise
+    and an offset, with 1.5 x n_sources * d_in / 4 features (superposition in the joint space)."""
+    cfg = SyntheticConfig(n_sources=n_sources, d_in=d_in, n_features=int(1.5 * n_sources * d_in / 4),
+                          p_active=0.03, max_rotation=0.8, profile="rise_fade", max_life=max(3, n_sources * 3 // 4),
+                          mag_noise=0.3, noise=0.05, noise_decay=1.0, offset=1.0, turn_at=n_sources // 2,
+                          turn_frac=0.5, turn_angle=0.8, seed=seed)
+    return replace(cfg, **overrides)
 
 
 class PlantedFeatures:
@@ -78,12 +113,35 @@ class PlantedFeatures:
             angle = angle + turned[:, None].float() * jump[None, :]
         dirs = torch.cos(angle)[..., None] * u[:, None] + torch.sin(angle)[..., None] * v[:, None]  # [F, S, D]
         self.directions: Float[Tensor, "n_sources n_features d_in"] = dirs.permute(1, 0, 2).contiguous()
-        self.peak_index = torch.randint(0, S, (F,), generator=g)
-        width = cfg.peak_width * (0.7 + 0.6 * torch.rand(F, generator=g))
-        bump = torch.exp(-0.5 * ((torch.arange(S)[None] - self.peak_index[:, None]) / width[:, None]) ** 2)
-        self.profiles: Float[Tensor, "n_features n_sources"] = cfg.profile_floor + (1 - cfg.profile_floor) * bump
+        src = torch.arange(S)[None].float()
+        if cfg.profile == "rise_fade":
+            life = torch.randint(1, min(cfg.max_life or S, S) + 1, (F,), generator=g)  # snapshots alive
+            birth = (torch.rand(F, generator=g) * (S - life + 1)).long()
+            death = birth + life - 1
+            self.peak_index = birth + (torch.rand(F, generator=g) * life).long()
+            lo = cfg.alive_floor
+            rise = lo + (1 - lo) * (src - birth[:, None]) / (self.peak_index - birth).clamp(min=1)[:, None]
+            fade = lo + (1 - lo) * (death[:, None] - src) / (death - self.peak_index).clamp(min=1)[:, None]
+            prof = torch.where(src <= self.peak_index[:, None], rise, fade)
+            prof = torch.where((src >= birth[:, None]) & (src <= death[:, None]), prof, torch.zeros(()))
+            self.profiles: Float[Tensor, "n_features n_sources"] = prof
+        else:
+            self.peak_index = torch.randint(0, S, (F,), generator=g)
+            width = cfg.peak_width * (0.7 + 0.6 * torch.rand(F, generator=g))
+            bump = torch.exp(-0.5 * ((src - self.peak_index[:, None]) / width[:, None]) ** 2)
+            self.profiles = cfg.profile_floor + (1 - cfg.profile_floor) * bump
         self.turned = turned
         self.turn_at = cfg.turn_at
+        # noise covariance factor (random basis, power-law spectrum, mean variance 1) and per-source offset
+        basis = torch.linalg.qr(torch.randn(D, D, generator=g))[0]
+        spec = torch.arange(1, D + 1, dtype=torch.float32) ** -cfg.noise_decay
+        self.noise_factor = basis * (spec / spec.mean()).sqrt()[None]  # noise = eps @ factor.T
+        self.offsets = cfg.offset * normalize(torch.randn(S, D, generator=g), dim=-1)
+
+    @property
+    def alive(self) -> Tensor:
+        """[n_features, n_sources] bool: the sources where each feature is alive (profile >= alive_frac)."""
+        return self.profiles >= self.cfg.alive_frac
 
     @property
     def decoders(self) -> Float[Tensor, "n_features n_sources d_in"]:
@@ -91,13 +149,22 @@ class PlantedFeatures:
         return self.profiles[..., None] * self.directions.permute(1, 0, 2)
 
     def sample(self, n: int, generator: torch.Generator) -> Float[Tensor, "n n_sources d_in"]:
+        return self.sample_with_magnitudes(n, generator)[0]
+
+    def sample_with_magnitudes(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """(x [n, n_sources, d_in], planted per-snapshot magnitudes [n, n_sources, n_features]): the norm of
+        what feature i writes into source s on each token, a_i * profile[i, s] (* the lognormal factor)."""
         cfg = self.cfg
-        F = cfg.n_features
+        F, S = cfg.n_features, cfg.n_sources
         active = torch.rand(n, F, generator=generator) < cfg.p_active
         mags = torch.empty(n, F).exponential_(1.0, generator=generator) + 0.5  # bounded away from 0
-        a = active * mags
-        x = torch.einsum("nf,fsd->nsd", a, self.decoders)
-        return x + cfg.noise * torch.randn(x.shape, generator=generator)
+        a = (active * mags)[:, None, :] * self.profiles.T[None]  # [n, S, F]
+        if cfg.mag_noise > 0:
+            eps = torch.randn(n, S, F, generator=generator)
+            a = a * torch.exp(cfg.mag_noise * eps - cfg.mag_noise**2 / 2)
+        x = torch.einsum("nsf,sfd->nsd", a, self.directions)
+        noise = torch.randn(x.shape, generator=generator) @ self.noise_factor.T
+        return x + cfg.noise * noise + self.offsets, a
 
     def batch(self, step: int, batch_size: int, scale: Tensor | None = None) -> Float[Tensor, "batch n_sources d_in"]:
         """The batch of a given step: a pure function of (seed, step); multiplied by `scale[s]` if given."""
@@ -139,21 +206,38 @@ def match_features(
 
 
 @torch.no_grad()
+def per_snapshot_match(
+    W_dec: Float[Tensor, "n_sources d_sae d_in"], truth: PlantedFeatures
+) -> tuple[Float[Tensor, " n_features"], Tensor, Float[Tensor, "n_features n_sources"]]:
+    """Match judged per snapshot: for each planted feature, the latent whose worst decoder cosine over the
+    sources where the feature is alive is largest. Returns (that worst cosine, latent, its cosine per source)."""
+    true = normalize(truth.directions.float(), dim=-1)  # [S, F, D]
+    learned = normalize(W_dec.float(), dim=-1)  # [S, H, D]
+    cos = torch.einsum("sfd,shd->fhs", true, learned)  # [F, H, S]
+    worst = cos.masked_fill(~truth.alive[:, None, :], float("inf")).amin(-1)
+    best, idx = worst.max(dim=1)
+    return best, idx, cos[torch.arange(len(idx)), idx]
+
+
+@torch.no_grad()
 def recovery_report(model, truth: PlantedFeatures, threshold: float = 0.9) -> dict:
-    """Fraction of planted features recovered (best decoder cosine >= threshold) and, among those, the
-    fraction whose peak source (argmax of decoder norm) is the planted one. The planted profiles are in
-    raw units, so `model` must work on raw activations (norm scale folded in) and its raw decoder norms
-    are compared (`decoder_norms()` would be in each source's normalised units)."""
-    cos, idx = match_features(model.W_dec, truth)
+    """Fraction of planted features recovered (one latent's decoder cosine >= threshold in *every* source
+    where the feature is alive, `per_snapshot_match`) and, among those, the fraction whose peak source
+    (argmax of the latent's decoder norm) is the planted one. The planted profiles are in raw units, so
+    `model` must work on raw activations (norm scale folded in) and its raw decoder norms are compared
+    (`decoder_norms()` would be in each source's normalised units). `concat_*` is the older criterion on
+    decoders concatenated over sources, kept for comparison."""
+    cos, idx, _ = per_snapshot_match(model.W_dec, truth)
     hit = cos >= threshold
     peak = model.W_dec.norm(dim=-1).T[idx].argmax(-1)
     peak_ok = peak == truth.peak_index
+    ccos, _ = match_features(model.W_dec, truth)
     return {
         "frac_recovered": hit.float().mean().item(),
         "median_cos": cos.median().item(),
         "frac_peak_correct": peak_ok[hit].float().mean().item() if hit.any() else 0.0,
         "frac_peak_within_1": ((peak - truth.peak_index).abs() <= 1)[hit].float().mean().item() if hit.any() else 0.0,
+        "concat_frac_recovered": (ccos >= threshold).float().mean().item(),
         "n_features": truth.cfg.n_features,
         "threshold": threshold,
     }
-

@@ -208,10 +208,14 @@ def crosscoder_stage(cfg: RunConfig) -> None:
 
     model = train(tcfg, batches, out, norm_scale=torch.as_tensor(store.scales, dtype=torch.float32))
     ev_store = ActivationStore(run / "activations_eval" / h.hook)
+    ev_store.check_matches(model.cfg.n_sources, model.cfg.d_in)
     ev = evaluate(model, ev_store.batches(1024, seed=0, normalize=False, n_epochs=1))
     sources = store.manifest["sources"]
-    result = {"sources": sources, "fvu": ev["fvu"], "l0": ev["l0_per_source"],
-              "dead_frac": ev["dead_frac_per_source"], "l0_shared": ev["l0"], "dead_frac_shared": ev["dead_frac"],
+    # per-source numbers count crosscoders.model.activations_per_snapshot > 0 (one definition everywhere);
+    # "l0_shared": latents active per token (in any source, per-source gate)
+    result = {"sources": sources, "gate": model.cfg.gate, "fvu": ev["fvu"], "l0": ev["l0_per_source"],
+              "dead_frac": ev["dead_frac_per_source"], "n_features_firing": ev["n_features_firing_per_source"],
+              "l0_shared": ev["l0"], "dead_frac_shared": ev["dead_frac"],
               "fvu_mean": ev["fvu_mean"], "n_tokens": ev["n_tokens"]}
     write_json(out / "eval.json", result)
     from evolution.features.plots import quality_figure

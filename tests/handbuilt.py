@@ -117,18 +117,20 @@ def subspace_directions(d_vocab: int, n_ctx: int) -> tuple[torch.Tensor, dict[st
 
 
 def subspace_crosscoder(W: torch.Tensor, dec_norms: torch.Tensor | None = None, threshold: float = 0.5) -> Crosscoder:
-    """A real `Crosscoder` (relu) whose encoder in every source reads the directions `W[d_model, d_sae]`.
+    """A real `Crosscoder` (relu, shared gate) whose encoder reads the directions `W[d_model, d_sae]` in the
+    last source (the others' encoders are zero, so the shared code is the last snapshot's reading).
 
     `b_enc = -threshold` so that attention leakage (~e^-sharpness) and split attention do not count as
     firing; `dec_norms[d_sae, n_sources]` (default ones, one source) sets the decoder norm profiles, i.e.
-    each feature's peak snapshot.
+    each feature's peak snapshot and its per-snapshot activation f_i * norm (zero norm: absent there).
     """
     d_model, d_sae = W.shape
     dec_norms = torch.ones(d_sae, 1) if dec_norms is None else dec_norms
     n_sources = dec_norms.shape[1]
     cc = Crosscoder(CrosscoderConfig(n_sources=n_sources, d_in=d_model, d_sae=d_sae, activation="relu"))
     with torch.no_grad():
-        cc.W_enc.copy_(W.expand(n_sources, d_model, d_sae))
+        cc.W_enc.zero_()
+        cc.W_enc[-1] = W
         cc.b_enc.fill_(-threshold)
         cc.W_dec.copy_(W.T[None] * dec_norms.T[:, :, None])
         cc.b_dec.zero_()

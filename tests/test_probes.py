@@ -16,11 +16,11 @@ from evolution.features.probe_stats import FoldMoments, GroupR2, group_ids
 from evolution.features.probes import (
     MECHANISMS,
     ProbeConfig,
-    crosscoder_acts_fn,
     induction_scores,
     probe_features,
     stream_scores,
 )
+from evolution.features.snapshot_acts import crosscoder_acts_fn
 from evolution.features.top_contexts import StreamingTopK, contexts_from_topk
 
 V, N = 16, 40
@@ -59,9 +59,10 @@ def test_handbuilt_heads_do_what_they_are_built_to():
 def handbuilt_probe():
     W, kinds = subspace_directions(V, N)
     # two snapshots: "early" has only the previous-token head, "late" both heads. Decoder norms put the
-    # peak of tok/prev features at the early snapshot and of induction features at the late one.
+    # peak of tok/prev features at the early snapshot and of induction features at the late one, where
+    # alone they write (norm 0 in the early snapshot: per-snapshot activation f * 0 = absent).
     norms = torch.ones(W.shape[1], 2)
-    norms[kinds["ind"], 0] = 0.1
+    norms[kinds["ind"], 0] = 0.0
     norms[kinds["tok"] + kinds["prev"], 1] = 0.5
     cc = subspace_crosscoder(W, norms)
     snaps = [(10, handbuilt_model(V, N, induction_head=False)), (100, handbuilt_model(V, N))]
@@ -106,48 +107,51 @@ def test_contexts_highlight_the_firing_token(handbuilt_probe):
     assert 0 < len(rows) <= 5
     for r in rows:
         assert r["tokens"][r["highlight"] - 1] == "3"
-        assert r["activation"] == pytest.approx(0.5, abs=1e-4)
+        assert r["activation"] == pytest.approx(0.5 * 0.5, abs=1e-4)  # f_i * |W_dec[s, i]|
         assert 1 <= r["highlight"] <= 12
 
 
-def test_acts_fn_equals_full_forward_and_encode():
+def test_acts_fn_equals_full_forward_and_activations_per_snapshot():
     W, _ = subspace_directions(V, N)
-    cc = subspace_crosscoder(W, torch.ones(W.shape[1], 3))
+    cc = subspace_crosscoder(W, torch.rand(W.shape[1], 3, generator=torch.Generator().manual_seed(0)))
     model = handbuilt_model(V, N)
     toks = random_stream(4)
-    got = crosscoder_acts_fn(cc, model, HOOK, source=1, max_elements=1000)(toks)  # forces chunking
+    got = crosscoder_acts_fn(cc, [model] * 3, HOOK, source=1, max_elements=1000)(toks)  # forces chunking
     _, cache = model.run_with_cache(toks)
-    want = torch.relu(cache[HOOK] @ W - 0.5)
+    want = torch.relu(cache[HOOK] @ W - 0.5) * cc.decoder_norms()[:, 1]
     torch.testing.assert_close(got, want)
 
 
-@pytest.mark.parametrize("activation", ["relu", "jumprelu", "batchtopk"])
-def test_single_source_path_equals_encode_per_source(activation):
-    """The probes encode one source alone; that must be exactly the contract's encode_per_source."""
+@pytest.mark.parametrize("activation,gate", [("relu", "shared"), ("jumprelu", "shared"), ("batchtopk", "shared"),
+                                             ("jumprelu", "per_source")])
+def test_probe_activations_are_activations_per_snapshot(activation, gate):
+    """The probes' per-snapshot activations (one model at a time) equal `activations_per_snapshot` on all
+    snapshots' activations at once: one definition everywhere."""
     from crosscoders.config import CrosscoderConfig
-    from crosscoders.model import Crosscoder
+    from crosscoders.model import Crosscoder, activations_per_snapshot
 
-    model = handbuilt_model(V, N)
-    d = model.cfg.d_model
-    cc = Crosscoder(CrosscoderConfig(n_sources=3, d_in=d, d_sae=24, activation=activation, k=4, seed=1))
+    models = [handbuilt_model(V, N, induction_head=False), handbuilt_model(V, N, prev_head=False), handbuilt_model(V, N)]
+    d = models[0].cfg.d_model
+    cc = Crosscoder(CrosscoderConfig(n_sources=3, d_in=d, d_sae=24, activation=activation, k=4, seed=1, gate=gate))
     with torch.no_grad():
         cc.W_enc.normal_(generator=torch.Generator().manual_seed(2))
         cc.b_enc.fill_(-0.5)
         cc.threshold.fill_(0.05)
     cc.train()  # the probe must switch to inference mode itself
     toks = random_stream(3)
-    got = crosscoder_acts_fn(cc, model, HOOK, source=2)(toks)
+    got = crosscoder_acts_fn(cc, models, HOOK, source=2)(toks)
     assert cc.training
-    _, cache = model.run_with_cache(toks)
-    x = cache[HOOK].reshape(-1, 1, d).expand(-1, 3, -1)
-    want = cc.eval().encode_per_source(x)[:, 2].reshape(got.shape)
+    x = torch.stack([m.run_with_cache(toks)[1][HOOK].reshape(-1, d) for m in models], 1)
+    want = activations_per_snapshot(cc, x)[:, 2].reshape(got.shape)
     torch.testing.assert_close(got, want)
     assert (got > 0).any() and (got == 0).any()
-    # a reader with only the contract's W_enc + encode_per_source goes the general way, same codes
-    from types import SimpleNamespace
 
-    reader = SimpleNamespace(W_enc=cc.W_enc, encode_per_source=cc.encode_per_source)
-    torch.testing.assert_close(crosscoder_acts_fn(reader, model, HOOK, source=2, max_elements=500)(toks), want)
+
+def test_probes_need_every_source():
+    W, _ = subspace_directions(V, N)
+    cc = subspace_crosscoder(W, torch.ones(W.shape[1], 2))
+    with pytest.raises(ValueError, match="need every source's snapshot.*missing steps \\[20\\]"):
+        probe_features(cc, [(10, handbuilt_model(V, N))], random_stream(4), HOOK, steps=[10, 20])
 
 
 # ---------------------------------------------------------------- handcrafted activation functions

@@ -129,9 +129,10 @@ def run_probes(run: Path, crosscoder, steps: list[int], cfg: AnalyzeConfig) -> t
     kwargs = {"mechanism_names": corpus.mechanism_names} if corpus.mechanism_names else {}
     probe_steps = _evenly(steps, cfg.probe_snapshots)
     result = probe_features(
-        crosscoder.to(cfg.device), iter_snapshots(run / "snapshots", probe_steps, device=cfg.device),
+        # every source's snapshot: the pre-activation is shared; only `probe_steps` are scored
+        crosscoder.to(cfg.device), iter_snapshots(run / "snapshots", steps, device=cfg.device),
         tokens, hook, mechanism=mech, steps=steps, cfg=ProbeConfig(max_seqs=cfg.probe_max_seqs),
-        tokenizer=corpus.tokenizer, bos_token_id=corpus.bos_token_id, **kwargs)
+        tokenizer=corpus.tokenizer, bos_token_id=corpus.bos_token_id, probe_steps=probe_steps, **kwargs)
     result.save(run / "analysis")
     return result.table, result.contexts
 
@@ -169,6 +170,15 @@ def analyze(run_dir: str | Path, cfg: AnalyzeConfig | None = None) -> dict:
         table, contexts = probed
         extra = [c for c in table.columns if c == "feature" or c not in features.columns]
         features = features.merge(table[extra], on="feature", how="left")
+    if cfg.probes:  # null-calibrated type scores per snapshot (evolution.features.types)
+        from evolution.features.type_probe import types_for_run
+
+        cols = types_for_run(run, crosscoder, steps, _evenly(steps, cfg.probe_snapshots), _hook(run),
+                             cfg.probe_max_seqs, cfg.device)
+        for k, v in (cols or {}).items():
+            features[k] = v
+        if cols:
+            features["type_onset_step"] = features["type_onset_step"].astype("Int64")
     tl.save(out / "timelines.safetensors")
     with atomic_path(out / "features.csv") as tmp:
         features.to_csv(tmp, index=False)
@@ -183,6 +193,9 @@ def analyze(run_dir: str | Path, cfg: AnalyzeConfig | None = None) -> dict:
             "min_score": cfg.induction_min_score, "n": len(ind),
             "median": float(ind["peak_step"].median()) if len(ind) else None,
             "mean": float(ind["peak_step"].mean()) if len(ind) else None}
+    from evolution.features.hierarchy import hierarchy_summary
+
+    summary["hierarchy"] = hierarchy_summary(run, features, steps, out / "figures" if cfg.figures else None)
     write_json(out / "summary.json", summary)
     if cfg.figures:
         from evolution.features.plots import save_all

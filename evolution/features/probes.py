@@ -1,9 +1,11 @@
 """What a feature is: per feature and snapshot, its top contexts and three type scores, plus its
 ground-truth mechanism on the planted corpus (issue 4, item 2).
 
-A feature's activation **in snapshot s** is the crosscoder's per-source code
-`Crosscoder.encode_per_source(x)[:, s]` (source s's encoder alone + b_enc, activation applied) on that
-snapshot's activations at the crosscoder's hook. Position 0 of every row (BOS) and any BOS token are
+A feature's activation **in snapshot s** is `crosscoders.model.activations_per_snapshot(...)[:, s]`, the
+one definition (per-source gate: the code f[s, i]; shared gate: f_i |W_dec[s, i]|). The pre-activation is
+shared by all snapshots, so every source's snapshot is run over the probe stream (one model at a time)
+and `sum_s W_enc[s] x_s + b_enc` is accumulated first (`shared_pre_acts`); each probed snapshot's
+activations then come from that sum and its decoder norms. Position 0 of every row (BOS) and any BOS token are
 excluded everywhere. All scores are computed from a `FeatureActsFn` (tokens -> activations), so they
 work for any reader of the residual stream, not only crosscoders.
 
@@ -50,20 +52,20 @@ groups with scores of this kind and find they form in that order during pre-trai
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
-from einops import einsum
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from crosscoders.harvest import stop_layer
 from crosscoders.io import save_safetensors, write_json
 from crosscoders.progress import progress_bar
 from evolution.features.probe_stats import FoldMoments, GroupR2, LabelMass, group_ids
+from evolution.features.snapshot_acts import SnapshotActs, shared_pre_acts
 from evolution.features.top_contexts import StreamingTopK, contexts_from_topk, decoder_for
 from evolution.sources.planted import MECHANISMS
 
@@ -101,49 +103,22 @@ class ProbeConfig:
     """when no steps are named for contexts: this many probed snapshots, evenly spaced, the last included"""
 
 
-def crosscoder_acts_fn(crosscoder, model, hook: str, source: int, max_elements: int = 2**24) -> FeatureActsFn:
-    """Feature activations in one snapshot: run `model` to `hook`, encode with source `source` alone.
-
-    `crosscoder` is anything with `W_enc[n_sources, d_in, d_sae]` and `encode_per_source`
-    (docs/architecture.md). When it also has `activate` and `b_enc` (crosscoders.model.Crosscoder), only
-    source `source`'s encoder is run, `activate(x_s W_enc[s] + b_enc)` in eval mode, which is what
-    `encode_per_source(x)[:, source]` returns (tested) without coding every other source as well:
-    probing all snapshots would otherwise cost n_sources² encoder passes.
-    """
-    stop = stop_layer(hook)  # no need to run the layers after the hook
-    n_sources, _, d_sae = crosscoder.W_enc.shape
-    dtype, device = crosscoder.W_enc.dtype, crosscoder.W_enc.device
-    single = hasattr(crosscoder, "activate") and hasattr(crosscoder, "b_enc")
-
-    def encode(x: Float[Tensor, "rows d_in"]) -> Float[Tensor, "rows d_sae"]:
-        if single:
-            pre = einsum(x, crosscoder.W_enc[source], "r d, d h -> r h") + crosscoder.b_enc
-            return crosscoder.activate(pre)
-        return crosscoder.encode_per_source(x[:, None].expand(-1, n_sources, -1))[:, source]
-
-    @torch.no_grad()
-    def fn(tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_sae"]:
-        _, cache = model.run_with_cache(tokens.to(model.cfg.device), names_filter=hook, stop_at_layer=stop)
-        x = cache[hook]
-        b, p, d = x.shape
-        x = x.reshape(b * p, d).to(device=device, dtype=dtype)
-        rows = max(1, max_elements // ((1 if single else n_sources) * d_sae))  # bound the memory
-        was = getattr(crosscoder, "training", False)
-        if was:
-            crosscoder.eval()  # batch-dependent schemes (batchtopk) use their inference threshold
-        try:
-            out = [encode(x[i : i + rows]).float().cpu() for i in range(0, b * p, rows)]
-        finally:
-            if was:
-                crosscoder.train(True)
-        return torch.cat(out).reshape(b, p, d_sae)
-
-    return fn
-
-
-def _batched(fn: FeatureActsFn, tokens: Tensor, batch_size: int) -> Iterable[tuple[int, Tensor]]:
+def _batched(fn: FeatureActsFn | SnapshotActs, tokens: Tensor, batch_size: int) -> Iterable[tuple[int, Tensor]]:
     for lo in range(0, tokens.shape[0], batch_size):
-        yield lo, fn(tokens[lo : lo + batch_size])
+        if isinstance(fn, SnapshotActs):
+            yield lo, fn.rows(lo, lo + batch_size)
+        else:
+            yield lo, fn(tokens[lo : lo + batch_size])
+
+
+def induction_tokens(vocab: Int[Tensor, " v"], seq_len: int, n_seqs: int, bos_token_id: int, seed: int = 0) -> Tensor:
+    """BOS + R + R, R random tokens of `vocab` (distinct within R when the vocabulary allows)."""
+    g = torch.Generator().manual_seed(seed)
+    if seq_len <= len(vocab):  # distinct tokens: the first copy holds no repeat, each match is unique
+        R = vocab[torch.rand(n_seqs, len(vocab), generator=g).argsort(dim=1)[:, :seq_len]]
+    else:
+        R = vocab[torch.randint(len(vocab), (n_seqs, seq_len), generator=g)]
+    return torch.cat([torch.full((n_seqs, 1), bos_token_id, dtype=torch.long), R, R], dim=1)
 
 
 def induction_scores(
@@ -153,12 +128,7 @@ def induction_scores(
     """Induction score on BOS + R + R (see the module docstring); also the two half means."""
     if seq_len < 2:
         raise ValueError(f"induction score needs a random sequence of >= 2 tokens, got {seq_len}")
-    g = torch.Generator().manual_seed(seed)
-    if seq_len <= len(vocab):  # distinct tokens: the first copy holds no repeat, each match is unique
-        R = vocab[torch.rand(n_seqs, len(vocab), generator=g).argsort(dim=1)[:, :seq_len]]
-    else:
-        R = vocab[torch.randint(len(vocab), (n_seqs, seq_len), generator=g)]
-    tokens = torch.cat([torch.full((n_seqs, 1), bos_token_id, dtype=torch.long), R, R], dim=1)
+    tokens = induction_tokens(vocab, seq_len, n_seqs, bos_token_id, seed)
     # offsets 1..L-1 inside each copy: the copy's first token is left out of both halves, so that
     # every compared position has a previous token from R (in the first copy it would be BOS)
     first = second = 0.0
@@ -280,12 +250,13 @@ def probe_features(
     tokenizer=None,
     bos_token_id: int | None = None,
     mechanism_names: Sequence[str] = MECHANISMS,
+    probe_steps: Sequence[int] | None = None,
 ) -> ProbeResult:
     """Probe every feature of `crosscoder` in each `(step, model)` snapshot on the stream `tokens`.
 
     `steps` are the crosscoder's source steps in source order (snapshot `step` is source
-    `steps.index(step)`); without it the snapshots are taken to be the sources in order. Snapshots may
-    be a subset of the sources. `tokens` rows start with BOS (its id, unless given, is `tokens[0, 0]`).
+    `steps.index(step)`); without it the snapshots are taken to be the sources in order. `snapshots` must
+    hold every source (the pre-activation is shared); `probe_steps` (default: all) are the ones scored. `tokens` rows start with BOS (its id, unless given, is `tokens[0, 0]`).
     Contexts are kept for `steps_for_contexts` (default: `cfg.n_context_steps` evenly spaced probed
     steps, the last included). One model is held at a time.
     """
@@ -298,24 +269,32 @@ def probe_features(
     bos = int(tokens[0, 0]) if bos_token_id is None else bos_token_id
     vocab = tokens.unique()
     vocab = vocab[vocab != bos]
-    n_sources = crosscoder.W_enc.shape[0]
+
+    # the induction sequences need the models' context length: read it off the first snapshot
+    snapshots = iter(snapshots)
+    first = next(snapshots, None)
+    if first is None:
+        raise ValueError("probe_features got no snapshots")
+    seq_len = min(cfg.induction_len, (first[1].cfg.n_ctx - 1) // 2, len(vocab))
+    ind_tokens = induction_tokens(vocab, seq_len, cfg.induction_seqs, bos, cfg.seed)
+    (pre, ind_pre), tok, all_steps = shared_pre_acts(crosscoder, itertools.chain([first], snapshots),
+                                                     [tokens, ind_tokens], hook, steps, cfg.batch_size)
+    probe_at = list(probe_steps) if probe_steps is not None else all_steps
+    decode = decoder_for(tokenizer or tok)
 
     done: list[int] = []
     per: dict[str, list[Tensor]] = {}
     topks: list[StreamingTopK | None] = []
-    decode = decoder_for(tokenizer)
-    for i, (step, model) in enumerate(progress_bar(snapshots, desc="probing snapshots", unit="snapshot")):
-        source = list(steps).index(step) if steps is not None else i
-        if source >= n_sources:
-            raise ValueError(f"snapshot step {step} maps to source {source}, the crosscoder has {n_sources}")
-        if tokenizer is None and getattr(model, "tokenizer", None) is not None and i == 0:
-            decode = decoder_for(model.tokenizer)
-        fn = crosscoder_acts_fn(crosscoder, model, hook, source)
+    for step in progress_bar(probe_at, desc="probing snapshots", unit="snapshot"):
+        if step not in all_steps:
+            raise ValueError(f"probe step {step} is not one of the crosscoder's source steps {all_steps}")
+        source = all_steps.index(step)
         scores, topk = stream_scores(
-            fn, tokens, mechanism, bos, cfg.top_k, cfg.batch_size, cfg.max_groups, len(mechanism_names)
+            SnapshotActs(crosscoder, pre, source), tokens, mechanism, bos, cfg.top_k, cfg.batch_size,
+            cfg.max_groups, len(mechanism_names)
         )
-        seq_len = min(cfg.induction_len, (model.cfg.n_ctx - 1) // 2, len(vocab))
-        scores.update(induction_scores(fn, vocab, seq_len, cfg.induction_seqs, bos, cfg.seed, cfg.batch_size))
+        scores.update(induction_scores(SnapshotActs(crosscoder, ind_pre, source), vocab, seq_len,
+                                       cfg.induction_seqs, bos, cfg.seed, cfg.batch_size))
         scores["source"] = torch.full_like(scores["mean_act"], source)
         for k, v in scores.items():
             per.setdefault(k, []).append(v)  # gt_base_rate is the same for every snapshot

@@ -179,9 +179,9 @@ CELLS: list[Cell] = [
     from evolution.features.probes import ProbeConfig, probe_features
 
     probe_steps = sorted({STEPS[0], STEPS[len(STEPS) // 2], STEPS[-1]})
-    probes = probe_features(crosscoder, iter_snapshots(f"hf:{MODEL}", probe_steps, device=DEVICE), corpus.eval_tokens,
+    probes = probe_features(crosscoder, iter_snapshots(f"hf:{MODEL}", STEPS, device=DEVICE), corpus.eval_tokens,
                             HOOK, steps=STEPS, cfg=ProbeConfig(max_seqs=N_EVAL), tokenizer=corpus.tokenizer,
-                            bos_token_id=corpus.bos_token_id)
+                            bos_token_id=corpus.bos_token_id, probe_steps=probe_steps)
     features = tl.to_frame().merge(probes.table, on="feature")
     alive = features[~features["dead"]]
     # type = the largest probe score when above 0.2 (a feature that never fired on the probe text has none)

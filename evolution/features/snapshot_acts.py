@@ -1,0 +1,90 @@
+"""Per-snapshot feature activations of a crosscoder on token streams, one snapshot model at a time.
+
+The crosscoder's pre-activation `sum_s W_enc[s] x_s + b_enc` is shared by all sources, so a feature's
+activation in snapshot s (`crosscoders.model.activations_per_snapshot`: the per-source code, or
+f_i |W_dec[s, i]| with the shared gate) needs every snapshot's activations on the same tokens.
+`shared_pre_acts` runs each source's model once and accumulates the sum (memory: n_tokens x d_sae
+floats per token set); `SnapshotActs` then hands out one source's activations by rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from einops import einsum
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from crosscoders.harvest import stop_layer
+from crosscoders.progress import progress_bar
+
+
+@torch.no_grad()
+def _hook_acts(model, hook: str, tokens: Tensor) -> Tensor:
+    _, cache = model.run_with_cache(tokens.to(model.cfg.device), names_filter=hook, stop_at_layer=stop_layer(hook))
+    return cache[hook]
+
+
+@torch.no_grad()
+def shared_pre_acts(
+    crosscoder, snapshots: Iterable[tuple[int, object]], token_sets: Sequence[Tensor], hook: str,
+    steps: Sequence[int] | None = None, batch_size: int = 16,
+) -> tuple[list[Tensor], object, list[int]]:
+    """`sum_s W_enc[s] x_s + b_enc` on each token set `[n_seq, seq_len]`, running each source's snapshot once
+    (one model held at a time). `snapshots` must cover every source (`steps`: the sources' steps in order;
+    without it the snapshots are the sources in order). Returns the pre-activations `[n_seq, seq_len, d_sae]`
+    (float32, CPU), the first snapshot's tokenizer (or None) and each source's step."""
+    n_sources, _, d_sae = crosscoder.W_enc.shape
+    W_enc, dtype = crosscoder.W_enc.detach(), crosscoder.W_enc.dtype
+    pres = [crosscoder.b_enc.detach().float().cpu().expand(*t.shape, d_sae).clone() for t in token_sets]
+    seen: dict[int, int] = {}
+    tokenizer = None
+    for i, (step, model) in enumerate(progress_bar(snapshots, desc="encoding snapshots", unit="snapshot")):
+        source = list(steps).index(step) if steps is not None and step in steps else i
+        if source >= n_sources or (steps is not None and step not in steps):
+            raise ValueError(f"snapshot step {step} is not one of the crosscoder's {n_sources} sources "
+                             f"(steps {list(steps) if steps is not None else list(range(n_sources))})")
+        for pre, toks in zip(pres, token_sets, strict=True):
+            for lo in range(0, toks.shape[0], batch_size):
+                x = _hook_acts(model, hook, toks[lo : lo + batch_size]).to(W_enc.device, dtype)
+                pre[lo : lo + batch_size] += einsum(x, W_enc[source], "b p d, d h -> b p h").float().cpu()
+        seen[source] = int(step)
+        tokenizer = tokenizer or getattr(model, "tokenizer", None)
+    missing = sorted(set(range(n_sources)) - set(seen))
+    if missing:
+        names = [steps[m] for m in missing] if steps is not None else missing
+        raise ValueError(f"per-snapshot activations need every source's snapshot (the pre-activation is shared "
+                         f"by all sources); missing steps {names}")
+    return pres, tokenizer, [seen[s] for s in range(n_sources)]
+
+
+class SnapshotActs:
+    """Activations in source `source` of precomputed pre-activations `pre[n_seq, seq_len, d_sae]`, handed out
+    by rows (what `_batched` asks for), computed in chunks of at most `max_elements` values."""
+
+    def __init__(self, crosscoder, pre: Tensor, source: int, max_elements: int = 2**24):
+        self.crosscoder, self.pre, self.source = crosscoder, pre, source
+        self.max_elements = max_elements
+
+    def rows(self, lo: int, hi: int) -> Float[Tensor, "batch pos d_sae"]:
+        p = self.pre[lo:hi]
+        b, n, h = p.shape
+        flat = p.reshape(b * n, h)
+        S = self.crosscoder.W_enc.shape[0]
+        step = max(1, self.max_elements // (S * h))
+        dev, dt = self.crosscoder.W_enc.device, self.crosscoder.W_enc.dtype
+        out = [self.crosscoder.activations_from_pre(flat[i : i + step].to(dev, dt))[:, self.source].float().cpu()
+               for i in range(0, b * n, step)]
+        return torch.cat(out).reshape(b, n, h)
+
+
+def crosscoder_acts_fn(crosscoder, models: Sequence, hook: str, source: int, max_elements: int = 2**24):
+    """Feature activations in snapshot `source`: run every source's model (`models`, in source order) to
+    `hook`, sum the encoders, and take `activations_per_snapshot(...)[:, source]` (crosscoders.model)."""
+
+    def fn(tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_sae"]:
+        (pre,), _, _ = shared_pre_acts(crosscoder, list(enumerate(models)), [tokens], hook, batch_size=len(tokens))
+        return SnapshotActs(crosscoder, pre, source, max_elements).rows(0, len(tokens))
+
+    return fn
