@@ -1,0 +1,153 @@
+"""The learning hierarchy, measured: when features of each type (and of each planted mechanism) emerge.
+
+Ge et al. 2025 (arXiv 2509.17196) report previous-token features forming at ~1k–5k steps of Pythia,
+induction features at ~10k–100k, context features last. Here, per group of features:
+
+- **emergence** (defined once, `evolution.features.timelines`): the rising edge of the decoder norm, the
+  first snapshot where ‖W_dec[s, i]‖ ≥ `threshold` × its maximum. Statistics are taken on the snapshot
+  *index* (the schedule is the measuring stick) and reported as steps: median (lower median), IQR, and
+  a 95% percentile bootstrap CI of the median over the group's features (`n_boot` resamples).
+- groups `by="type"`: the measured type of `evolution.features.types` (column `type`); `by="mechanism"`:
+  the planted mechanism a feature helps predict (`gt_type`, kept when `gt_lift` ≥ `min_lift`).
+- the **mechanism's learned step** (`pretrain/learned_steps.json`, `evolution.phases.loss.learned_steps`:
+  first eval step where that mechanism's loss beats every reference that cannot explain it). A group is
+  **matched** when its median emergence lies within one snapshot interval of the snapshot at or after
+  the learned step; otherwise `note` says why (no features, never learned, k intervals apart).
+  Types map to mechanisms by what they compute: current-token → bigram (x_{t+1} read off x_t),
+  induction → copy, context → topic; previous-token features are the first half of the induction
+  circuit (no mechanism of their own; they should not come after copy).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+TYPE_MECHANISM = {"current_token": "bigram", "induction": "copy", "context": "topic", "previous_token": None}
+EXPECTED_ORDER = ("unigram", "bigram", "previous_token", "copy")
+"""The order the issue expects on the demo: unigram < bigram < previous-token <= induction/copy."""
+
+
+def _index_at_or_after(steps: Sequence[int], step: float) -> int:
+    return int(min(np.searchsorted(np.asarray(steps), step, side="left"), len(steps) - 1))
+
+
+def hierarchy(
+    features: pd.DataFrame, steps: Sequence[int], learned_steps: Mapping[str, int | None] | None = None,
+    by: str = "type", min_lift: float = 1.5, n_boot: int = 1000, seed: int = 0,
+) -> pd.DataFrame:
+    """One row per group: n, median emergence step, IQR, bootstrap CI, mechanism, learned step, matched, note."""
+    learned = dict(learned_steps or {})
+    steps = [int(s) for s in steps]
+    df = features[~features.get("dead", pd.Series(False, index=features.index)).astype(bool)]
+    df = df[df["emergence_step"].notna()]
+    if by == "type":
+        col = "type"
+        if col not in df:
+            return pd.DataFrame()
+        df = df[~df[col].isin(["none", "inactive"]) & df[col].notna()]
+    elif by == "mechanism":
+        col = "gt_type"
+        if col not in df:
+            return pd.DataFrame()
+        if "gt_lift" in df and min_lift > 0:
+            df = df[df["gt_lift"] >= min_lift]
+        df = df[df[col].notna() & (df[col].astype(str) != "")]
+    else:
+        raise ValueError(f"by must be 'type' or 'mechanism', got {by!r}")
+    groups = sorted(set(df[col].astype(str)) | (set(learned) if by == "mechanism" else set()))
+    rng = np.random.default_rng(seed)
+    rows = []
+    for g in groups:
+        idx = np.array([steps.index(int(s)) for s in df.loc[df[col].astype(str) == g, "emergence_step"]], int)
+        mech = g if by == "mechanism" else TYPE_MECHANISM.get(g)
+        ls = learned.get(mech) if mech else None
+        row = {"group": g, "by": by, "n": len(idx), "mechanism": mech, "learned_step": ls}
+        if len(idx):
+            q = np.percentile(idx, [25, 50, 75], method="lower")
+            boot = np.percentile(rng.choice(idx, size=(n_boot, len(idx))), 50, axis=1, method="lower")
+            lo, hi = np.percentile(boot, [2.5, 97.5], method="lower")
+            row.update(median_step=steps[int(q[1])], q25_step=steps[int(q[0])], q75_step=steps[int(q[2])],
+                       ci_lo_step=steps[int(lo)], ci_hi_step=steps[int(hi)], median_index=int(q[1]))
+        if mech is None:
+            row["note"] = "no planted mechanism of its own"
+        elif not len(idx):
+            row["note"] = f"no features of {g} (after the filters)"
+        elif ls is None:
+            row["note"] = f"mechanism {mech} was never learned (no learned step)" if mech in learned else \
+                f"no learned step for {mech} (not a planted corpus, or pretrain/learned_steps.json missing)"
+        else:
+            k = _index_at_or_after(steps, ls)
+            row["learned_index"] = k
+            row["matched"] = abs(row["median_index"] - k) <= 1
+            row["note"] = "" if row["matched"] else \
+                f"median emergence {row['median_step']} is {abs(row['median_index'] - k)} intervals from step {steps[k]}"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def order_check(table: pd.DataFrame) -> list[dict]:
+    """Consecutive pairs of `EXPECTED_ORDER` present in the table: is a's median emergence ≤ b's, and do
+    the CIs separate them? Mechanism rows are matched by mechanism, type rows by type name."""
+    med = {}
+    for _, r in table.iterrows():
+        if pd.notna(r.get("median_step")):
+            key = r["group"]
+            med[key] = (r["median_step"], r["ci_lo_step"], r["ci_hi_step"])
+    present = [k for k in EXPECTED_ORDER if k in med]
+    return [{"before": a, "after": b, "holds": bool(med[a][0] <= med[b][0]), "separated": bool(med[a][2] < med[b][1])}
+            for a, b in zip(present, present[1:], strict=False)]
+
+
+def hierarchy_figure(table: pd.DataFrame, features: pd.DataFrame | None = None):
+    """Median emergence with IQR (thick) and bootstrap CI (thin) per group; ▼ = the mechanism's learned step."""
+    from matplotlib.figure import Figure
+
+    t = table[table["median_step"].notna()] if "median_step" in table else table.iloc[:0]
+    fig = Figure(figsize=(7, 0.5 * max(len(t), 2) + 1.2), layout="constrained")
+    ax = fig.add_subplot()
+    for y, (_, r) in enumerate(t.iterrows()):
+        ax.plot([r["q25_step"], r["q75_step"]], [y, y], color="C0", lw=6, alpha=0.5)
+        ax.plot([r["ci_lo_step"], r["ci_hi_step"]], [y, y], color="k", lw=1.2)
+        ax.plot([r["median_step"]], [y], "o", color="k")
+        if pd.notna(r.get("learned_step")):
+            ax.plot([r["learned_step"]], [y + 0.25], "v", color="C3", ms=8)
+    ax.set_yticks(range(len(t)), [f"{r['by']}: {r['group']} (n={r['n']})" for _, r in t.iterrows()], fontsize=8)
+    ax.set_xscale("symlog", linthresh=1)
+    ax.set_xlabel("emergence step (rising edge of the decoder norm)")
+    ax.set_title("learning hierarchy: median emergence, IQR (bar), 95% CI (line); ▼ mechanism learned", fontsize=9)
+    return fig
+
+
+def read_learned_steps(run) -> dict | None:
+    import json
+    from pathlib import Path
+
+    p = Path(run) / "pretrain" / "learned_steps.json"
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def hierarchy_tables(features: pd.DataFrame, steps: Sequence[int], learned: Mapping | None) -> pd.DataFrame:
+    """The type table and the mechanism table, one frame (column `by`)."""
+    parts = [hierarchy(features, steps, learned, by=b) for b in ("type", "mechanism")]
+    return pd.concat([p for p in parts if len(p)], ignore_index=True) if any(len(p) for p in parts) else pd.DataFrame()
+
+
+def hierarchy_summary(run, features: pd.DataFrame, steps: Sequence[int], fig_dir=None) -> dict:
+    """summary.json's "hierarchy": the table as records, the order check, the learned steps; the figure
+    `hierarchy.png` in `fig_dir` when given and the table is not empty."""
+    learned = read_learned_steps(run)
+    table = hierarchy_tables(features, steps, learned)
+    out = {"learned_steps": learned, "emergence": "rising edge of the decoder norm (TimelineConfig.threshold)",
+           "table": [], "order": []}
+    if len(table):
+        out["table"] = [{k: (None if (not isinstance(v, str) and pd.isna(v)) else (v.item() if hasattr(v, "item") else v))
+                         for k, v in r.items()} for r in table.to_dict("records")]
+        out["order"] = order_check(table)
+        if fig_dir is not None:
+            from evolution.figures import save_figure
+
+            save_figure(hierarchy_figure(table), fig_dir / "hierarchy.png")
+    return out

@@ -1,0 +1,110 @@
+"""Per-snapshot feature types of a crosscoder: the type timeline (when a feature became an induction feature).
+
+Runs every source's snapshot over three token sets (the probe stream, BOS + R + R, and the control
+BOS + R + R'), takes each probed snapshot's per-snapshot activations (`evolution.features.snapshot_acts`,
+i.e. `crosscoders.model.activations_per_snapshot`) and scores them with `evolution.features.types`.
+Writes nothing itself; `analyze` saves `analysis/type_scores.safetensors` and the feature table columns
+`type`, `type_onset_step` and `type_score_<type>` (at the last probed snapshot).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from crosscoders.io import save_safetensors
+from evolution.features.types import TYPES, TypeConfig, assign_types, induction_type_stats, stream_type_stats
+
+
+def repeat_and_control(vocab: Int[Tensor, " v"], seq_len: int, n_seqs: int, bos: int, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """BOS + R + R and BOS + R + R' (R, R' independent random tokens of `vocab`, distinct within R when possible)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def draw() -> Tensor:
+        if seq_len <= len(vocab):
+            return vocab[torch.rand(n_seqs, len(vocab), generator=g).argsort(dim=1)[:, :seq_len]]
+        return vocab[torch.randint(len(vocab), (n_seqs, seq_len), generator=g)]
+
+    R, R2 = draw(), draw()
+    bos_col = torch.full((n_seqs, 1), bos, dtype=torch.long)
+    return torch.cat([bos_col, R, R], 1), torch.cat([bos_col, R, R2], 1)
+
+
+def type_timeline(
+    crosscoder, snapshots: Iterable[tuple[int, object]], tokens: Int[Tensor, "n_seq seq_len"], hook: str,
+    steps: Sequence[int], probe_steps: Sequence[int] | None = None, bos_token_id: int | None = None,
+    cfg: TypeConfig | None = None, induction_len: int = 32, induction_seqs: int = 64, batch_size: int = 16,
+) -> dict:
+    """Per probed snapshot: score and z of each type, and the assigned types. `snapshots` must hold every
+    source (the pre-activation is shared). Returns {"steps", "score": {type: [d_sae, n]}, "z": {...},
+    "types": np.ndarray [d_sae, n] of str}."""
+    from evolution.features.snapshot_acts import SnapshotActs, shared_pre_acts
+
+    cfg = cfg or TypeConfig()
+    tokens = tokens.long().cpu()
+    bos = int(tokens[0, 0]) if bos_token_id is None else bos_token_id
+    vocab = tokens.unique()
+    vocab = vocab[vocab != bos]
+    snapshots = list(snapshots) if not isinstance(snapshots, list) else snapshots
+    n_ctx = getattr(getattr(snapshots[0][1], "cfg", None), "n_ctx", 2 * induction_len + 1)
+    L = max(2, min(induction_len, (n_ctx - 1) // 2, len(vocab)))
+    rep, ctrl = repeat_and_control(vocab, L, induction_seqs, bos, cfg.seed)
+    pres, _, all_steps = shared_pre_acts(crosscoder, snapshots, [tokens, rep, ctrl], hook, steps, batch_size)
+    keep = (torch.arange(tokens.shape[1]) >= 1)[None, :] & (tokens != bos)
+    probe_at = list(probe_steps) if probe_steps is not None else all_steps
+    score = {t: [] for t in TYPES}
+    z = {t: [] for t in TYPES}
+    types = []
+    for step in probe_at:
+        source = all_steps.index(step)
+        acts = [SnapshotActs(crosscoder, p, source).rows(0, p.shape[0]) for p in pres]
+        stats = stream_type_stats(acts[0], tokens, keep, cfg)
+        # second copy, its first token left out (it has no predictable continuation from R yet)
+        stats["induction"] = induction_type_stats(acts[1][:, L + 2:], acts[2][:, L + 2:], cfg)
+        for t in TYPES:
+            score[t].append(stats[t]["score"].float())
+            z[t].append(stats[t]["z"].float())
+        types.append(assign_types(stats, cfg))
+    return {"steps": [int(s) for s in probe_at], "score": {t: torch.stack(v, 1) for t, v in score.items()},
+            "z": {t: torch.stack(v, 1) for t, v in z.items()}, "types": np.array(types, dtype=object).T}
+
+
+def save_type_timeline(result: dict, path: str | Path) -> None:
+    codes = {t: i for i, t in enumerate(("inactive", "none", *TYPES))}
+    tensors = {f"score_{t}": v.contiguous() for t, v in result["score"].items()}
+    tensors.update({f"z_{t}": v.contiguous() for t, v in result["z"].items()})
+    tensors["type_code"] = torch.tensor(np.vectorize(codes.get)(result["types"]).astype(np.int64))
+    tensors["steps"] = torch.tensor(result["steps"], dtype=torch.long)
+    save_safetensors(path, tensors, metadata={"type_codes": ",".join(codes)})
+
+
+def types_for_run(run: Path, crosscoder, steps: list[int], probe_steps: list[int], hook: str | None,
+                  max_seqs: int = 256, device: str = "cpu", cfg: TypeConfig | None = None) -> dict | None:
+    """`type_timeline` on a run's held-out corpus; writes `analysis/type_scores.safetensors`; returns the
+    feature-table columns (`type`, `type_onset_step`, `type_score_<type>` at the last probed snapshot),
+    or None with the reason printed when the run lacks snapshots, corpus or hook."""
+    from evolution.features.types import type_onset
+
+    if hook is None or not (run / "snapshots").is_dir() or not (run / "corpus").is_dir():
+        print(f"analyze: type timeline skipped, {run} lacks snapshots/, corpus/ or a hook")
+        return None
+    try:
+        from evolution.sources.corpus import Corpus
+        from evolution.sources.snapshots import iter_snapshots
+    except ImportError as e:  # pragma: no cover
+        print(f"analyze: type timeline skipped ({e})")
+        return None
+    corpus = Corpus.load(run / "corpus")
+    tokens = corpus.eval_tokens if corpus.eval_tokens is not None else corpus.tokens
+    res = type_timeline(crosscoder.to(device), list(iter_snapshots(run / "snapshots", steps, device=device)),
+                        tokens[:max_seqs], hook, steps, probe_steps, corpus.bos_token_id, cfg)
+    save_type_timeline(res, run / "analysis" / "type_scores.safetensors")
+    final, onset = type_onset(res["types"], res["steps"])
+    cols = {"type": final, "type_onset_step": onset}
+    cols.update({f"type_score_{t}": res["score"][t][:, -1].tolist() for t in TYPES})
+    return cols
