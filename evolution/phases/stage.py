@@ -17,10 +17,15 @@ Each signal below places the boundary at one step; `phases(run_dir)` combines th
 (e) `crosscoder_turning_point`: `analysis/summary.json`'s `turning_point_step`, the step around which
     most crosscoder features turn direction (Ge et al. 2025 see it near step 1000 of Pythia).
 
+(f) `alive_features_onset`: the feature-phase onset, where the number of alive crosscoder features
+    (decoder norm ≥ half its maximum) reaches half its maximum; CI over features (`phases/signals`).
+
 A peak at the first or last measured snapshot is no rise-then-fall and is not used (recorded with the
-reason). Combination: the boundary is the median of the used signals on the log-step axis
-(log10 max(step, 1)), robust to one stray signal; a signal *agrees* when within `agree_factor` (2×) of
-the boundary in step. `spread_factor` = largest / smallest used step.
+reason). Combination (`phases/signals.combine_with_ci`): a signal without a bootstrap CI or that does
+not beat its null is not used; the boundary is published only when at least two used signals agree
+within their CIs, else `verdict: "inconclusive"` with the spread. The older 2×-of-the-median agreement
+is kept under `agreement` for comparison. Geometry signals have no CI yet (geometry.json holds no
+token resamples), so they are reported but not used.
 """
 
 from __future__ import annotations
@@ -150,7 +155,15 @@ def read_run(run_dir: str | Path) -> dict:
     if features_path.exists():
         with open(features_path, newline="") as f:
             peak_steps = [int(float(r["peak_step"])) for r in csv.DictReader(f) if r.get("peak_step") not in (None, "")]
+    alive = alive_steps = None
+    tl_path = run_dir / "analysis" / "timelines.safetensors"
+    if tl_path.exists():  # alive = decoder norm at or above the emergence threshold in that snapshot
+        from safetensors.torch import load_file
+
+        t = load_file(str(tl_path))
+        alive, alive_steps = (t["rel_norms"] >= 0.5).numpy(), t["steps"].tolist()
     return {
+        "alive": alive, "alive_steps": alive_steps,
         "train": [(r["step"], r["train_loss"]) for r in rows if "train_loss" in r],
         "eval": [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r],
         "references": references(run_dir),
@@ -175,9 +188,19 @@ def phase_signals(data: dict, cfg: PhasesConfig | None = None) -> dict[str, dict
             signals["linearity_no_residual_peak"] = interior_peak(steps, _layer_mean(m["linearity_no_residual"], False))
         if "anisotropy" in m:
             signals["anisotropy_change"] = change_point(steps, _layer_mean(m["anisotropy"], cfg.skip_embedding_layer))
-    tp = (data["summary"] or {}).get("turning_point_step")
-    if tp is not None:
-        signals["crosscoder_turning_point"] = {"step": int(tp), "used": True}
+    summary = data["summary"] or {}
+    if summary.get("turning_point"):  # schedule-invariant, with edge check, null and CI (features/turning)
+        t = summary["turning_point"]
+        signals["crosscoder_turning_point"] = {k: t.get(k) for k in ("step", "used", "reason", "ci", "p_null", "peakedness")
+                                               if t.get(k) is not None} | {"used": bool(t.get("used"))}
+        signals["crosscoder_turning_point"]["effect"] = t.get("peakedness")
+        signals["crosscoder_turning_point"]["effect_name"] = "largest / mean rate of direction change per log-step"
+    elif summary.get("turning_point_step") is not None:
+        signals["crosscoder_turning_point"] = {"step": int(summary["turning_point_step"]), "used": True}
+    if data.get("alive") is not None:
+        from evolution.phases.signals import rising_onset
+
+        signals["alive_features_onset"] = rising_onset(data["alive"], data["alive_steps"])
     return signals
 
 
@@ -189,7 +212,10 @@ def phases(run_dir: str | Path, cfg: PhasesConfig | None = None) -> dict:
     run_dir = Path(run_dir)
     data = read_run(run_dir)
     signals = phase_signals(data, cfg)
-    result = {**combine(signals, cfg.agree_factor), "signals": signals, "references": data["references"], "config": to_dict(cfg)}
+    from evolution.phases.signals import combine_with_ci
+
+    result = {**combine_with_ci(signals), "signals": signals, "references": data["references"], "config": to_dict(cfg)}
+    result["agreement"] = {**combine(signals, cfg.agree_factor)["agreement"], "agree_within_ci": result["agree"]}
     write_json(run_dir / "phases.json", result)
     from evolution.figures import save_figure
 
@@ -205,6 +231,7 @@ _SIGNAL_PANEL = {
     "anisotropy_change": "anisotropy",
     "id_peak": "id",
     "crosscoder_turning_point": "crosscoder",
+    "alive_features_onset": "crosscoder",
 }
 
 
@@ -262,9 +289,12 @@ def phase_map(data: dict, result: dict):
     agree = result["agreement"]
     title = "phase map"
     if b is not None:
-        title += f": boundary ≈ step {b}\n(signals agreeing within {agree['factor']:g}×: {', '.join(agree['agree']) or 'none'})"
+        title += f": boundary ≈ step {b}, CI {result['boundary_ci']}\n(signals agreeing within their CIs: {', '.join(result['agree'])})"
         top.text(0.01, 1.02, "← statistical phase", transform=top.transAxes, fontsize=8, ha="left")
         top.text(0.99, 1.02, "feature phase →", transform=top.transAxes, fontsize=8, ha="right")
+    else:
+        title += ": " + result.get("explanation", "inconclusive") + "\n(no boundary is drawn)"
+    del agree
     fig.suptitle(title, fontsize=9)
     axes[panels[-1]].set_xlabel("step (symlog)")
     fig.tight_layout()

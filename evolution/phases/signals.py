@@ -1,0 +1,140 @@
+"""Phase signals with uncertainty, and the rule that publishes a boundary only when signals agree.
+
+Every signal is a step with a 95% percentile **bootstrap CI** (over tokens for loss and KL, over features
+for crosscoder signals), an **effect size** and a **null**; a signal that does not beat its null, sits at
+the edge of the measured steps, or has no CI is *not used*, with the reason.
+
+- `crossing`: first snapshot where the mean of d[token, s] (model NLL − held-out bigram NLL) is ≤ 0;
+  effect = −mean d at the last snapshot (nats); null: no crossing (every bootstrap must cross, ≥ 95%).
+- `interior_min`: the snapshot of the minimum of a per-token mean (KL from the model to the bigram
+  distribution: where the model stops tracking the bigram statistics); effect = the dip of the minimum
+  below both ends (nats); null: the same dip on token-bootstrap noise alone (curves minus their mean,
+  minimum re-selected), p ≤ 0.05; a minimum at the first or last snapshot is no minimum.
+- `rising_onset`: the feature-phase onset, the first snapshot where the number of alive crosscoder
+  features reaches half its maximum (the rising edge rule of `evolution.features.timelines`); effect =
+  max count / count at the first snapshot; null: already at half at the first snapshot.
+
+`combine_with_ci`: the largest set of used signals whose CIs (on the log-step axis) share a common
+point; with at least two of them the **boundary** is the geometric median of their steps and its CI
+the intersection of theirs (verdict "boundary"); otherwise verdict "inconclusive", boundary None, and
+the spread of the used steps is reported.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def _ci(values: np.ndarray) -> list[float]:
+    return [float(v) for v in np.percentile(values, [2.5, 97.5])]
+
+
+def _first_leq0(means: np.ndarray) -> np.ndarray:
+    """Per row, first column with value ≤ 0 (-1 if none)."""
+    hit = means <= 0
+    return np.where(hit.any(-1), hit.argmax(-1), -1)
+
+
+def crossing(d: np.ndarray, steps: Sequence[int], n_boot: int = 200, seed: int = 0) -> dict:
+    """`d[token, snapshot]`: first snapshot where the token mean of d is ≤ 0, with a CI over tokens."""
+    d = np.asarray(d, float)
+    rng = np.random.default_rng(seed)
+    k = int(_first_leq0(d.mean(0)[None])[0])
+    boots = np.stack([d[rng.integers(len(d), size=len(d))].mean(0) for _ in range(n_boot)])
+    kb = _first_leq0(boots)
+    out = {"step": int(steps[k]) if k >= 0 else None, "effect": float(-d.mean(0)[-1]),
+           "effect_name": "final loss below the reference (nats)", "frac_boot_crossing": float((kb >= 0).mean())}
+    if k < 0:
+        return {**out, "used": False, "reason": "never crosses the reference"}
+    kb = np.where(kb >= 0, kb, len(steps) - 1)
+    out["ci"] = [int(steps[int(np.percentile(kb, 2.5, method="lower"))]), int(steps[int(np.percentile(kb, 97.5, method="higher"))])]
+    if k == 0:
+        return {**out, "used": False, "reason": "below the reference from the first snapshot: no crossing seen"}
+    if out["frac_boot_crossing"] < 0.95:
+        return {**out, "used": False, "reason": f"only {out['frac_boot_crossing']:.0%} of token resamples cross"}
+    return {**out, "used": True}
+
+
+def interior_min(v: np.ndarray, steps: Sequence[int], n_boot: int = 200, seed: int = 0) -> dict:
+    """`v[token, snapshot]`: the snapshot of the minimum of the token mean, its CI and the rise after it."""
+    v = np.asarray(v, float)
+    rng = np.random.default_rng(seed)
+    m = v.mean(0)
+    k = int(np.argmin(m))
+    boots = np.stack([v[rng.integers(len(v), size=len(v))].mean(0) for _ in range(n_boot)])
+    kb = boots.argmin(1)
+
+    def dip(x: np.ndarray) -> np.ndarray:  # how far the minimum lies below both ends
+        return np.minimum(x[..., 0], x[..., -1]) - x.min(-1)
+
+    effect = float(dip(m))
+    null = dip(boots - m[None])  # the same statistic on sampling noise alone (minimum re-selected)
+    p = float((1 + (null >= effect).sum()) / (1 + n_boot))
+    out = {"step": int(steps[k]), "value": float(m[k]), "effect": effect, "p_null": p,
+           "effect_name": "dip of the minimum below both ends (nats)", "effect_ci": _ci(dip(boots)),
+           "ci": [int(steps[int(np.percentile(kb, 2.5, method="lower"))]), int(steps[int(np.percentile(kb, 97.5, method="higher"))])]}
+    if k in (0, len(m) - 1):
+        return {**out, "used": False, "reason": "minimum at the edge of the measured steps: no fall-then-rise"}
+    if p > 0.05:
+        return {**out, "used": False, "reason": f"the dip does not beat sampling noise (p = {p:.3f})"}
+    return {**out, "used": True}
+
+
+def rising_onset(alive: np.ndarray, steps: Sequence[int], frac: float = 0.5, n_boot: int = 200, seed: int = 0) -> dict:
+    """`alive[feature, snapshot]` (bool): onset = first snapshot where the alive count ≥ frac × its max;
+    CI over features."""
+    a = np.asarray(alive, bool)
+    rng = np.random.default_rng(seed)
+
+    def onset(x: np.ndarray) -> int:
+        c = x.sum(0)
+        return int(np.argmax(c >= frac * c.max())) if c.max() > 0 else -1
+
+    k = onset(a)
+    counts = a.sum(0)
+    kb = np.array([onset(a[rng.integers(len(a), size=len(a))]) for _ in range(n_boot)])
+    out = {"step": int(steps[k]) if k >= 0 else None, "counts": counts.tolist(),
+           "effect": float(counts.max() / max(counts[0], 1)), "effect_name": "max alive count / count at the first snapshot"}
+    if k < 0:
+        return {**out, "used": False, "reason": "no alive features"}
+    out["ci"] = [int(steps[int(np.percentile(kb, 2.5, method="lower"))]), int(steps[int(np.percentile(kb, 97.5, method="higher"))])]
+    if k == 0:
+        return {**out, "used": False, "reason": "at least half the features are alive from the first snapshot: no onset seen"}
+    return {**out, "used": True}
+
+
+def _log(step: float) -> float:
+    return math.log10(max(step, 1))
+
+
+def combine_with_ci(signals: dict[str, dict]) -> dict:
+    """The boundary only where >= 2 used signals agree within their CIs (module docstring)."""
+    used = {k: s for k, s in signals.items() if s.get("used") and s.get("step") is not None and s.get("ci")}
+    for s in signals.values():
+        if s.get("used") and not s.get("ci"):
+            s["used"], s["reason"] = False, "no CI: cannot tell agreement from chance"
+    spread = None
+    if used:
+        lo, hi = min(s["step"] for s in used.values()), max(s["step"] for s in used.values())
+        spread = {"min_step": lo, "max_step": hi, "factor": (hi / max(lo, 1)) if lo else None}
+    best: list[str] = []
+    for k in used:  # a common point of intervals is some interval's left end
+        x = _log(used[k]["ci"][0])
+        group = sorted(j for j, s in used.items() if _log(s["ci"][0]) - 1e-12 <= x <= _log(s["ci"][1]) + 1e-12)
+        if len(group) > len(best):
+            best = group
+    out = {"n_used": len(used), "used": sorted(used), "agree": best if len(best) >= 2 else [], "spread": spread}
+    if len(best) < 2:
+        why = "no signal is usable" if not used else (
+            "only one usable signal" if len(used) == 1 else "no two usable signals agree within their CIs")
+        return {**out, "verdict": "inconclusive", "boundary_step": None, "boundary_ci": None,
+                "explanation": f"inconclusive: {why}" + (
+                    f"; used signals span steps {spread['min_step']}..{spread['max_step']}" if spread else "")}
+    steps = [used[k]["step"] for k in best]
+    b = int(round(10 ** float(np.median([_log(s) for s in steps]))))
+    ci = [max(used[k]["ci"][0] for k in best), min(used[k]["ci"][1] for k in best)]
+    return {**out, "verdict": "boundary", "boundary_step": b, "boundary_ci": ci,
+            "explanation": f"boundary at step {b} (CI {ci[0]}..{ci[1]}): {', '.join(best)} agree within their CIs"}
