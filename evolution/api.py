@@ -86,6 +86,20 @@ class Run:
         p = self.analysis_dir / "contexts.json"
         return json.loads(p.read_text()) if p.exists() else {}
 
+    def hierarchy(self, by: str = "type", **kw) -> pd.DataFrame:
+        """When features of each type (`by="type"`) or planted mechanism (`by="mechanism"`) emerge: n, median,
+        IQR and bootstrap CI of the emergence step, and the mechanism's learned step
+        (`evolution.features.hierarchy`)."""
+        from evolution.features.hierarchy import hierarchy, read_learned_steps
+
+        return hierarchy(self.features, self.steps, read_learned_steps(self.path), by=by, **kw)
+
+    @property
+    def phases(self) -> dict:
+        """phases.json: signals with CIs, the verdict ("boundary" or "inconclusive") and its explanation."""
+        p = self.path / "phases.json"
+        return json.loads(p.read_text()) if p.exists() else {}
+
     def pairwise_cos(self, features: list[int] | Tensor | None = None) -> Tensor:
         """[n_features, n_sources, n_sources] cosines between a feature's decoder directions (needs the crosscoder)."""
         from evolution.features.timelines import pairwise_cos

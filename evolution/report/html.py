@@ -69,14 +69,38 @@ def _phase_section(run: Path) -> str:
     out = [_img(run / "figures" / "phase_map.png", "phase map")]
     if ph:
         b = ph.get("boundary_step")
-        out.append(f"<p><b>Statistical → feature phase boundary: step {b}</b></p>")
+        if ph.get("verdict") == "inconclusive" or b is None:
+            out.append("<p><b>Statistical → feature phase boundary: inconclusive.</b> "
+                       f"{html.escape(str(ph.get('explanation', '')))}. No boundary is published.</p>")
+        else:
+            out.append(f"<p><b>Statistical → feature phase boundary: step {b}</b> (CI {ph.get('boundary_ci')}): "
+                       f"{html.escape(str(ph.get('explanation', '')))}</p>")
         sig = ph.get("signals", {})
-        agree = set((ph.get("agreement") or {}).get("agree", []))
+        agree = set(ph.get("agree") or (ph.get("agreement") or {}).get("agree", []))
         if sig:
             rows = [{"signal": k, "step": "—" if v.get("step") is None else str(v["step"]),
-                     "agrees with boundary": ("yes" if k in agree else "no") if v.get("used") else "not used",
+                     "95% CI": "—" if not v.get("ci") else f"{v['ci'][0]}..{v['ci'][1]}",
+                     "effect": "—" if v.get("effect") is None else f"{v['effect']:.3g} ({v.get('effect_name', '')})",
+                     "agrees within CIs": ("yes" if k in agree else "no") if v.get("used") else "not used",
                      "evidence": _evidence(v)} for k, v in sig.items()]
             out.append(_table(pd.DataFrame(rows), left=("signal", "evidence")))
+    return "".join(out)
+
+
+def _hierarchy_section(run: Path) -> str:
+    h = (_json(run / "analysis" / "summary.json") or {}).get("hierarchy") or {}
+    if not h.get("table"):
+        return "<p>No hierarchy: no typed features or ground-truth mechanisms in this run.</p>"
+    cols = ["by", "group", "n", "median_step", "q25_step", "q75_step", "ci_lo_step", "ci_hi_step", "mechanism",
+            "learned_step", "matched", "note"]
+    df = pd.DataFrame(h["table"]).reindex(columns=cols)
+    out = [_img(run / "analysis" / "figures" / "hierarchy.png", "learning hierarchy"),
+           f"<p>Emergence: {html.escape(h.get('emergence', ''))}; median, IQR and the 95% bootstrap CI of the median "
+           "over features, in steps; a mechanism is matched when its features' median emergence lies within one "
+           "snapshot interval of its learned step.</p>", _table(df.astype(object).where(df.notna(), "—"), left=("note",))]
+    for o in h.get("order", []):
+        out.append(f"<p>{o['before']} before {o['after']}: {'holds' if o['holds'] else 'does not hold'}"
+                   f"{' (CIs separated)' if o['separated'] else ' (CIs overlap)'}</p>")
     return "".join(out)
 
 
@@ -144,9 +168,16 @@ def _peak_section(run: Path) -> str:
                    f"{ind['median']:.0f}.</p>")
     out.append("<h3>Turning point</h3>")
     out.append(_img(run / "analysis" / "figures" / "cos_to_final.png", "direction cosine to final"))
-    if "turning_point_step" in s:
-        out.append(f"<p><b>Turning point: step {s['turning_point_step']}</b> — the step around which most "
-                   "features' decoder directions change sharply (Ge et al. 2025 report ~1000 on Pythia).</p>")
+    tp = s.get("turning_point") or {}
+    if tp.get("step") is not None:
+        verdict = "used as a phase signal" if tp.get("used") else f"not used: {html.escape(str(tp.get('reason')))}"
+        frac = tp.get("fraction_ci") or [float("nan")] * 2
+        out.append(f"<p><b>Turning point: step {tp['step']}</b> (95% CI {tp.get('ci')}), where the decoder directions' "
+                   f"angle to their final direction falls fastest per unit log-step ({verdict}); "
+                   f"{tp.get('fraction', 0):.0%} of alive features turn there (CI {frac[0]:.0%}..{frac[1]:.0%}). "
+                   "Ge et al. 2025 report ~1000 on Pythia.</p>")
+    elif "turning_point_step" in s:
+        out.append(f"<p><b>Turning point: step {s['turning_point_step']}</b></p>")
     return "".join(out)
 
 
@@ -218,6 +249,7 @@ SECTIONS = (
     ("loss", "Loss against unigram / bigram references", _loss_section),
     ("timelines", "Feature timelines", _features_section),
     ("peaks", "Peak steps and the turning point", _peak_section),
+    ("hierarchy", "The learning hierarchy: when each type and mechanism emerges", _hierarchy_section),
     ("types", "Top features per type", _types_section),
     ("quality", "Crosscoder quality per snapshot", _quality_section),
     ("geometry", "Layer geometry across snapshots", _geometry_section),
