@@ -85,11 +85,28 @@ def batch_topk(
     """Keep the `k * batch` largest `relu(pre) * N` over the whole batch (Bussmann et al. 2024, BatchTopK;
     scored with decoder norms as in Minder et al. 2025). Returns the code and the smallest kept score,
     whose running mean becomes the inference threshold."""
-    acts = torch.relu(pre)
-    scores = (acts * dec_norm).flatten()
+    with torch.no_grad():  # relu(pre) * N = relu(pre * N) as N >= 0; the selection carries no gradient
+        scores = (pre * dec_norm).clamp_(min=0)
     n_keep = max(1, min(scores.numel(), int(round(k * pre.shape[0]))))
-    top = torch.topk(scores.detach(), n_keep, sorted=False)
-    mask = torch.zeros_like(scores, dtype=torch.bool).scatter_(0, top.indices, True).view_as(acts)
-    kept = top.values[top.values > 0]
+    values, index = top_of_batch(scores, n_keep)
+    kept = values[values > 0]
     min_kept = kept.min() if kept.numel() else scores.new_zeros(())
-    return acts * mask.to(acts.dtype), min_kept
+    # the code is relu(pre) at the kept entries (and its gradient flows there only), 0 elsewhere
+    flat = pre.flatten()
+    f = torch.zeros_like(flat).scatter(0, index, torch.relu(flat[index]))
+    return f.view_as(pre), min_kept
+
+
+def top_of_batch(scores: Float[Tensor, "batch d_sae"], n_keep: int) -> tuple[Tensor, Tensor]:
+    """`torch.topk(scores.flatten(), n_keep, sorted=False)` (values, flat indices), ~5x faster on a large
+    batch: each row's top m (2 n_keep / batch) pooled hold at least n_keep entries, so the n_keep-th largest
+    of the pool bounds the n_keep-th largest overall from below, and only entries above it compete."""
+    flat = scores.flatten()
+    m = 2 * -(-n_keep // scores.shape[0])
+    if 4 * m > scores.shape[-1]:  # rows' top m is most of them: nothing to filter
+        return torch.topk(flat, n_keep, sorted=False)
+    pool = torch.topk(scores, m, dim=-1, sorted=False).values.flatten()
+    bound = torch.topk(pool, n_keep, sorted=False).values.min()
+    candidates = (flat >= bound).nonzero().squeeze(1)
+    top = torch.topk(flat[candidates], n_keep, sorted=False)
+    return top.values, candidates[top.indices]

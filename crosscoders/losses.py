@@ -11,6 +11,7 @@ f_i * sum_s |W_dec[s, i]| is the one term per latent.
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import torch
@@ -19,6 +20,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from . import activations as A
+from . import sparse as S
 from .model import Crosscoder
 
 
@@ -66,9 +68,11 @@ def auxk_loss(
     dec_norm: Float[Tensor, " d_sae"],
     dead: Bool[Tensor, " d_sae"],
     k_aux: int,
+    sparse: bool = False,
 ) -> Tensor:
     """AuxK (Gao et al. 2024, App. A.2): the top-k_aux dead latents per token reconstruct the residual of
-    the live ones, with W_dec and no bias; scaled down when fewer than k_aux latents are dead."""
+    the live ones, with W_dec and no bias; scaled down when fewer than k_aux latents are dead. `sparse`:
+    through the selected latents only (`pre` then carries no gradient; sparse.py gives the same one)."""
     n_dead = int(dead.sum())
     if n_dead == 0:
         return pre.new_zeros(())
@@ -76,8 +80,11 @@ def auxk_loss(
     residual = (x - x_hat).detach()
     scores = (torch.relu(pre) * dec_norm).masked_fill(~dead, -1.0)
     top = torch.topk(scores, k, dim=-1)
-    acts = torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(pre).gather(-1, top.indices))
-    recon = einsum(acts, model.W_dec, "b h, s h d -> b s d")
+    if sparse:
+        recon = S.decode_topk(model, x, pre, top.indices)
+    else:
+        acts = torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(pre).gather(-1, top.indices))
+        recon = einsum(acts.to(model.W_dec.dtype), model.W_dec, "b h, s h d -> b s d")
     scale = min(n_dead / k_aux, 1.0)
     return scale * (recon - residual).pow(2).sum((-1, -2)).mean()
 
@@ -90,18 +97,27 @@ def crosscoder_loss(
     auxk_coef: float = 1 / 32,
     k_aux: int = 0,
     pre_act_coef: float = 0.0,
+    sparse: bool | None = None,
 ) -> LossOutput:
-    """One forward pass in training mode and the loss of `model.cfg.activation`'s scheme."""
+    """One forward pass in training mode and the loss of `model.cfg.activation`'s scheme.
+
+    `sparse` (batchtopk): decode and backpropagate through the active latents only (crosscoders/sparse.py:
+    the same loss and gradients, faster when k / d_sae is small); None = where it pays (`sparse.pays`).
+    The returned code `f` then carries no gradient."""
     cfg = model.cfg
     model.check_input(x)
-    pre = model.pre_acts(x)
-    dec_norm = model.gate_norms()  # [d_sae] shared, [n_sources, d_sae] per-source
+    if sparse is None:
+        sparse = S.pays(cfg.k, cfg.d_sae, x.device)
+    sparse = sparse and cfg.activation == "batchtopk" and not model.per_source
+    with torch.no_grad() if sparse else contextlib.nullcontext():
+        pre = model.pre_acts(x)
+        dec_norm = model.gate_norms()  # [d_sae] shared, [n_sources, d_sae] per-source
     min_kept = None
     if cfg.activation == "batchtopk":
         f, min_kept = A.batch_topk(pre, dec_norm, cfg.k)
     else:
         f = model.activate(pre)
-    x_hat = model.decode(f)
+    x_hat = S.decode_code(model, x, pre, f) if sparse else model.decode(f)
     err = (x_hat.float() - x.float()).pow(2).sum(-1)  # [batch, n_sources]
     mse_per_source = err.mean(0)
     mse = mse_per_source.sum()
@@ -116,6 +132,6 @@ def crosscoder_loss(
             aux = pre_act_coef * pre_act_loss(model.gate_input(pre).float(), dec_norm.float(), th, dead)
     elif cfg.activation == "batchtopk" and dead is not None and auxk_coef > 0:
         aux = auxk_coef * auxk_loss(model, x.float(), x_hat.float(), pre.float(), dec_norm.float(), dead,
-                                    k_aux or max(1, cfg.d_in // 2))
+                                    k_aux or max(1, cfg.d_in // 2), sparse)
     total = mse + sparsity_coef * sparsity + aux
     return LossOutput(total, mse, sparsity, aux, mse_per_source.detach(), f, x_hat, min_kept)

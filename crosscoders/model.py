@@ -62,7 +62,8 @@ class Crosscoder(nn.Module):
         W_dec = W_dec / W_dec.norm(dim=1, keepdim=True) * cfg.dec_init_norm
         W_dec = W_dec.view(H, S, D).permute(1, 0, 2).contiguous()
         self.W_dec = nn.Parameter(W_dec)  # [n_sources, d_sae, d_in]
-        self.W_enc = nn.Parameter(W_dec.transpose(1, 2).clone())  # [n_sources, d_in, d_sae]
+        # contiguous (a clone of the transpose would keep W_dec's layout, and every GEMM would copy it)
+        self.W_enc = nn.Parameter(W_dec.transpose(1, 2).contiguous())  # [n_sources, d_in, d_sae]
         self.b_enc = nn.Parameter(torch.zeros(H))
         self.b_dec = nn.Parameter(torch.zeros(S, D))
         # jumprelu: learned per-latent threshold; batchtopk: running estimate (not a parameter).
@@ -102,8 +103,10 @@ class Crosscoder(nn.Module):
 
     # ------------------------------------------------------------------ encode / decode
     def pre_acts(self, x: Float[Tensor, "batch n_sources d_in"]) -> Float[Tensor, "batch d_sae"]:
-        x = x.to(self.W_enc.dtype)
-        return einsum(x, self.W_enc, "b s d, s d h -> b h") + self.b_enc
+        # sum_s x_s W_enc[s]: one [batch, n_sources d_in] @ [n_sources d_in, d_sae] GEMM with the bias fused
+        # (a separate `+ b_enc` is one more pass over [batch, d_sae], the size of the whole code).
+        S, D, H = self.W_enc.shape
+        return torch.addmm(self.b_enc, x.to(self.W_enc.dtype).reshape(-1, S * D), self.W_enc.reshape(S * D, H))
 
     def activate(self, pre: Float[Tensor, "... d_sae"]) -> Float[Tensor, "... d_sae"]:
         """The scheme's activation. batchtopk selects over the batch only in training mode; in eval

@@ -1,0 +1,159 @@
+"""Sparse training kernels for top-k codes: decode and backpropagate through the active latents only.
+
+With BatchTopK (Bussmann et al. 2024) a token keeps ~k of d_sae latents: the code f[batch, d_sae] has a
+fraction k / d_sae of its entries nonzero (0.2% at k = 32, d_sae = 16384). A dense training step pays for
+five [batch, n_sources d_in] x [n_sources d_in, d_sae] matmuls (encoder forward, decoder forward, the
+code's gradient, the decoder's and the encoder's weight gradients). Only the encoder forward needs every
+latent, since the top-k selection reads all pre-activations; the other four touch active entries (b, i) only:
+
+    x_hat[b, s]        = sum_{i active in b} f[b, i] W_dec[s, i]                      decode
+    dL/df[b, i]        = sum_s <dL/dx_hat[b, s], W_dec[s, i]>          (b, i) active   sampled dot products
+    dL/dW_dec[s, i]    = sum_{b: i active in b} f[b, i] dL/dx_hat[b, s]               per latent
+    dL/dW_enc[s, :, i] = sum_{b: i active in b} dL/dpre[b, i] x[b, s]                 per latent
+
+at ~nnz n_sources d_in multiply-adds each instead of batch d_sae n_sources d_in. Gao et al. 2024 (*Scaling
+and evaluating sparse autoencoders*) train TopK autoencoders with kernels of this kind; sparsify decodes
+with `embedding_bag` (`utils.eager_decode`) and index-adds the encoder's gradient (`fused_encoder.py`).
+Here all four are `embedding_bag` sums (a fused gather-scale-sum, on CPU and CUDA, that never materialises
+the [nnz, d_in] gathered rows: on CPU that is ~10x faster than index_select / index_add_), the decoder
+rows-by-token and both weight gradients latent-by-latent, over the sources stacked into one table.
+The loss and every gradient equal the dense path's to float rounding (tests/test_sparse.py).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+# Largest k / d_sae at which the sparse step is faster than the dense one, per device type. CPU:
+# measured (benchmarks/README.md, "Sparse kernels"). CUDA: not measured on a GPU; dense matmuls there are
+# ~100x faster relative to gathers than on a CPU, so a lower, unverified guess.
+CROSSOVER = {"cpu": 1 / 64, "cuda": 1 / 256}
+
+
+def pays(k: float, d_sae: int, device: torch.device | str) -> bool:
+    """Whether the sparse kernels beat the dense matmuls for this mean L0 `k` and dictionary size."""
+    return k / d_sae <= CROSSOVER.get(torch.device(device).type, 0.0)
+
+
+class Active(NamedTuple):
+    """The nonzero entries of a code [n_rows, d_sae]: sorted by row (token), and again by latent."""
+
+    rows: Int[Tensor, " nnz"]
+    cols: Int[Tensor, " nnz"]
+    row_starts: Int[Tensor, " n_rows"]
+    """Where each row's entries start (embedding_bag offsets over tokens)."""
+    by_col: Int[Tensor, " nnz"]
+    """Permutation that sorts the entries by latent (stable, so rows stay sorted within a latent)."""
+    col_starts: Int[Tensor, " d_sae"]
+    """Where each latent's entries start, in `by_col` order."""
+    n_rows: int
+    d_sae: int
+
+
+def active(rows: Int[Tensor, " nnz"], cols: Int[Tensor, " nnz"], n_rows: int, d_sae: int) -> Active:
+    """Index both orders of the entries (rows must be sorted, as `nonzero()` gives them)."""
+    rows, cols = rows.contiguous(), cols.contiguous()  # nonzero's columns are strided: sort is 100x slower
+    by_col = torch.argsort(cols, stable=True)
+    row_starts = torch.searchsorted(rows, torch.arange(n_rows, device=rows.device))
+    col_starts = torch.searchsorted(cols[by_col], torch.arange(d_sae, device=cols.device))
+    return Active(rows, cols, row_starts, by_col, col_starts, n_rows, d_sae)
+
+
+def _stacked(index: Tensor, starts: Tensor, n_table: int, n_sources: int) -> tuple[Tensor, Tensor]:
+    """Indices and bag offsets of one embedding_bag over n_sources tables stacked into [n_sources * n_table]:
+    source s reads rows s * n_table + index and fills bags s * n_bags + j."""
+    s = torch.arange(n_sources, device=index.device)[:, None]
+    return (index + s * n_table).flatten(), (starts + s * index.numel()).flatten()
+
+
+def _bag_sum(table: Float[Tensor, "n_sources n_table d"], index: Tensor, starts: Tensor,
+             weights: Float[Tensor, " nnz"]) -> Float[Tensor, "n_sources n_bags d"]:
+    """out[s, j] = sum over bag j's entries e of weights[e] * table[s, index[e]], for every source s."""
+    S, T, D = table.shape
+    idx, offsets = _stacked(index, starts, T, S)
+    out = torch.nn.functional.embedding_bag(idx, table.reshape(S * T, D), offsets, mode="sum",
+                                            per_sample_weights=weights.to(table.dtype).repeat(S))
+    return out.view(S, starts.numel(), D)
+
+
+class _ActivePre(torch.autograd.Function):
+    """pre[b, i] = sum_s <x[b, s], W_enc[s, :, i]> + b_enc[i] at the active entries. The values come from
+    the dense encoder forward already done (the top-k needed all of them); the backward reads only them."""
+
+    @staticmethod
+    def forward(ctx, pre: Tensor, x: Tensor, W_enc: Tensor, b_enc: Tensor, act: Active) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x)
+        ctx.act = act
+        return pre[act.rows, act.cols].to(W_enc.dtype)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        act: Active = ctx.act
+        # dL/dW_enc[s, :, i] = sum_b g[b, i] x[b, s]: bags are latents, the table is x per source.
+        x_s = x.transpose(0, 1).contiguous()  # [n_sources, batch, d_in]
+        grad_W = _bag_sum(x_s, act.rows[act.by_col], act.col_starts, g[act.by_col])  # [S, d_sae, d_in]
+        grad_b = g.new_zeros(act.d_sae).index_add_(0, act.cols, g)
+        # A transposed view: autograd's AccumulateGrad lays it out like W_enc in its one copy.
+        return None, None, grad_W.transpose(1, 2), grad_b, None
+
+
+class _Decode(torch.autograd.Function):
+    """x_hat[b, s] = sum_{i active in b} f[b, i] W_dec[s, i] (no bias), and its gradients."""
+
+    @staticmethod
+    def forward(ctx, vals: Tensor, W_dec: Tensor, act: Active) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(vals, W_dec)
+        ctx.act = act
+        return _bag_sum(W_dec, act.cols, act.row_starts, vals).transpose(0, 1)  # [n_rows, S, d_in]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        vals, W_dec = ctx.saved_tensors
+        act: Active = ctx.act
+        S, H, D = W_dec.shape
+        g_s = grad.to(W_dec.dtype).transpose(0, 1).contiguous()  # [S, n_rows, d_in]
+        grad_vals = grad_W = None
+        if ctx.needs_input_grad[0]:
+            # dL/df[b, i] = sum_s <g[b, s], W_dec[s, i]>: the fused kernel autograd uses for embedding_bag's
+            # per_sample_weights (bag of entry e = its token, stacked over sources).
+            idx, offsets = _stacked(act.cols, act.row_starts, H, S)
+            bag = (act.rows + act.n_rows * torch.arange(S, device=vals.device)[:, None]).flatten()
+            grad_vals = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+                g_s.view(S * act.n_rows, D), W_dec.reshape(S * H, D), idx, offsets, bag, 0, -1)
+            grad_vals = grad_vals.view(S, -1).sum(0).to(vals.dtype)
+        if ctx.needs_input_grad[1]:
+            # dL/dW_dec[s, i] = sum_b f[b, i] g[b, s]: bags are latents, the table is g per source.
+            grad_W = _bag_sum(g_s, act.rows[act.by_col], act.col_starts, vals[act.by_col])
+        return grad_vals, grad_W, None
+
+
+def sparse_decode(model, x: Float[Tensor, "batch n_sources d_in"], pre: Float[Tensor, "batch d_sae"],
+                  rows: Int[Tensor, " nnz"], cols: Int[Tensor, " nnz"]) -> Float[Tensor, "batch n_sources d_in"]:
+    """W_dec^T f with f = pre at the given entries (each with pre > 0, rows sorted) and 0 elsewhere, no
+    bias; gradients reach W_enc, b_enc (through pre) and W_dec from those entries only. `pre` is the dense
+    encoder output computed without gradient."""
+    act = active(rows, cols, x.shape[0], model.cfg.d_sae)
+    vals = _ActivePre.apply(pre, x.to(model.W_enc.dtype), model.W_enc, model.b_enc, act)
+    return _Decode.apply(vals, model.W_dec, act)
+
+
+def decode_code(model, x: Float[Tensor, "batch n_sources d_in"], pre: Float[Tensor, "batch d_sae"],
+                f: Float[Tensor, "batch d_sae"]) -> Float[Tensor, "batch n_sources d_in"]:
+    """`model.decode(f)` for a top-k code f = relu(pre) * mask (computed without gradient), with the
+    gradients the dense path would give: where f > 0, df/dpre = 1; elsewhere f and its gradient are 0."""
+    rows, cols = f.nonzero(as_tuple=True)
+    return sparse_decode(model, x, pre, rows, cols) + model.b_dec
+
+
+def decode_topk(model, x: Float[Tensor, "batch n_sources d_in"], pre: Float[Tensor, "batch d_sae"],
+                indices: Int[Tensor, "batch k"]) -> Float[Tensor, "batch n_sources d_in"]:
+    """W_dec^T relu(pre) over `indices` per token (AuxK's reconstruction, no bias); entries with pre <= 0
+    give nothing and no gradient, as in the dense form, and are dropped."""
+    rows = torch.arange(x.shape[0], device=pre.device)[:, None].expand_as(indices)
+    keep = pre.gather(1, indices) > 0
+    return sparse_decode(model, x, pre, rows[keep], indices[keep])
