@@ -22,6 +22,7 @@ from crosscoders.dataclass_cli import from_dict, to_dict
 from crosscoders.io import write_json
 from evolution.features.analyze import AnalyzeConfig
 from evolution.geometry.stage import GeometryConfig
+from evolution.phases.snapshot_eval import EvaluateConfig
 from evolution.phases.stage import PhasesConfig
 from evolution.sources.corpus import CorpusConfig
 from evolution.sources.pretrain import PretrainConfig
@@ -81,6 +82,8 @@ class RunConfig:
     """[analyze]: timelines, probes, browser."""
     geometry: GeometryConfig = field(default_factory=GeometryConfig)
     """[geometry]: linearity, anisotropy, intrinsic dimension per layer and snapshot."""
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    """[evaluate]: every snapshot's held-out loss and KL to the unigram / bigram distributions, per token."""
     phases: PhasesConfig = field(default_factory=PhasesConfig)
     """[phases]: combination of the phase signals."""
 
@@ -224,6 +227,18 @@ def crosscoder_stage(cfg: RunConfig) -> None:
     save_figure(quality_figure(result), out / "quality.png")
 
 
+def evaluate_stage(cfg: RunConfig) -> None:
+    """Each snapshot on the held-out tokens, through the same loaders as harvest (pretrain, local:, hf:)."""
+    from evolution.phases.snapshot_eval import evaluate_snapshots
+
+    steps = snapshot_steps(cfg)
+    evaluate_snapshots(cfg.run_dir, steps, _loaders(cfg, steps), cfg.evaluate)
+    if (cfg.run_dir / "pretrain" / "log.jsonl").exists():  # redraw its reference lines with the held-out estimator
+        from evolution.phases.loss import save_loss_figure
+
+        save_loss_figure(cfg.run_dir)
+
+
 def _remover(*paths: Path):
     """A stage's `clean`: delete partial results written under an earlier config."""
     return lambda: [shutil.rmtree(p, ignore_errors=True) for p in paths]
@@ -264,9 +279,12 @@ def stages_for(cfg: RunConfig, force: tuple[str, ...] = ()) -> list[Stage]:
         st.append(Stage("geometry", lambda: geometry(run, dataclasses.replace(cfg.geometry, steps=snapshot_steps(cfg))),
                         cfg.geometry, inputs=snaps_in, outputs=["geometry.json"],
                         describe=f"{run}/geometry.json, {run}/figures/geometry_*.png"))
+    st.append(Stage("evaluate", lambda: evaluate_stage(cfg), {"evaluate": cfg.evaluate, "snapshots": cfg.snapshots},
+                    inputs=snaps_in, outputs=["eval/summary.json"],
+                    describe=f"{run}/eval/ (per-token loss and KL per snapshot, summary.json)"))
     st += [
         Stage("phases", lambda: phases(run, cfg.phases), cfg.phases,
-              inputs=[s.name for s in st if s.name in ("pretrain", "analyze", "geometry")],
+              inputs=[s.name for s in st if s.name in ("pretrain", "analyze", "geometry", "evaluate")],
               outputs=["phases.json"], describe=f"{run}/phases.json, {run}/figures/phase_map.png"),
         Stage("report", lambda: build_report(run), {"version": 1}, inputs=["phases", "analyze", "crosscoder"],
               outputs=["report.html"], describe=f"{run}/report.html"),

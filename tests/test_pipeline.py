@@ -10,7 +10,7 @@ import pytest
 from evolution.pipeline import load_recipe, run_study, stages_for
 from evolution.stages import run_stages
 
-STAGES = ["corpus", "pretrain", "harvest", "crosscoder", "analyze", "geometry", "phases", "report"]
+STAGES = ["corpus", "pretrain", "harvest", "crosscoder", "analyze", "geometry", "evaluate", "phases", "report"]
 
 
 def test_every_stage_writes_its_outputs(tiny_run):

@@ -72,8 +72,10 @@ def loss_figure(log_rows: Sequence[Mapping], meta: Mapping | None = None, title:
         ax.plot([r["step"] for r in train], [r["train_loss"] for r in train], color="0.6", lw=0.8, label="train")
     if evals:
         ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "k.-", lw=1.2, ms=3, label="eval")
-    for key, label, style in (("unigram_entropy", "unigram entropy H(x)", "--"),
-                              ("bigram_entropy", "bigram entropy H(x|prev)", ":")):  # fmt: skip
+    held = meta.get("heldout_bigram_entropy") is not None  # the phase signal's estimator (references.heldout_entropies)
+    for key, label, style in (("unigram_entropy", "unigram", "--"), ("bigram_entropy", "bigram", ":")):
+        key = f"heldout_{key}" if held else key
+        label = f"held-out add-α {label} model (α={meta.get('heldout_alpha', 0.1):g})" if held else f"{label} entropy (plug-in)"
         if meta.get(key) is not None:
             ax.axhline(meta[key], color="tab:red", ls=style, lw=1.2, label=f"{label} = {meta[key]:.2f}")
     step_axis(ax, steps, grid=True)
@@ -117,6 +119,9 @@ def save_loss_figure(run_dir: str | Path, path: str | Path | None = None) -> Pat
         raise FileNotFoundError(f"{log} not found: run pre-training first")
     meta_path = run_dir / "corpus" / "meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else None
+    ev_path = run_dir / "eval" / "summary.json"  # held-out references of the snapshot evaluation, when it ran
+    if ev_path.exists():
+        meta = {**(meta or {}), **json.loads(ev_path.read_text())["references"]}
     out = Path(path) if path is not None else run_dir / "figures" / "loss.png"
     save_figure(loss_figure(read_jsonl(log), meta), out)
     return out

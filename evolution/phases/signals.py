@@ -10,6 +10,14 @@ the edge of the measured steps, or has no CI is *not used*, with the reason.
   distribution: where the model stops tracking the bigram statistics); effect = the dip of the minimum
   below both ends (nats); null: the same dip on token-bootstrap noise alone (curves minus their mean,
   minimum re-selected), p ≤ 0.05; a minimum at the first or last snapshot is no minimum.
+- `stops_tracking`: **where the model stops tracking the bigram distribution**. With K(s) the mean
+  over held-out tokens of KL(p_s(·|x_<t) ‖ q(·|x_{t−1})) (q the add-α bigram distribution counted on
+  the train tokens, `phases/snapshot_eval`), the step is the snapshot s* of the interior minimum of K
+  (`interior_min`: not the first or last snapshot, dip below both ends beating the noise null), and it
+  is used only when K then *rises beyond sampling noise*: the rise R = max_{s>s*} K(s) − K(s*) exceeds
+  the same statistic (minimum re-selected) on token-bootstrap noise alone (curves minus their mean) in
+  ≥ 95% of resamples (p ≤ 0.05); `rise_ci` is its 95% bootstrap CI at s*. A flat stretch after the
+  minimum gives a positive R by selection alone, which is why R is judged against that null.
 - `rising_onset`: the feature-phase onset, the first snapshot where the number of alive crosscoder
   features reaches half its maximum (the rising edge rule of `evolution.features.timelines`); effect =
   max count / count at the first snapshot; null: already at half at the first snapshot.
@@ -81,6 +89,31 @@ def interior_min(v: np.ndarray, steps: Sequence[int], n_boot: int = 200, seed: i
     if p > 0.05:
         return {**out, "used": False, "reason": f"the dip does not beat sampling noise (p = {p:.3f})"}
     return {**out, "used": True}
+
+
+def stops_tracking(kl: np.ndarray, steps: Sequence[int], n_boot: int = 200, seed: int = 0) -> dict:
+    """`kl[unit, snapshot]` (KL from the model to the bigram distribution): the interior minimum, used
+    when the rise after it is beyond its bootstrap CI (module docstring)."""
+    kl = np.asarray(kl, float)
+    out = interior_min(kl, steps, n_boot, seed)
+    k = list(steps).index(out["step"])
+    rng = np.random.default_rng(seed + 1)
+    if k == len(steps) - 1:
+        return out
+    boots = np.stack([kl[rng.integers(len(kl), size=len(kl))].mean(0) for _ in range(n_boot)])
+    m = kl.mean(0)
+    rise = float(m[k + 1:].max() - m[k])
+
+    def noise_rise(c: np.ndarray) -> float:  # R on a centred resample, its minimum re-selected
+        j = int(np.argmin(c))
+        return float(c[j + 1:].max() - c[j]) if j < len(c) - 1 else 0.0
+
+    p = float((1 + sum(noise_rise(b - m) >= rise for b in boots)) / (1 + n_boot))
+    out |= {"rise": rise, "rise_ci": _ci(boots[:, k + 1:].max(1) - boots[:, k]), "rise_p_null": p,
+            "rule": "interior minimum of KL(model || bigram), then a rise beyond sampling noise"}
+    if out["used"] and p > 0.05:
+        out |= {"used": False, "reason": f"the rise after the minimum does not beat sampling noise (p = {p:.3f})"}
+    return out
 
 
 def rising_onset(alive: np.ndarray, steps: Sequence[int], frac: float = 0.5, n_boot: int = 200, seed: int = 0) -> dict:

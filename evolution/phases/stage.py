@@ -3,9 +3,16 @@
 Each signal below places the boundary at one step; `phases(run_dir)` combines the usable ones and writes
 `phases.json` and `figures/phase_map.png`.
 
-(a) `loss_below_bigram`: first eval step where the eval loss falls below the corpus's empirical bigram
-    entropy H(x_t | x_{t−1}): from there the model predicts better than any bigram table, so the
-    token-statistics (statistical) phase is done.
+(a) `loss_below_bigram`: first snapshot where the held-out loss falls below the held-out bigram
+    reference (the add-α bigram model counted on the train tokens, scored on the same held-out tokens:
+    `sources.references.heldout_entropies`): from there the model predicts better than a bigram table,
+    so the token-statistics (statistical) phase is done. From the snapshots' own per-token losses
+    (`eval/`, `phases/snapshot_eval`) with a bootstrap CI (`signals.crossing`); without `eval/`, from the
+    pre-training log's eval losses against the plug-in bigram entropy, without a CI (so not used).
+(a') `kl_bigram_stop`: where the model stops tracking the bigram distribution: the interior minimum of
+    KL(model ‖ bigram), followed by a rise beyond its CI (`signals.stops_tracking`); needs `eval/`.
+    The KL to the unigram distribution and its minimum are reported under `kl_curves` (an earlier
+    transition, unigram → bigram, not a boundary signal).
 (b) `id_peak`: the step of the peak of the intrinsic dimension (TwoNN, mean over layers 1..L):
     representations expand, then compress (Razzhigaev et al. 2024, *The Shape of Learning*).
 (c) `linearity_no_residual_peak`: the step where the blocks' own maps stop getting more linear (max of
@@ -50,6 +57,11 @@ class PhasesConfig:
     """geometry.json metric used for the intrinsic-dimension signal (id_twonn or id_mle)."""
     skip_embedding_layer: bool = True
     """Average layer metrics over layers 1..L (layer 0, the embedding, has no context to learn)."""
+    n_boot: int = 200
+    """Bootstrap resamples of the per-token signals (loss crossing, KL minimum)."""
+    resample_unit: str = "sequence"
+    """What the bootstrap resamples: "sequence" (per-row means; tokens of a row are correlated, so this
+    is the honest unit) or "token"."""
 
 
 # ---------------------------------------------------------------- signals (pure functions)
@@ -162,11 +174,15 @@ def read_run(run_dir: str | Path) -> dict:
 
         t = load_file(str(tl_path))
         alive, alive_steps = (t["rel_norms"] >= 0.5).numpy(), t["steps"].tolist()
+    from evolution.phases.snapshot_eval import read_eval
+
+    snap_eval = read_eval(run_dir)
     return {
+        "snap_eval": snap_eval,
         "alive": alive, "alive_steps": alive_steps,
         "train": [(r["step"], r["train_loss"]) for r in rows if "train_loss" in r],
         "eval": [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r],
-        "references": references(run_dir),
+        "references": {**(references(run_dir) or {}), **(snap_eval["summary"]["references"] if snap_eval else {})} or None,
         "geometry": json.loads(geometry_path.read_text()) if geometry_path.exists() else None,
         "summary": json.loads(summary_path.read_text()) if summary_path.exists() else None,
         "peak_steps": peak_steps,
@@ -176,7 +192,11 @@ def read_run(run_dir: str | Path) -> dict:
 def phase_signals(data: dict, cfg: PhasesConfig | None = None) -> dict[str, dict]:
     cfg = cfg or PhasesConfig()
     signals: dict[str, dict] = {}
-    if data["eval"] and data["references"]:
+    if data.get("snap_eval"):
+        from evolution.phases.snapshot_eval import eval_signals
+
+        signals.update(eval_signals(data["snap_eval"], cfg.n_boot, cfg.resample_unit))
+    elif data["eval"] and data["references"]:
         steps, loss = zip(*data["eval"], strict=True)
         signals["loss_below_bigram"] = loss_crossing(steps, loss, data["references"]["bigram_entropy"])
     geo = data["geometry"]
@@ -215,6 +235,10 @@ def phases(run_dir: str | Path, cfg: PhasesConfig | None = None) -> dict:
     from evolution.phases.signals import combine_with_ci
 
     result = {**combine_with_ci(signals), "signals": signals, "references": data["references"], "config": to_dict(cfg)}
+    if data.get("snap_eval"):
+        from evolution.phases.snapshot_eval import kl_curves
+
+        result["kl_curves"] = kl_curves(data["snap_eval"], cfg.resample_unit, cfg.n_boot)
     result["agreement"] = {**combine(signals, cfg.agree_factor)["agreement"], "agree_within_ci": result["agree"]}
     write_json(run_dir / "phases.json", result)
     from evolution.figures import save_figure
@@ -227,12 +251,18 @@ def phases(run_dir: str | Path, cfg: PhasesConfig | None = None) -> dict:
 
 _SIGNAL_PANEL = {
     "loss_below_bigram": "loss",
+    "kl_bigram_stop": "kl",
     "linearity_no_residual_peak": "linearity_no_residual",
     "anisotropy_change": "anisotropy",
     "id_peak": "id",
     "crosscoder_turning_point": "crosscoder",
     "alive_features_onset": "crosscoder",
 }
+
+
+def _band(ax, steps, curve: dict, color: str, label: str) -> None:
+    ax.plot(steps, curve["mean"], "o-", ms=2.5, lw=1, color=color, label=label)
+    ax.fill_between(steps, curve["ci_low"], curve["ci_high"], color=color, alpha=0.25, lw=0)
 
 
 def phase_map(data: dict, result: dict):
@@ -242,7 +272,8 @@ def phase_map(data: dict, result: dict):
     from matplotlib.figure import Figure
 
     geo = data["geometry"]
-    panels = ["loss"] + (["linearity", "linearity_no_residual", "anisotropy", "id"] if geo else [])
+    kl = result.get("kl_curves")
+    panels = ["loss"] + (["kl"] if kl else []) + (["linearity", "linearity_no_residual", "anisotropy", "id"] if geo else [])
     panels += ["crosscoder"] if data["peak_steps"] or data["summary"] else []
     fig = Figure(figsize=(9, 2.1 * len(panels) + 0.6))
     axes = dict(zip(panels, fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0], strict=True))
@@ -251,8 +282,17 @@ def phase_map(data: dict, result: dict):
         ax.plot(*zip(*data["train"], strict=True), lw=0.6, alpha=0.5, color="C0", label="train loss")
     if data["eval"]:
         ax.plot(*zip(*data["eval"], strict=True), "o-", ms=3, color="C0", label="eval loss")
-    for (name, v), c in zip((data["references"] or {}).items(), ("C1", "C2"), strict=False):
-        ax.axhline(v, color=c, ls="--", lw=1, label=name.replace("_", " "))
+    refs = data["references"] or {}
+    held = "heldout_bigram_entropy" in refs  # one estimator for the line and the signal (sources.references)
+    for name, c in zip(("unigram_entropy", "bigram_entropy"), ("C1", "C2"), strict=True):
+        key = f"heldout_{name}" if held else name
+        if refs.get(key) is not None:
+            ax.axhline(refs[key], color=c, ls="--", lw=1, label=key.replace("_", " ") + (f" (α={refs['heldout_alpha']:g})" if held else ""))
+    if kl:
+        _band(ax, kl["steps"], kl["nll"], "C3", "snapshot held-out loss (95% CI)")
+        _band(axes["kl"], kl["steps"], kl["kl_unigram"], "C1", "KL(model ‖ unigram)")
+        _band(axes["kl"], kl["steps"], kl["kl_bigram"], "C2", "KL(model ‖ bigram)")
+        axes["kl"].set_ylabel("KL (nats/token)", fontsize=8)
     ax.set_ylabel("nats/token")
     if geo:
         steps, layers = geo["steps"], geo["layers"]

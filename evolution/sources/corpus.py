@@ -50,7 +50,13 @@ from evolution.sources.planted import (  # noqa: F401  (re-exported: the corpus 
     generate_planted,
     planted_grammar,
 )
-from evolution.sources.references import bigram_entropy, mechanism_references, unigram_entropy
+from evolution.sources.references import (
+    HELDOUT_ALPHA,
+    bigram_entropy,
+    heldout_entropies,
+    mechanism_references,
+    unigram_entropy,
+)
 from evolution.sources.tokenizer import load_pretrained_tokenizer, train_bpe, word_level_tokenizer
 
 
@@ -280,6 +286,7 @@ class Corpus:
             "mechanism_names": list(self.mechanism_names) if self.mechanism_names else None,
             "unigram_entropy": self.unigram_entropy,
             "bigram_entropy": self.bigram_entropy,
+            **heldout_entropies(self.tokens, self.eval_tokens, HELDOUT_ALPHA, self.vocab_size, self.bos_token_id),
             "mechanism_references": self.mechanism_references(),
             "vocab_size": self.vocab_size,
             "bos_token_id": self.bos_token_id,

@@ -36,7 +36,7 @@ import math
 from collections.abc import Sequence
 
 import torch
-from jaxtyping import Int
+from jaxtyping import Float, Int
 from torch import Tensor
 
 LEARNED_BELOW = {
@@ -229,3 +229,75 @@ def mechanism_references(
         out[name] = {"uniform_model": math.log(V)}
         out[name].update({m: float(-v[mask].mean()) for m, v in lp.items()})
     return out
+
+
+# ---------------------------------------------------------------- held-out references and full n-gram tables
+
+HELDOUT_ALPHA = 0.1
+"""Default add-α of the held-out references and of the KL reference distributions (the same α as
+`mechanism_references`): a pair never seen in the train tokens keeps probability α/(c(v)+αV)."""
+
+
+def heldout_entropies(
+    train_tokens: Int[Tensor, "n_seq seq_len"],
+    eval_tokens: Int[Tensor, "n_eval seq_len"],
+    alpha: float = HELDOUT_ALPHA,
+    vocab_size: int | None = None,
+    bos_token_id: int = 0,
+) -> dict[str, float]:
+    """Held-out unigram / bigram references (nats/token): the cross-entropy on the eval targets of the
+    add-α unigram and bigram models fitted on the train tokens (`ngram_log_probs`).
+
+    Unlike the plug-in `bigram_entropy` (in-sample, biased low by unseen pairs), this is what a bigram
+    table *counted on the training data* scores on new text, so a model's held-out loss can be compared
+    with it. One estimator serves the loss figure's reference line and the phase signal
+    `loss_below_bigram` (`evolution.phases`)."""
+    out: dict[str, float] = {}
+    for name, order in (("unigram", 1), ("bigram", 2)):
+        lp = ngram_log_probs(train_tokens, eval_tokens, order, alpha, vocab_size, bos_token_id)
+        out[f"heldout_{name}_entropy"] = float(-lp[~lp.isnan()].mean())
+    return {**out, "heldout_alpha": float(alpha)}
+
+
+def unigram_log_probs_table(
+    train_tokens: Int[Tensor, "n_seq seq_len"], vocab_size: int, alpha: float = HELDOUT_ALPHA, bos_token_id: int = 0
+) -> Tensor:
+    """log q(w) = log((c(w)+α)/(N+αV)) for every w < `vocab_size`, float64 `[V]` (counts over non-BOS targets)."""
+    _, nxt, keep = _pairs(train_tokens, bos_token_id)
+    counts = torch.bincount(nxt[keep], minlength=vocab_size)[:vocab_size].double()
+    return (counts + alpha).log() - math.log(float(keep.sum()) + alpha * vocab_size)
+
+
+def bigram_table(
+    train_tokens: Int[Tensor, "n_seq seq_len"], vocab_size: int, alpha: float = HELDOUT_ALPHA, bos_token_id: int = 0
+) -> dict[str, Tensor | float]:
+    """The add-α bigram model q(w|v) = (c(v,w)+α)/(c(v,·)+αV) in sparse (CSR) form, for expectations under
+    a full next-token distribution without a V×V matrix:
+
+        log q(w|v) = log α − log(c(v,·)+αV) + log1p(c(v,w)/α),
+
+    the last term non-zero only on the pairs seen in training. Keys: `crow` [V+1] and `col` [nnz] (CSR of
+    the seen pairs), `log1p` [nnz] = log1p(c(v,w)/α), `log_den` [V] = log(c(v,·)+αV), `log_alpha`."""
+    prev, nxt, keep = _pairs(train_tokens, bos_token_id)
+    V = vocab_size
+    keys, counts = torch.unique(prev[keep] * V + nxt[keep], return_counts=True)  # sorted: row-major CSR order
+    rows, cols = keys // V, keys % V
+    crow = torch.zeros(V + 1, dtype=torch.long)
+    crow[1:] = torch.bincount(rows, minlength=V)[:V].cumsum(0)
+    ctx = torch.bincount(prev[keep], minlength=V)[:V].double()
+    return {"crow": crow, "col": cols, "log1p": torch.log1p(counts.double() / alpha),
+            "log_den": (ctx + alpha * V).log(), "log_alpha": math.log(alpha)}
+
+
+def expected_bigram_log_q(
+    p: Float[Tensor, "n V"], context: Int[Tensor, " n"], table: dict[str, Tensor | float]
+) -> Float[Tensor, " n"]:
+    """Σ_w p[i, w] · log q(w | context[i]) under `bigram_table`, touching only the seen pairs of each context."""
+    crow, col, l1p = table["crow"], table["col"], table["log1p"]
+    context = context.long()
+    start, lengths = crow[context], crow[context + 1] - crow[context]
+    row = torch.repeat_interleave(torch.arange(len(context)), lengths)
+    first = torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
+    idx = torch.repeat_interleave(start, lengths) + torch.arange(int(lengths.sum())) - first
+    seen = torch.zeros(len(context), dtype=torch.float64).index_add_(0, row, p[row, col[idx]].double() * l1p[idx])
+    return table["log_alpha"] - table["log_den"][context] + seen
