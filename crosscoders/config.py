@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 Activation = Literal["relu", "jumprelu", "batchtopk"]
+SPARSITY_COEF = {"relu": 1.0, "jumprelu": 10.0, "batchtopk": 0.0}
+"""Default sparsity coefficient per scheme (TrainConfig.sparsity_coef = None), on normalised activations."""
 Gate = Literal["shared", "per_source"]
 
 
@@ -73,8 +75,15 @@ class TrainConfig:
     """Fraction of steps after which the LR decays."""
     min_lr_frac: float = 0.0
     """LR at the end of training, as a fraction of the peak."""
-    sparsity_coef: float = 1.0
-    """Coefficient of the sparsity penalty (relu: L1, jumprelu: tanh; unused by batchtopk)."""
+    sparsity_coef: float | None = None
+    """Coefficient of the sparsity penalty (unused by batchtopk); None = the scheme's default, `SPARSITY_COEF`
+    (relu + L1: 1, jumprelu + tanh: 10; what recovers planted features, tests/test_recovery.py)."""
+    sparsity: Literal["auto", "l1", "tanh", "tanh_quad"] = "auto"
+    """Sparsity penalty (relu, jumprelu): auto = the scheme's own (relu: decoder-norm-weighted L1, jumprelu:
+    tanh); tanh_quad = Ge et al. 2025's sum_i p_i (1 + p_i / frequency_scale), p_i the batch (and source) mean
+    of tanh(c f_i N_i) (OpenMOSS `sparsity_loss_type="tanh-quad"`)."""
+    frequency_scale: float = 0.01
+    """tanh_quad: s in p_i (1 + p_i / s); latents firing more often than s pay quadratically (OpenMOSS default)."""
     sparsity_warmup_frac: float = 0.05
     """Fraction of steps over which the sparsity coefficient rises linearly from 0 (Anthropic Apr 2024)."""
     auxk_coef: float = 1 / 32

@@ -49,8 +49,27 @@ def l1_penalty(f: Tensor, dec_norm: Tensor) -> Tensor:
 
 
 def tanh_penalty(f: Tensor, dec_norm: Tensor, c: float) -> Tensor:
-    # A smooth L0 proxy that, unlike L1, does not shrink the active latents' magnitudes.
-    return torch.tanh(c * f * dec_norm).flatten(1).sum(-1).mean()
+    """sum_i tanh(c f_i N_i), mean over the batch: a smooth L0 proxy that, unlike L1, does not shrink the
+    active latents' magnitudes. Per-source code [batch, n_sources, d_sae]: also the mean over sources
+    (OpenMOSS reduces its per-head penalty so), so a latent open in every source costs what one shared-gate
+    latent costs, and a per-source coefficient means what a shared one does."""
+    return torch.tanh(c * f * dec_norm).sum(-1).mean()
+
+
+def tanh_quad_penalty(f: Tensor, dec_norm: Tensor, c: float, frequency_scale: float) -> Tensor:
+    """Ge et al. 2025 (OpenMOSS `sparsity_loss_type="tanh-quad"`): sum_i p_i (1 + p_i / s), with p_i the mean
+    over the batch (and sources) of tanh(c f_i N_i), a soft firing frequency; the quadratic term penalises
+    latents that fire often (dense latents) more than linearly, s = `frequency_scale`."""
+    p = torch.tanh(c * f * dec_norm).reshape(-1, f.shape[-1]).mean(0)
+    return (p * (1 + p / frequency_scale)).sum()
+
+
+PENALTIES = {
+    "l1": lambda f, n, c, s: l1_penalty(f, n),
+    "tanh": lambda f, n, c, s: tanh_penalty(f, n, c),
+    "tanh_quad": tanh_quad_penalty,
+}
+"""Sparsity penalties by name, each `(code, gate norms, tanh scale c, frequency scale s) -> scalar`."""
 
 
 def pre_act_loss(pre: Tensor, dec_norm: Tensor, threshold: Tensor, dead: Bool[Tensor, " d_sae"]) -> Tensor:
@@ -98,8 +117,13 @@ def crosscoder_loss(
     k_aux: int = 0,
     pre_act_coef: float = 0.0,
     sparse: bool | None = None,
+    sparsity: str = "auto",
+    frequency_scale: float = 0.01,
 ) -> LossOutput:
     """One forward pass in training mode and the loss of `model.cfg.activation`'s scheme.
+
+    `sparsity` (relu, jumprelu): "auto" = the scheme's own penalty (relu: l1, jumprelu: tanh), or "l1",
+    "tanh", "tanh_quad" (Ge et al. 2025, with `frequency_scale`); batchtopk has none.
 
     `sparse` (batchtopk): decode and backpropagate through the active latents only (crosscoders/sparse.py:
     the same loss and gradients, faster when k / d_sae is small); None = where it pays (`sparse.pays`).
@@ -122,11 +146,14 @@ def crosscoder_loss(
     mse_per_source = err.mean(0)
     mse = mse_per_source.sum()
     zero = mse.new_zeros(())
-    sparsity, aux = zero, zero
-    if cfg.activation == "relu":
-        sparsity = l1_penalty(f.float(), dec_norm.float())
-    elif cfg.activation == "jumprelu":
-        sparsity = tanh_penalty(f.float(), dec_norm.float(), cfg.tanh_scale)
+    aux = zero
+    if sparsity != "auto" and sparsity not in PENALTIES:
+        raise ValueError(f"unknown sparsity penalty {sparsity!r}; choose one of auto, {', '.join(PENALTIES)}")
+    penalty = {"relu": "l1", "jumprelu": "tanh"}.get(cfg.activation) if sparsity == "auto" else sparsity
+    sparsity = zero  # from here on the penalty's value
+    if cfg.activation != "batchtopk":
+        sparsity = PENALTIES[penalty](f.float(), dec_norm.float(), cfg.tanh_scale, frequency_scale)
+    if cfg.activation == "jumprelu":
         if pre_act_coef > 0 and dead is not None:
             th = model.threshold.clamp(min=0)
             aux = pre_act_coef * pre_act_loss(model.gate_input(pre).float(), dec_norm.float(), th, dead)

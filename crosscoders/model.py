@@ -57,10 +57,14 @@ class Crosscoder(nn.Module):
         gen = torch.Generator().manual_seed(cfg.seed)
         # Anthropic, "Circuits Updates – April 2024" (training SAEs): decoder columns in random directions
         # with a small fixed norm, encoder initialised to the decoder's transpose. The norm is spread over
-        # the sources so the concatenated decoder vector has norm `dec_init_norm`.
+        # the sources so the concatenated decoder vector has norm `dec_init_norm` (shared gate), or each
+        # source's slice has it (per-source gate, as OpenMOSS sets every head's decoder norm): either way
+        # the gate's z = pre * norm has the same scale at init, so one threshold init and bandwidth fit both.
         W_dec = torch.randn(H, S * D, generator=gen)
         W_dec = W_dec / W_dec.norm(dim=1, keepdim=True) * cfg.dec_init_norm
         W_dec = W_dec.view(H, S, D).permute(1, 0, 2).contiguous()
+        if cfg.gate == "per_source":
+            W_dec = W_dec * (cfg.dec_init_norm / W_dec.norm(dim=-1, keepdim=True))
         self.W_dec = nn.Parameter(W_dec)  # [n_sources, d_sae, d_in]
         # contiguous (a clone of the transpose would keep W_dec's layout, and every GEMM would copy it)
         self.W_enc = nn.Parameter(W_dec.transpose(1, 2).contiguous())  # [n_sources, d_in, d_sae]

@@ -12,7 +12,8 @@ and profiles rise, peak at a planted source and fade, like features forming and 
 `turn_angle` (Ge et al. see most directions turn around step ~1000).
 
 Harder data (`hard_config`): `profile="rise_fade"` gives each feature a birth, peak and death snapshot
-(zero outside [birth, death], a strict linear rise to 1 at the peak and a strict fade), `mag_noise` gives
+(zero outside [birth, death], 1 at the peak, every other snapshot at most 1 - peak_margin on a linear rise
+from alive_floor and a linear fade), `mag_noise` gives
 each token its own per-snapshot magnitudes (a lognormal factor per token, feature and snapshot),
 `noise_decay` makes the noise anisotropic (power-law spectrum in a random basis, like the few large
 directions of a residual stream) and `offset` adds a per-source mean vector. With more features than
@@ -62,9 +63,12 @@ class SyntheticConfig:
     """Angle (radians) of the sharp turn."""
     profile: Literal["bump", "rise_fade"] = "bump"
     """Norm profile over sources: a Gaussian bump around the peak, or zero before a birth and after a death
-    snapshot with a linear rise to the peak and a linear fade (both strict, so the peak is unique)."""
+    snapshot with a linear rise to the peak and a linear fade (the peak leads by `peak_margin`)."""
     alive_floor: float = 0.3
     """rise_fade: norm at the birth and death snapshots (the profile is 1 at the peak)."""
+    peak_margin: float = 0.2
+    """rise_fade: every snapshot other than the peak has norm at most 1 - peak_margin (the peak is 1), so the
+    exact peak index is well-defined for an instrument that reads norms to within this fraction."""
     max_life: int = 0
     """rise_fade: most snapshots from birth to death (0 = n_sources)."""
     alive_frac: float = 0.25
@@ -119,10 +123,13 @@ class PlantedFeatures:
             birth = (torch.rand(F, generator=g) * (S - life + 1)).long()
             death = birth + life - 1
             self.peak_index = birth + (torch.rand(F, generator=g) * life).long()
-            lo = cfg.alive_floor
-            rise = lo + (1 - lo) * (src - birth[:, None]) / (self.peak_index - birth).clamp(min=1)[:, None]
-            fade = lo + (1 - lo) * (death[:, None] - src) / (death - self.peak_index).clamp(min=1)[:, None]
-            prof = torch.where(src <= self.peak_index[:, None], rise, fade)
+            # Linear from alive_floor at birth (death) to 1 - peak_margin next to the peak, 1 at the peak: the
+            # planted peak beats every other snapshot by peak_margin, so its exact index is well-defined.
+            lo, hi = cfg.alive_floor, 1 - cfg.peak_margin
+            peak = self.peak_index[:, None]
+            rise = lo + (hi - lo) * (src - birth[:, None]) / (peak - 1 - birth[:, None]).clamp(min=1)
+            fade = lo + (hi - lo) * (death[:, None] - src) / (death[:, None] - peak - 1).clamp(min=1)
+            prof = torch.where(src < peak, rise, torch.where(src > peak, fade, torch.ones(())))
             prof = torch.where((src >= birth[:, None]) & (src <= death[:, None]), prof, torch.zeros(()))
             self.profiles: Float[Tensor, "n_features n_sources"] = prof
         else:

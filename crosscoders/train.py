@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .config import CrosscoderConfig, TrainConfig
+from .config import SPARSITY_COEF, CrosscoderConfig, TrainConfig
 from .dataclass_cli import add_arguments, from_dict, to_dict
 from .io import append_jsonl, read_jsonl, torch_save, write_json, write_text
 from .losses import crosscoder_loss
@@ -62,6 +62,11 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
     """The crosscoder's schedule: warm-up, flat, then linear or cosine decay to `min_lr_frac`."""
     return warmup_decay(step, cfg.steps, int(cfg.lr_warmup_frac * cfg.steps), int(cfg.lr_decay_start_frac * cfg.steps),
                         cfg.min_lr_frac, cfg.lr_decay)
+
+
+def sparsity_coef(cfg: TrainConfig) -> float:
+    """The sparsity coefficient: the configured one, or the scheme's default (`config.SPARSITY_COEF`)."""
+    return SPARSITY_COEF[cfg.crosscoder.activation] if cfg.sparsity_coef is None else cfg.sparsity_coef
 
 
 def sparsity_factor(cfg: TrainConfig, step: int) -> float:
@@ -226,10 +231,11 @@ def train(
         if step == 0 and cfg.b_dec_init == "mean":
             with torch.no_grad():
                 model.b_dec.copy_(x.mean(0))
-        coef = cfg.sparsity_coef * sparsity_factor(cfg, step)
+        coef = sparsity_coef(cfg) * sparsity_factor(cfg, step)
         dead = since_fired >= cfg.dead_tokens
         with amp:
-            loss = crosscoder_loss(model, x, coef, dead, cfg.auxk_coef, cfg.k_aux, cfg.pre_act_coef)
+            loss = crosscoder_loss(model, x, coef, dead, cfg.auxk_coef, cfg.k_aux, cfg.pre_act_coef,
+                                   sparsity=cfg.sparsity, frequency_scale=cfg.frequency_scale)
         if not torch.isfinite(loss.total):
             raise FloatingPointError(f"loss became {loss.total.item()} at step {step} (finite inputs); "
                                      "try a lower lr or autocast=none")

@@ -1,10 +1,12 @@
 """Sparsity schemes and losses against hand-written references and analytic expectations."""
 
+import math
+
 import torch
 
 from crosscoders import activations as A
 from crosscoders.config import CrosscoderConfig
-from crosscoders.losses import auxk_loss, crosscoder_loss, l1_penalty, tanh_penalty
+from crosscoders.losses import auxk_loss, crosscoder_loss, l1_penalty, tanh_penalty, tanh_quad_penalty
 from crosscoders.model import Crosscoder
 
 
@@ -108,3 +110,32 @@ def test_loss_terms_per_scheme():
     assert int((b.f > 0).sum()) == 64  # k = 2 per token on average
     j = crosscoder_loss(model("jumprelu").train(), x, 1.0, dead, pre_act_coef=1.0)
     assert j.sparsity.item() >= 0 and j.aux.item() > 0
+
+
+def test_tanh_quad_penalty_matches_the_direct_formula():
+    # Ge et al. 2025 (OpenMOSS "tanh-quad"): lambda * sum_i p_i (1 + p_i / s), p_i = mean over batch and
+    # sources of tanh(c f[b, s, i] |W_dec[s, i]|), written out with loops as the reference.
+    g = torch.Generator().manual_seed(3)
+    f = torch.relu(torch.randn(5, 3, 4, generator=g))
+    norm = torch.rand(3, 4, generator=g) + 0.1
+    c, s = 4.0, 0.01
+    ref = 0.0
+    for i in range(4):
+        p = sum(math.tanh(c * f[b, j, i].item() * norm[j, i].item()) for b in range(5) for j in range(3)) / 15
+        ref += p * (1 + p / s)
+    torch.testing.assert_close(tanh_quad_penalty(f, norm, c, s), torch.tensor(ref), rtol=1e-5, atol=0)
+    # through crosscoder_loss: a per-source jumprelu model with sparsity="tanh_quad"
+    m = Crosscoder(CrosscoderConfig(n_sources=2, d_in=6, d_sae=10, activation="jumprelu", gate="per_source",
+                                    jumprelu_init_threshold=0.0, tanh_scale=c)).train()
+    x = torch.randn(12, 2, 6, generator=g)
+    out = crosscoder_loss(m, x, sparsity_coef=0.3, sparsity="tanh_quad", frequency_scale=s)
+    n = m.W_dec.norm(dim=-1)  # [n_sources, d_sae]
+    p = torch.tanh(c * out.f * n).mean((0, 1))
+    torch.testing.assert_close(out.sparsity, (p * (1 + p / s)).sum())
+    torch.testing.assert_close(out.total, out.mse + 0.3 * out.sparsity)
+
+
+def test_tanh_penalty_per_source_is_the_mean_over_sources():
+    f = torch.tensor([[[0.0, 10.0], [0.0, 0.0]]])  # [batch 1, sources 2, d_sae 2]: latent 1 open in source 0
+    norm = torch.ones(2, 2)
+    torch.testing.assert_close(tanh_penalty(f, norm, 4.0), torch.tensor(0.5), atol=1e-6, rtol=0)

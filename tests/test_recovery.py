@@ -1,49 +1,99 @@
-"""Acceptance: a trained crosscoder recovers planted features (decoder cosine >= 0.9 for >= 80% of them)
-and their peak source. The fast tests use a small problem; `-m slow` runs the reported figures for each
-sparsity scheme (print them with `pytest -m slow -s tests/test_recovery.py`)."""
+"""Acceptance: a crosscoder trained with the *defaults* of CrosscoderConfig / TrainConfig recovers planted
+features on hard data (`hard_config`: drift, a sharp turn, rise/peak/fade profiles with a 20% peak margin,
+per-snapshot magnitudes, anisotropic noise, an offset, superposition), judged per snapshot: a feature is
+recovered when one latent's decoder cosine is >= 0.9 in every snapshot where it is alive, and its peak is
+exact when argmax_s |W_dec[s, i]| of that latent is the planted peak (DESIGN.md's definition).
+
+The bars (issue 11): >= 95% recovered, >= 90% of those with the exact peak. What a test sets is the same for
+every scheme: the shape (d_sae = 4 x n_features), batch 256, lr 3e-3 for a short run, and batchtopk's k =
+1.5 x the expected number of active features per token (k is the L0 the user asks for, not a coefficient).
+Print the table with `pytest -m slow -s tests/test_recovery.py`. Also: per-snapshot activations of a trained
+crosscoder against the planted per-snapshot magnitudes.
+"""
 
 import pytest
+import torch
 
 from crosscoders.config import CrosscoderConfig, TrainConfig
-from crosscoders.synthetic import PlantedFeatures, SyntheticConfig, recovery_report
+from crosscoders.model import activations_per_snapshot
+from crosscoders.synthetic import PlantedFeatures, hard_config, per_snapshot_match, recovery_report
 from crosscoders.train import train
 
-# Per-scheme settings found on this generator (sparsity_coef is unused by batchtopk).
-SCHEMES = {
-    "relu": dict(sparsity_coef=1.0),
-    "jumprelu": dict(sparsity_coef=10.0),
-    "batchtopk": dict(sparsity_coef=0.0),
+SCHEMES = [("relu", "shared"), ("relu", "per_source"), ("jumprelu", "shared"), ("jumprelu", "per_source"),
+           ("batchtopk", "shared")]
+SHAPES = {"S8xD32": (8, 32), "S6xD16": (6, 16)}
+# Measured below the bar, marked, not hidden (issue 11). Seed 0, 2000 steps, S8xD32 -> fast test (600 steps, S4xD16).
+OPEN = {
+    ("relu", "shared"): "relu + L1 splits features over snapshots (latent decoupling, Minder et al. 2025): "
+                        "recovered 1.00, exact peak 0.66 (fast: 1.00 / 0.88)",
+    ("relu", "per_source"): "same code and loss as relu shared: recovered 1.00, exact peak 0.59 at coef 3 "
+                            "(fast: 1.00 / 0.83)",
+    ("jumprelu", "shared"): "recovered 0.80, exact peak 0.92 (fast: 0.92 / 0.95)",
+    ("jumprelu", "per_source"): "recovered 0.89, exact peak 0.94 (fast: 0.88 / 0.90)",
+    ("batchtopk", "shared"): "recovered 0.62-0.71, exact peak 0.96-1.00 at k 3.5-6 (fast: 0.88 / 0.81)",
 }
 
 
-def run(activation, tmp_path, S=4, D=32, F=48, H=128, steps=600, seed=1):
-    truth = PlantedFeatures(SyntheticConfig(n_sources=S, d_in=D, n_features=F, p_active=0.04, seed=seed))
+def train_on_planted(activation, gate, tmp_path, S=8, D=32, seed=0, steps=2000):
+    truth = PlantedFeatures(hard_config(S, D, seed=seed))
     scale = truth.norm_scale()
-    cc = CrosscoderConfig(n_sources=S, d_in=D, d_sae=H, activation=activation, k=1.2 * F * 0.04, seed=seed)
+    F, p = truth.cfg.n_features, truth.cfg.p_active
+    cc = CrosscoderConfig(n_sources=S, d_in=D, d_sae=4 * F, activation=activation, gate=gate, k=1.5 * F * p,
+                          seed=seed)
     cfg = TrainConfig(crosscoder=cc, steps=steps, batch_size=256, lr=3e-3, dead_tokens=256 * 50,
-                      log_every=100, checkpoint_every=10**9, progress=False, **SCHEMES[activation])
+                      log_every=100, checkpoint_every=10**9, progress=False)
     model = train(cfg, truth.batch_source(256, scale), tmp_path, norm_scale=scale)
+    return model, truth
+
+
+def report(activation, gate, tmp_path, **kw):
+    model, truth = train_on_planted(activation, gate, tmp_path, **kw)
     rep = recovery_report(model, truth)
-    print(f"\n{activation}: {rep}")
+    print(f"\n{activation:9s} {gate:10s} {kw}: recovered {rep['frac_recovered']:.2f}, exact peak "
+          f"{rep['frac_peak_correct']:.2f}, peak within 1 {rep['frac_peak_within_1']:.2f}")
     return rep
 
 
-# Recovery is judged per snapshot (cosine >= 0.9 in every snapshot where the feature is alive). Under that
-# criterion jumprelu + tanh recovers 0.77 here (0.85 on concatenated decoders): its recipe is not fixed yet.
-JUMPRELU_OPEN = pytest.mark.xfail(reason="jumprelu recovers 0.77 < 0.8 judged per snapshot (recipe to fix)",
-                                  strict=False)
+def marked(scheme):
+    reason = OPEN.get(scheme)
+    return pytest.param(*scheme, marks=pytest.mark.xfail(reason=reason, strict=False) if reason else ())
 
 
-@pytest.mark.parametrize("activation", ["relu", pytest.param("jumprelu", marks=JUMPRELU_OPEN), "batchtopk"])
-def test_recovers_planted_features(tmp_path, activation):
-    rep = run(activation, tmp_path)
-    assert rep["frac_recovered"] >= 0.8
-    assert rep["frac_peak_correct"] >= 0.8 and rep["frac_peak_within_1"] >= 0.95
+@pytest.mark.parametrize("activation,gate", [marked(s) for s in SCHEMES])
+def test_recovers_planted_features_fast(tmp_path, activation, gate):
+    rep = report(activation, gate, tmp_path, S=4, D=16, steps=600)
+    assert rep["frac_recovered"] >= 0.95
+    assert rep["frac_peak_correct"] >= 0.9
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("activation", ["relu", "jumprelu", "batchtopk"])
-def test_recovery_figures(tmp_path, activation):
-    rep = run(activation, tmp_path, S=8, D=64, F=128, H=512, steps=3000, seed=2)
-    assert rep["frac_recovered"] >= 0.8
-    assert rep["frac_peak_correct"] >= 0.8
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("activation,gate", [marked(s) for s in SCHEMES])
+def test_recovery_bars(tmp_path, activation, gate, seed, shape):
+    S, D = SHAPES[shape]
+    rep = report(activation, gate, tmp_path, S=S, D=D, seed=seed)
+    assert rep["frac_recovered"] >= 0.95
+    assert rep["frac_peak_correct"] >= 0.9
+
+
+@pytest.mark.parametrize("gate", ["shared", "per_source"])
+def test_per_snapshot_activations_follow_planted_magnitudes(tmp_path, gate):
+    # activations_per_snapshot of a trained crosscoder (raw activations, scales folded in) against the planted
+    # norm a_i profile[i, s] (* its lognormal factor) that feature i writes into source s, token by token:
+    # the correlation over tokens in each snapshot where the feature is alive, for each recovered feature.
+    # Per snapshot, because the per-source code f[s, i] = pre_i H(pre_i n_s - theta_i) carries no decoder
+    # norm: its level across snapshots is not the profile (that is in |W_dec[s, i]|), its token pattern is.
+    model, truth = train_on_planted("jumprelu", gate, tmp_path, S=4, D=16, steps=400)
+    cos, idx, _ = per_snapshot_match(model.W_dec, truth)
+    x, mags = truth.sample_with_magnitudes(4096, torch.Generator().manual_seed(123))
+    acts = activations_per_snapshot(model, x)  # [n, S, d_sae]
+    corrs = []
+    for i in (cos >= 0.9).nonzero().squeeze(1).tolist():
+        for s in truth.alive[i].nonzero().squeeze(1).tolist():
+            corrs.append(torch.corrcoef(torch.stack([acts[:, s, idx[i]], mags[:, s, i]]))[0, 1].item())
+    corrs = torch.tensor(corrs).nan_to_num(0.0)
+    print(f"\n{gate}: {len(corrs)} (feature, snapshot) pairs, correlation median {corrs.median():.3f}, "
+          f"10th percentile {corrs.quantile(0.1):.3f}")
+    assert (cos >= 0.9).float().mean() >= 0.8
+    assert corrs.median() >= 0.9 and (corrs >= 0.9).float().mean() >= 0.8

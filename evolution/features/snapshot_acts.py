@@ -4,7 +4,8 @@ The crosscoder's pre-activation `sum_s W_enc[s] x_s + b_enc` is shared by all so
 activation in snapshot s (`crosscoders.model.activations_per_snapshot`: the per-source code, or
 f_i |W_dec[s, i]| with the shared gate) needs every snapshot's activations on the same tokens.
 `shared_pre_acts` runs each source's model once and accumulates the sum (memory: n_tokens x d_sae
-floats per token set); `SnapshotActs` then hands out one source's activations by rows.
+floats per token set, checked against a stated budget first); `SnapshotActs` then hands out one source's
+activations by rows.
 """
 
 from __future__ import annotations
@@ -16,8 +17,27 @@ from einops import einsum
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from crosscoders.errors import UserError
 from crosscoders.harvest import stop_layer
 from crosscoders.progress import progress_bar
+
+MAX_PRE_ACT_BYTES = 8 * 2**30
+"""Budget of `shared_pre_acts`: the pre-activations it holds (n_tokens x d_sae float32 over all token sets)."""
+
+
+def check_memory(token_sets: Sequence[Tensor], d_sae: int, max_bytes: int | None = None) -> int:
+    """Bytes the probes' pre-activations will hold (n_tokens x d_sae float32, plus one source's activations
+    of the largest set handed out at once); raise a UserError naming the knobs when above `max_bytes`."""
+    budget = MAX_PRE_ACT_BYTES if max_bytes is None else max_bytes
+    n_tokens = sum(t.numel() for t in token_sets)
+    need = 4 * d_sae * (n_tokens + max((t.numel() for t in token_sets), default=0))
+    if need > budget:
+        raise UserError(
+            f"per-snapshot probe activations would hold {n_tokens:,} tokens x d_sae {d_sae:,} float32 "
+            f"= {need / 2**30:.1f} GiB, above the budget of {budget / 2**30:.1f} GiB: probe fewer tokens "
+            "(analyze's probe sequences / induction sequences) or raise the budget "
+            "(evolution.features.snapshot_acts.MAX_PRE_ACT_BYTES, or max_bytes=)")
+    return need
 
 
 @torch.no_grad()
@@ -29,13 +49,15 @@ def _hook_acts(model, hook: str, tokens: Tensor) -> Tensor:
 @torch.no_grad()
 def shared_pre_acts(
     crosscoder, snapshots: Iterable[tuple[int, object]], token_sets: Sequence[Tensor], hook: str,
-    steps: Sequence[int] | None = None, batch_size: int = 16,
+    steps: Sequence[int] | None = None, batch_size: int = 16, max_bytes: int | None = None,
 ) -> tuple[list[Tensor], object, list[int]]:
     """`sum_s W_enc[s] x_s + b_enc` on each token set `[n_seq, seq_len]`, running each source's snapshot once
     (one model held at a time). `snapshots` must cover every source (`steps`: the sources' steps in order;
     without it the snapshots are the sources in order). Returns the pre-activations `[n_seq, seq_len, d_sae]`
-    (float32, CPU), the first snapshot's tokenizer (or None) and each source's step."""
+    (float32, CPU), the first snapshot's tokenizer (or None) and each source's step. Refuses (`check_memory`)
+    before running any model when that would exceed `max_bytes` (default `MAX_PRE_ACT_BYTES`)."""
     n_sources, _, d_sae = crosscoder.W_enc.shape
+    check_memory(token_sets, d_sae, max_bytes)
     W_enc, dtype = crosscoder.W_enc.detach(), crosscoder.W_enc.dtype
     pres = [crosscoder.b_enc.detach().float().cpu().expand(*t.shape, d_sae).clone() for t in token_sets]
     seen: dict[int, int] = {}
