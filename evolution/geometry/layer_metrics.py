@@ -20,6 +20,11 @@ Per-token nonlinearity: the fitted map's residual per token, e_i = N · ‖(X̃A
 number of tokens N so that mean_i e_i = 1 − linearity (a token with e_i ≫ 1 is one the linear map fits
 badly).
 
+Held-out linearity: the in-sample score is an R² and rises with d/n by overfitting alone (a pure-noise
+pair scores ≈ d/n). `linearity_heldout` fits the map on a random half of the tokens (centred with that
+half's means) and scores it on the other half: 1 − SSE_test / SST_test, with SST_test about the test
+half's own mean, so noise scores ≈ 0 or below and an exact affine map scores 1.
+
 Anisotropy (Razzhigaev et al. 2024, *The Shape of Learning*): σ₁² / Σσᵢ² of the centred embedding
 matrix, the share of variance along the top principal direction (1/d for an isotropic cloud, 1 for a
 line).
@@ -69,20 +74,49 @@ def linearity_score(X: Float[Tensor, "n d_x"], Y: Float[Tensor, "n d_y"], residu
     return linearity_fit(X, Y, residual)[0]
 
 
-def linearity_pair(X: Float[Tensor, "n d"], Y: Float[Tensor, "n d"]) -> dict[str, float]:
-    """Both scores and the per-token nonlinearity summary for one layer transition, from one
-    factorisation of X̃ (the two targets are solved together)."""
+def linearity_pair(X: Float[Tensor, "n d"], Y: Float[Tensor, "n d"], seed: int = 0) -> dict[str, float]:
+    """Both scores (in-sample, and held-out on a `seed`ed half split) and the per-token nonlinearity
+    summary for one layer transition, the in-sample targets solved together from one factorisation."""
     Xt = _centre_normalise(X)
     targets = torch.cat([_centre_normalise(Y), _centre_normalise(Y.to(torch.float64) - X.to(torch.float64))], 1)
     R = _lstsq_residual(Xt, targets)
     d = Y.shape[1]
     per_token = R[:, :d].pow(2).sum(1) * X.shape[0]
+    fit, test = _split(X.shape[0], seed)
     return {
         "linearity": 1.0 - R[:, :d].pow(2).sum().item(),
         "linearity_no_residual": 1.0 - R[:, d:].pow(2).sum().item(),
+        "linearity_heldout": float(_heldout_r2(X, Y, fit, test)),
+        "linearity_no_residual_heldout": float(_heldout_r2(X, Y.to(torch.float64) - X.to(torch.float64), fit, test)),
         "token_nonlinearity_p90": torch.quantile(per_token, 0.9).item(),
         "token_nonlinearity_max": per_token.max().item(),
     }
+
+
+def _split(n: int, seed: int) -> tuple[Tensor, Tensor]:
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[: n // 2], perm[n // 2 :]
+
+
+def _heldout_r2(X: Float[Tensor, "n d"], T: Float[Tensor, "n k"], fit: Tensor, test: Tensor) -> Float[Tensor, " k_or_1"]:
+    """1 − SSE/SST on `test` of the least-squares affine map fitted on `fit` (float64)."""
+    X, T = X.to(torch.float64), T.to(torch.float64)
+    mx, mt = X[fit].mean(0), T[fit].mean(0)
+    A = torch.linalg.lstsq(X[fit] - mx, T[fit] - mt, driver="gelsd").solution
+    err = (X[test] - mx) @ A + mt - T[test]
+    sst = (T[test] - T[test].mean(0)).pow(2).sum()
+    if sst == 0:
+        raise ValueError("constant target on the held-out half: linearity is undefined")
+    return 1.0 - err.pow(2).sum() / sst
+
+
+def linearity_heldout(X: Float[Tensor, "n d_x"], Y: Float[Tensor, "n d_y"], residual: bool = True, seed: int = 0) -> float:
+    """Out-of-sample linearity: map fitted on a random half of the tokens, R² on the other half (module
+    docstring); `residual=False` scores Y − X."""
+    if X.shape[0] != Y.shape[0] or X.shape[0] < 4:
+        raise ValueError(f"need the same >= 4 tokens in X and Y, got {X.shape[0]} and {Y.shape[0]} rows")
+    target = Y if residual else Y.to(torch.float64) - X.to(torch.float64)
+    return float(_heldout_r2(X, target, *_split(X.shape[0], seed)))
 
 
 def anisotropy(X: Float[Tensor, "n d"]) -> float:

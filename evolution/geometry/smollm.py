@@ -82,7 +82,7 @@ def smollm2_geometry(cfg: SmolConfig | None = None) -> dict:
     model, tokenizer = load_smollm2()
     n_seq = -(-cfg.n_tokens // (cfg.seq_len - 1))
     tokens = shakespeare_tokens(tokenizer, n_seq, cfg.seq_len, cfg.text_offset)
-    gcfg = GeometryConfig(n_tokens=cfg.n_tokens, batch_size=cfg.batch_size, seed=cfg.seed)
+    gcfg = GeometryConfig(n_tokens=cfg.n_tokens, batch_size=cfg.batch_size, seed=cfg.seed, n_resamples=0)
     with torch.no_grad():
         logits = model(input_ids=tokens[:2]).logits
         nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:2, 1:].flatten()).item()

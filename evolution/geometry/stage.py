@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,9 +31,13 @@ from crosscoders.dataclass_cli import config_hash, to_dict
 from crosscoders.io import write_json
 from crosscoders.progress import progress_bar
 from evolution.geometry.intrinsic_dim import intrinsic_dims
-from evolution.geometry.layer_metrics import anisotropy, linearity_pair
+from evolution.geometry.layer_metrics import anisotropy, linearity_pair, linearity_score
 
-PAIR_METRICS = ("linearity", "linearity_no_residual", "token_nonlinearity_p90", "token_nonlinearity_max")
+PAIR_METRICS = ("linearity", "linearity_no_residual", "linearity_heldout", "linearity_no_residual_heldout",
+                "token_nonlinearity_p90", "token_nonlinearity_max")
+RESAMPLED = ("linearity_no_residual", "anisotropy", "id_twonn", "id_mle")
+"""Metrics behind a phase signal, also measured on `n_resamples` random halves of the tokens (their CIs)."""
+GEOMETRY_VERSION = 2  # bump when the metrics recorded per snapshot change (resume must not mix versions)
 POINT_METRICS = ("anisotropy", "id_twonn", "id_mle", "duplicate_frac", "mean_norm")
 FIGURE_METRICS = ("linearity", "linearity_no_residual", "anisotropy", "id_twonn", "id_mle")
 
@@ -60,6 +65,10 @@ class GeometryConfig:
     """Device the models run on (metrics are computed on CPU in float64)."""
     resume: bool = True
     """Keep steps already in geometry.json when it was written with the same config."""
+    n_resamples: int = 10
+    """Random halves of the sampled tokens on which the signal metrics (RESAMPLED) are measured again, for
+    the phase signals' CIs (0: none). Half-samples have twice the variance of the full sample, so these
+    CIs are conservative."""
 
 
 # ---------------------------------------------------------------- residual streams
@@ -138,13 +147,35 @@ def collect_resid(
 # ---------------------------------------------------------------- metrics
 
 
+def resampled_metrics(resid: Float[Tensor, "n_layers_plus_1 n d_model"], cfg: GeometryConfig) -> dict[str, list]:
+    """{metric: [[value per layer] per resample]} for RESAMPLED, each resample a seeded random half of the tokens."""
+    out: dict[str, list] = {m: [] for m in RESAMPLED}
+    n_points, n = resid.shape[0], resid.shape[1]
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    for _ in range(cfg.n_resamples):
+        half = torch.randperm(n, generator=g)[: n // 2]
+        sub = resid[:, half]
+        rows: dict[str, list] = {m: [] for m in RESAMPLED}
+        for layer in range(n_points):
+            X = sub[layer]
+            rows["linearity_no_residual"].append(
+                linearity_score(X, sub[layer + 1], residual=False) if layer + 1 < n_points else None)
+            rows["anisotropy"].append(anisotropy(X))
+            ids = intrinsic_dims(X, cfg.discard_fraction, cfg.mle_k1, cfg.mle_k2)
+            rows["id_twonn"].append(ids["id_twonn"])
+            rows["id_mle"].append(ids["id_mle"])
+        for m in RESAMPLED:
+            out[m].append(rows[m])
+    return out
+
+
 def resid_metrics(resid: Float[Tensor, "n_layers_plus_1 n d_model"], cfg: GeometryConfig) -> dict[str, list]:
     """Every metric per layer (pair metrics at their source layer, null at the last)."""
     n_points = resid.shape[0]
     metrics: dict[str, list] = {m: [] for m in PAIR_METRICS + POINT_METRICS}
     for layer in progress_bar(range(n_points), desc="layers", unit="layer", leave=False):
         X = resid[layer]
-        pair = linearity_pair(X, resid[layer + 1]) if layer + 1 < n_points else dict.fromkeys(PAIR_METRICS)
+        pair = linearity_pair(X, resid[layer + 1], cfg.seed) if layer + 1 < n_points else dict.fromkeys(PAIR_METRICS)
         for m in PAIR_METRICS:
             metrics[m].append(pair[m])
         ids = intrinsic_dims(X, cfg.discard_fraction, cfg.mle_k1, cfg.mle_k2)
@@ -164,11 +195,19 @@ def model_geometry(
     cfg = cfg or GeometryConfig()
     positions = sample_positions(*tokens.shape, cfg.n_tokens, cfg.exclude_bos, cfg.seed)
     resid, names = collect_resid(model, tokens, positions, cfg.batch_size)
+    n, d = resid.shape[1], resid.shape[2]
+    if n < 10 * d:
+        warnings.warn(f"geometry on {n} tokens for d_model {d}: fewer than 10 × d_model, so the in-sample linearity "
+                      "is inflated by overfitting (see linearity_heldout) and ID/anisotropy are noisy; raise n_tokens",
+                      stacklevel=2)
+    metrics = resid_metrics(resid, cfg)
+    if cfg.n_resamples:
+        metrics["resamples"] = resampled_metrics(resid, cfg)
     return {
         "layers": list(range(len(names))),
         "hooks": names,
         "n_tokens": int(positions.shape[0]),
-        "metrics": resid_metrics(resid, cfg),
+        "metrics": metrics,
     }
 
 
@@ -197,7 +236,8 @@ def geometry(run_dir: str | Path, cfg: GeometryConfig | None = None) -> dict:
     if not steps:
         raise FileNotFoundError(f"no step{{N}} snapshots under {snap_root}")
     tokens = _eval_tokens(run_dir)
-    key = config_hash({k: v for k, v in to_dict(cfg).items() if k not in ("resume", "device", "steps")})
+    key = config_hash({**{k: v for k, v in to_dict(cfg).items() if k not in ("resume", "device", "steps")},
+                       "version": GEOMETRY_VERSION})
     out_path = run_dir / "geometry.json"
     done: dict[int, dict] = {}
     header: dict = {}
@@ -207,6 +247,8 @@ def geometry(run_dir: str | Path, cfg: GeometryConfig | None = None) -> dict:
             header = {k: old[k] for k in ("layers", "hooks", "n_tokens")}
             for i, s in enumerate(old["steps"]):
                 done[s] = {m: v[i] for m, v in old["metrics"].items()}
+                if old.get("resamples"):
+                    done[s]["resamples"] = {m: v[i] for m, v in old["resamples"].items()}
     todo = [s for s in steps if s not in done]
     bar = progress_bar(total=len(steps), initial=len(steps) - len(todo), desc="geometry", unit="snapshot")
     for step, model in iter_snapshots(snap_root, todo, device=cfg.device) if todo else []:
@@ -224,11 +266,13 @@ def geometry(run_dir: str | Path, cfg: GeometryConfig | None = None) -> dict:
 
 def _write(path: Path, done: dict[int, dict], header: dict, cfg: GeometryConfig, key: str, complete: bool) -> dict:
     steps = sorted(done)
-    names = list(next(iter(done.values())).keys())
+    names = [m for m in next(iter(done.values())) if m != "resamples"]
+    resampled = "resamples" in next(iter(done.values()))
     data = {
         "steps": steps,
         **header,
         "metrics": {m: [done[s][m] for s in steps] for m in names},
+        **({"resamples": {m: [done[s]["resamples"][m] for s in steps] for m in RESAMPLED}} if resampled else {}),
         "config": to_dict(cfg),
         "config_hash": key,
         "complete": complete,

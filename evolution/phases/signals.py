@@ -139,6 +139,38 @@ def rising_onset(alive: np.ndarray, steps: Sequence[int], frac: float = 0.5, n_b
     return {**out, "used": True}
 
 
+def resample_ci(sig: dict, steps: Sequence[int], curves: Sequence[Sequence[float]], kind: str) -> dict:
+    """A geometry signal (`kind` "peak": interior maximum; "change": two-segment change point) with a CI
+    from token resamples: `curves[r]` is the same layer-mean curve measured on resample r (a random half
+    of the tokens, `geometry.stage.resampled_metrics`). CI: 2.5/97.5 percentiles of the resamples' steps
+    under the same rule. Effect at the full-sample index k: peak − max(first, last) ("peak"), or the
+    mean after − mean before the split ("change"). Null: no such effect; the signal stays used only if
+    every resample shows an effect of the full sample's sign (`frac_resamples_agree` = 1)."""
+    if sig.get("step") is None or not len(curves):
+        return sig
+    c = np.asarray(curves, float)
+    k = list(steps).index(sig["step"])
+    if kind == "peak":
+        ks = np.nanargmax(c, 1)
+        eff = c[:, k] - np.maximum(c[:, 0], c[:, -1])
+    else:
+        ks = np.array([_best_split(r) for r in c])
+        eff = np.array([r[k:].mean() - r[:k].mean() for r in c])
+    full = float(np.nanmedian(eff))
+    agree = float((np.sign(eff) == np.sign(full)).mean()) if full != 0 else 0.0
+    out = {**sig, "ci": [int(steps[int(np.percentile(ks, 2.5, method="lower"))]), int(steps[int(np.percentile(ks, 97.5, method="higher"))])],
+           "effect": full, "effect_ci": _ci(eff), "frac_resamples_agree": agree, "n_resamples": len(c),
+           "effect_name": "peak above both ends" if kind == "peak" else "mean after − mean before the change"}
+    if out.get("used") and agree < 1.0:
+        out |= {"used": False, "reason": f"only {agree:.0%} of token resamples show the effect"}
+    return out
+
+
+def _best_split(v: np.ndarray, min_segment: int = 2) -> int:
+    sse = [((v[:k] - v[:k].mean()) ** 2).sum() + ((v[k:] - v[k:].mean()) ** 2).sum() for k in range(min_segment, len(v) - min_segment + 1)]
+    return min_segment + int(np.argmin(sse))
+
+
 def _log(step: float) -> float:
     return math.log10(max(step, 1))
 

@@ -31,8 +31,8 @@ A peak at the first or last measured snapshot is no rise-then-fall and is not us
 reason). Combination (`phases/signals.combine_with_ci`): a signal without a bootstrap CI or that does
 not beat its null is not used; the boundary is published only when at least two used signals agree
 within their CIs, else `verdict: "inconclusive"` with the spread. The older 2×-of-the-median agreement
-is kept under `agreement` for comparison. Geometry signals have no CI yet (geometry.json holds no
-token resamples), so they are reported but not used.
+is kept under `agreement` for comparison. Geometry signals get a CI from geometry.json's token
+resamples (random halves, `signals.resample_ci`); without resamples they have no CI and are not used.
 """
 
 from __future__ import annotations
@@ -202,12 +202,20 @@ def phase_signals(data: dict, cfg: PhasesConfig | None = None) -> dict[str, dict
     geo = data["geometry"]
     if geo:
         steps, m = geo["steps"], geo["metrics"]
-        if cfg.id_metric in m:
-            signals["id_peak"] = interior_peak(steps, _layer_mean(m[cfg.id_metric], cfg.skip_embedding_layer))
-        if "linearity_no_residual" in m:
-            signals["linearity_no_residual_peak"] = interior_peak(steps, _layer_mean(m["linearity_no_residual"], False))
-        if "anisotropy" in m:
-            signals["anisotropy_change"] = change_point(steps, _layer_mean(m["anisotropy"], cfg.skip_embedding_layer))
+        from evolution.phases.signals import resample_ci
+
+        res = geo.get("resamples") or {}
+        for name, metric, skip, kind in (("id_peak", cfg.id_metric, cfg.skip_embedding_layer, "peak"),
+                                         ("linearity_no_residual_peak", "linearity_no_residual", False, "peak"),
+                                         ("anisotropy_change", "anisotropy", cfg.skip_embedding_layer, "change")):
+            if metric not in m:
+                continue
+            rule = interior_peak if kind == "peak" else change_point
+            signals[name] = rule(steps, _layer_mean(m[metric], skip))
+            if metric in res:  # res[metric][step][resample][layer] -> one layer-mean curve per resample
+                curves = [_layer_mean([res[metric][i][r] for i in range(len(steps))], skip)
+                          for r in range(len(res[metric][0]))]
+                signals[name] = resample_ci(signals[name], steps, curves, kind)
     summary = data["summary"] or {}
     if summary.get("turning_point"):  # schedule-invariant, with edge check, null and CI (features/turning)
         t = summary["turning_point"]

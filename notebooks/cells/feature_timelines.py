@@ -150,6 +150,17 @@ CELLS: list[Cell] = [
     run.plot_timelines_by_type()
     """),
     md("""
+    ## The learning hierarchy, by planted mechanism
+
+    `run.hierarchy(by="mechanism")`: per planted mechanism, how many features it drives, the median, IQR
+    and bootstrap CI of their emergence step, and the step the model learned that mechanism (its eval
+    loss below the reference, `pretrain/learned_steps.json`). Features should not emerge before the model
+    has learned what they represent. On a run too small for any mechanism's features the table is empty.
+    """),
+    code("""
+    run.hierarchy(by="mechanism")
+    """),
+    md("""
     ## Top contexts of one feature
 
     The probes keep, per feature and probed snapshot, the contexts where it fires most (the feature

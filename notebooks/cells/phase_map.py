@@ -100,6 +100,44 @@ CELLS: list[Cell] = [
     print(f"boundary ≈ step {phases['boundary_step']}; agreement: {phases['agreement']}")
     table
     """),
+    md("""
+    ## The verdict, and the statistical-phase probe: KL to the unigram and bigram distributions
+
+    `run.phases` is `phases.json`. The boundary is published only when at least two usable signals (each
+    with a bootstrap CI that beats its null) agree within their CIs; otherwise the verdict is
+    "inconclusive" and the explanation says why. Every snapshot was also run on the held-out tokens
+    (`eval/`): per token, KL(model ‖ unigram) and KL(model ‖ bigram), the reference distributions counted
+    on the train tokens with add-α smoothing. KL to the bigram distribution falls while the model learns
+    the bigram statistics, and rises once it uses more context: the interior minimum, followed by a rise
+    beyond sampling noise, is **where the model stops tracking the bigram distribution**
+    (`kl_bigram_stop`). Bands: 95% bootstrap CIs over held-out sequences.
+    """),
+    code("""
+    import evolution
+    from evolution.figures import step_axis
+
+    ph = evolution.load_run(RUN).phases
+    print(f"verdict: {ph['verdict']}: {ph['explanation']}")
+    kl = ph.get("kl_curves")
+    if kl:
+        stop = ph["signals"]["kl_bigram_stop"]
+        print(f"KL(model || bigram) minimum at step {stop['step']} (CI {stop.get('ci')}), used: {stop['used']}"
+              + ("" if stop["used"] else f" ({stop['reason']})") + f"; smoothing α = {kl['alpha']}")
+        fig = Figure(figsize=(7, 3.4), layout="constrained")
+        ax = fig.add_subplot()
+        for name, color in (("kl_unigram", "C1"), ("kl_bigram", "C2")):
+            c = kl[name]
+            ax.plot(kl["steps"], c["mean"], "o-", ms=3, color=color, label=name.replace("kl_", "KL(model || ") + ")")
+            ax.fill_between(kl["steps"], c["ci_low"], c["ci_high"], color=color, alpha=0.25, lw=0)
+        if stop.get("step") is not None:
+            ax.axvline(stop["step"], color="C3" if stop["used"] else "grey", ls=":", label=f"kl_bigram_stop = {stop['step']}")
+        step_axis(ax, kl["steps"], grid=True)
+        ax.set_ylabel("nats/token")
+        ax.legend(fontsize=8)
+        display(fig)
+    else:
+        print("no eval/ in this run: run `feature-evolution evaluate RUN` then `feature-evolution phases RUN`")
+    """),
     code("""
     from evolution.phases.stage import PhasesConfig, combine, phase_map, phase_signals, read_run
 
@@ -117,8 +155,11 @@ CELLS: list[Cell] = [
     code("""
     cfg = PhasesConfig(**phases.get("config", {}))
     signals = phase_signals(data, cfg)
-    again = combine(signals, cfg.agree_factor)
-    assert again["boundary_step"] == phases["boundary_step"], (again, phases["boundary_step"])
+    from evolution.phases.signals import combine_with_ci
+
+    again = combine_with_ci(signals)  # seeded bootstraps: the same verdict as phases.json
+    assert (again["verdict"], again["boundary_step"]) == (phases["verdict"], phases["boundary_step"]), again
+    # below: the older rule (median of the used steps, agreement within a factor), for comparison
 
     rows = []
     for factor in (1.25, cfg.agree_factor, 4.0, 10.0):
@@ -134,6 +175,7 @@ CELLS: list[Cell] = [
     """),
     code("""
     wide = combine(signals, 4.0)
-    phase_map(data, {**wide, "signals": signals, "config": phases.get("config", {})})
+    phase_map(data, {**wide, "signals": signals, "config": phases.get("config", {}), "boundary_ci": None,
+                     "agree": wide["agreement"]["agree"], "explanation": "older median rule"})
     """),
 ]
