@@ -24,6 +24,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -62,6 +63,23 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
     """The crosscoder's schedule: warm-up, flat, then linear or cosine decay to `min_lr_frac`."""
     return warmup_decay(step, cfg.steps, int(cfg.lr_warmup_frac * cfg.steps), int(cfg.lr_decay_start_frac * cfg.steps),
                         cfg.min_lr_frac, cfg.lr_decay)
+
+
+MAX_EPOCHS = 4.0
+"""Passes over the stored tokens above which `check_epochs` warns."""
+
+
+def check_epochs(cfg: TrainConfig, n_tokens_stored: int, max_epochs: float = MAX_EPOCHS) -> float:
+    """Passes over the store that `cfg` makes (steps x batch_size / tokens stored); warns above `max_epochs`:
+    a crosscoder that cycles the same tokens many times fits them, not the distribution (harvest more tokens
+    or train fewer steps)."""
+    seen = cfg.steps * cfg.batch_size
+    epochs = seen / max(n_tokens_stored, 1)
+    if epochs > max_epochs:
+        warnings.warn(f"the crosscoder will see {seen:,} tokens = {epochs:.1f} epochs over the {n_tokens_stored:,} "
+                      f"tokens stored (more than {max_epochs:g}): harvest more tokens or train fewer steps",
+                      stacklevel=2)
+    return epochs
 
 
 def sparsity_coef(cfg: TrainConfig) -> float:
@@ -315,6 +333,7 @@ def main(argv: list[str] | None = None) -> Crosscoder:
     cc.setdefault("d_in", d_in)
     cfg = from_dict(TrainConfig, {**ns, "crosscoder": cc})
     store.check_matches(cfg.crosscoder.n_sources, cfg.crosscoder.d_in)
+    check_epochs(cfg, store.n_tokens)
     eval_batch = None
     if eval_tokens:
         eval_batch = next(iter(store.batches(eval_tokens, seed=seed_data + 1, normalize=True)))

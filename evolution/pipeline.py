@@ -196,7 +196,7 @@ def crosscoder_stage(cfg: RunConfig) -> None:
     import torch
 
     from crosscoders.store import ActivationStore
-    from crosscoders.train import evaluate, train
+    from crosscoders.train import check_epochs, evaluate, train
 
     run, h = cfg.run_dir, cfg.harvest
     store = ActivationStore(run / "activations" / h.hook)
@@ -204,6 +204,7 @@ def crosscoder_stage(cfg: RunConfig) -> None:
     tcfg = cfg.train
     cc = dataclasses.replace(tcfg.crosscoder, n_sources=store.n_sources, d_in=int(store.manifest["d_in"]))
     tcfg = dataclasses.replace(tcfg, crosscoder=cc)
+    check_epochs(tcfg, store.n_tokens)  # warns when the run would cycle the stored tokens many times
     out = run / "crosscoder"
 
     def batches(start: int):

@@ -150,3 +150,37 @@ def test_cli_trains_from_an_activation_store(tmp_path):
                   "--batch-size", "64", "--lr", "3e-3", "--d-sae", "24", "--activation", "relu",
                   "--progress", "false"])
     assert torch.equal(again.W_dec, loaded.W_dec)
+
+
+def test_training_many_epochs_over_the_store_warns(tmp_path):
+    from crosscoders.store import StoreWriter
+    from crosscoders.train import check_epochs, main
+
+    assert check_epochs(TrainConfig(steps=10, batch_size=100), 1000) == 1.0  # 1 epoch: silent
+    with pytest.warns(UserWarning, match=r"12,800 tokens = 200.0 epochs over the 64 tokens stored"):
+        check_epochs(TrainConfig(steps=100, batch_size=128), 64)
+    # and through the CLI that trains on a store (the pipeline's crosscoder stage calls the same check)
+    store = tmp_path / "store"
+    w = StoreWriter(store, ["a", "b"], "blocks.0.hook_resid_post", 8, dtype="float32")
+    w.add(torch.randn(64, 2, 8), torch.zeros(64, dtype=torch.long), torch.arange(64))
+    w.finish()
+    with pytest.warns(UserWarning, match="epochs over the 64 tokens stored"):
+        main(["--store", str(store), "--out", str(tmp_path / "o"), "--steps", "3", "--batch-size", "128",
+              "--d-sae", "16", "--progress", "false"])
+
+
+def test_ge2025_recipe_is_theirs_and_does_not_cycle_the_store():
+    import warnings
+
+    from crosscoders.train import check_epochs
+    from evolution.pipeline import load_recipe
+
+    r = load_recipe("runs/pythia-160m-ge2025.toml")
+    cc = r.train.crosscoder
+    assert (cc.activation, cc.gate, r.train.sparsity, r.harvest.hook) == \
+        ("jumprelu", "per_source", "tanh_quad", "blocks.6.hook_resid_post")
+    assert (cc.d_sae, r.train.lr, r.train.sparsity_coef, r.train.batch_size) == (32 * 768, 5e-5, 0.3, 2048)
+    assert len(r.snapshots.steps) == 32
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert check_epochs(r.train, r.harvest.n_seqs * r.corpus.seq_len) <= 4
