@@ -68,7 +68,7 @@ def _main(argv: list[str]) -> int:
 
     # Stage verbs with flags of their own (the module's dataclass config is the CLI).
     flag_clis = {"pretrain": "evolution.sources.pretrain:pretrain_cli", "geometry": "evolution.geometry.stage:geometry_cli",
-                 "phases": "evolution.phases.stage:phases_cli"}
+                 "phases": "evolution.phases.stage:phases_cli", "evaluate": "evolution.pipeline:evaluate_cli"}
     if verb in flag_clis and rest and rest[0].startswith("-") and rest[0] not in ("-h", "--help"):
         mod, fn = flag_clis[verb].split(":")
         getattr(__import__(mod, fromlist=[fn]), fn)(rest)

@@ -240,6 +240,23 @@ def evaluate_stage(cfg: RunConfig) -> None:
         save_loss_figure(cfg.run_dir)
 
 
+def evaluate_cli(argv: list[str] | None = None) -> None:
+    """`feature-evolution evaluate RUN --batch-size 8 ...`: the evaluate stage alone on a run directory
+    (snapshot source and steps from its run.json), without re-checking the stages before it."""
+    import argparse
+
+    from crosscoders.dataclass_cli import add_arguments
+
+    parser = argparse.ArgumentParser(description="per-snapshot held-out loss and KL to the unigram/bigram distributions")
+    parser.add_argument("run_dir")
+    add_arguments(parser, EvaluateConfig)
+    ns = vars(parser.parse_args(argv))
+    run_dir = Path(ns.pop("run_dir"))
+    cfg = from_dict(RunConfig, json.loads((run_dir / "run.json").read_text()))
+    cfg = dataclasses.replace(cfg, root=str(run_dir.parent), name=run_dir.name, evaluate=from_dict(EvaluateConfig, ns))
+    evaluate_stage(cfg)
+
+
 def _remover(*paths: Path):
     """A stage's `clean`: delete partial results written under an earlier config."""
     return lambda: [shutil.rmtree(p, ignore_errors=True) for p in paths]
