@@ -5,6 +5,7 @@ from __future__ import annotations
 import resource
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -75,7 +76,24 @@ def current_rss() -> int:
 
 def machine() -> dict:
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    info = {"device": dev, "torch": torch.__version__, "threads": torch.get_num_threads()}
+    info = {"device": dev, "torch": torch.__version__, "threads": torch.get_num_threads(), **cpu_info()}
     if dev == "cuda":
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+# CPU features that decide fp32 vs bf16 matmul speed (AVX2-only machines emulate bf16, ~300x slower).
+_CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def cpu_info() -> dict:
+    """CPU model, logical CPUs and the matmul-relevant flags, from /proc/cpuinfo (empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    return {"cpu": fields.get("model name", ""), "cpu_count": text.count("processor\t:"),
+            "cpu_flags": [f for f in _CPU_FLAGS if f in flags]}

@@ -1,4 +1,4 @@
-"""`python -m benchmarks.run [--quick] [--only train|harvest] [--device cuda]`: JSON to stdout and to
+"""`python -m benchmarks.run [--quick] [--only train|peer|harvest|crossover] [--device cuda]`: JSON to stdout and to
 `benchmarks/results/<name>.json`. See benchmarks/README.md for what each figure means."""
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from crosscoders.io import write_json
 
 from .common import machine, matmul_peak
 from .harvest_bench import HarvestShape, harvest_cases, harvest_memory_isolated
+from .peer_bench import crossover_case, peer_case
 from .train_bench import Shape, train_case, train_case_isolated
 
 RESULTS = Path(__file__).parent / "results"
@@ -23,6 +24,12 @@ RESULTS = Path(__file__).parent / "results"
 # The issue's large shape last: 8 snapshots x d_in 256 x d_sae 16384 at batch 4096.
 TRAIN_SHAPES = [Shape(4096, 2, 128, 4096), Shape(4096, 8, 256, 4096), Shape(4096, 8, 256, 16384)]
 QUICK_TRAIN_SHAPES = [Shape(256, 2, 16, 64), Shape(256, 4, 32, 128)]
+# Ours (batchtopk, k) against the peer loop: the training shapes; the quick ones run dense and sparse.
+PEER_SHAPES = TRAIN_SHAPES
+QUICK_PEER_SHAPES = [Shape(256, 2, 16, 64), Shape(256, 2, 16, 4096)]
+# Dense vs sparse kernels over k / d_sae (`--only crossover`): where sparse.CROSSOVER comes from.
+CROSSOVER = [(Shape(4096, 2, 128, 4096), [64, 128, 256, 512]), (Shape(4096, 8, 256, 4096), [128, 256, 512, 1024])]
+QUICK_CROSSOVER = [(Shape(256, 2, 16, 512), [4, 64])]
 HARVEST_SHAPE = HarvestShape(n_models=4, d_model=256, n_layers=4, layer=1, n_seq=16, seq_len=128)
 # Memory of the two strategies: 8 snapshots of a d_model 512 x 4-layer model (~84 MiB each in fp32).
 MEMORY_SHAPE = HarvestShape(n_models=8, d_model=512, n_layers=4, layer=1, n_seq=32, seq_len=128)
@@ -37,7 +44,7 @@ class BenchConfig:
     quick: bool = False
     """Tiny shapes, one step each, no subprocesses: a smoke run in seconds."""
     only: str = ""
-    """Run only "train" or "harvest" ("" = both)."""
+    """Run only "train", "peer", "harvest" or "crossover" ("" = train, peer and harvest)."""
     device: str = ""
     """Torch device ("" = cuda when available, else cpu)."""
     steps: int = 0
@@ -46,6 +53,8 @@ class BenchConfig:
     """Training dtypes: fp32, bf16 (bf16 = autocast of the matmuls, as TrainConfig.autocast)."""
     activation: str = "relu"
     """Sparsity scheme of the timed crosscoder (relu: the matmuls alone; batchtopk adds its top-k)."""
+    k: float = 32.0
+    """BatchTopK k of our crosscoder in the comparison with the peer loop."""
     isolate: bool = True
     """Run each training case in its own process (clean CPU peak-RSS figures); off with --quick."""
     name: str = ""
@@ -75,6 +84,18 @@ def run(cfg: BenchConfig) -> dict:
                 print(json.dumps(case), flush=True)
         result["train"] = {"matmul_peak_at_start": peaks, "cases": cases,
                            "flops_counted": "3 x 2 x 2 x batch x n_sources x d_in x d_sae per step"}
+    if cfg.only in ("", "peer"):
+        cases = []
+        for shape in QUICK_PEER_SHAPES if cfg.quick else PEER_SHAPES:
+            cases.append(peer_case(shape, cfg.k, steps, device, peak_n=512 if cfg.quick else None))
+            print(json.dumps(cases[-1]), flush=True)
+        result["peer"] = {"cases": cases, "dtype": "fp32", "ours": "batchtopk (crosscoders.train's step)",
+                          "peer": "relu + decoder-norm-weighted L1, dense einsums (benchmarks/peer_bench.py)"}
+    if cfg.only == "crossover":
+        result["crossover"] = [crossover_case(shape, ks, repeats=1 if cfg.quick else 3, device=device)
+                               for shape, ks in (QUICK_CROSSOVER if cfg.quick else CROSSOVER)]
+        for case in result["crossover"]:
+            print(json.dumps(case), flush=True)
     if cfg.only in ("", "harvest"):
         shape = QUICK_HARVEST_SHAPE if cfg.quick else HARVEST_SHAPE
         result["harvest"] = harvest_cases(shape, device, repeats=1 if cfg.quick else 7)

@@ -93,7 +93,7 @@ def batch_topk(
     min_kept = kept.min() if kept.numel() else scores.new_zeros(())
     # the code is relu(pre) at the kept entries (and its gradient flows there only), 0 elsewhere
     flat = pre.flatten()
-    f = torch.zeros_like(flat).scatter(0, index, torch.relu(flat[index]))
+    f = torch.zeros_like(flat).scatter_(0, index, torch.relu(flat[index]))
     return f.view_as(pre), min_kept
 
 

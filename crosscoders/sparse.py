@@ -17,21 +17,29 @@ with `embedding_bag` (`utils.eager_decode`) and index-adds the encoder's gradien
 Here all four are `embedding_bag` sums (a fused gather-scale-sum, on CPU and CUDA, that never materialises
 the [nnz, d_in] gathered rows: on CPU that is ~10x faster than index_select / index_add_), the decoder
 rows-by-token and both weight gradients latent-by-latent, over the sources stacked into one table.
-The loss and every gradient equal the dense path's to float rounding (tests/test_sparse.py).
+AuxK's reconstruction from the top-k_aux dead latents (Gao et al. 2024) goes through the same kernels
+(`decode_topk`). The loss and every gradient equal the dense path's to float rounding
+(tests/test_sparse.py); `losses.crosscoder_loss` switches to them for batchtopk (whose gate is shared)
+where `pays` says they are faster.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-# Largest k / d_sae at which the sparse step is faster than the dense one, per device type. CPU:
-# measured (benchmarks/README.md, "Sparse kernels"). CUDA: not measured on a GPU; dense matmuls there are
-# ~100x faster relative to gathers than on a CPU, so a lower, unverified guess.
-CROSSOVER = {"cpu": 1 / 64, "cuda": 1 / 256}
+if TYPE_CHECKING:
+    from .model import Crosscoder
+
+# Largest k / d_sae at which the sparse step is faster than the dense one, per device type. CPU: measured
+# (`python -m benchmarks.run --only crossover`, benchmarks/README.md): at batch 4096 the loss forward +
+# backward is 1.1-1.3x faster at k / d_sae = 1/16, 0.86-0.9x at 1/8 (2 x 128 and 8 x 256 -> 4096). CUDA:
+# an estimate, not measured: fp32 GEMMs at ~50 TFLOP/s against gathers at ~2 TB/s put the break-even
+# near 1/100, so the sparse kernels start below that.
+CROSSOVER = {"cpu": 1 / 16, "cuda": 1 / 128}
 
 
 def pays(k: float, d_sae: int, device: torch.device | str) -> bool:
@@ -48,6 +56,8 @@ class Active(NamedTuple):
     """Where each row's entries start (embedding_bag offsets over tokens)."""
     by_col: Int[Tensor, " nnz"]
     """Permutation that sorts the entries by latent (stable, so rows stay sorted within a latent)."""
+    rows_by_col: Int[Tensor, " nnz"]
+    cols_by_col: Int[Tensor, " nnz"]
     col_starts: Int[Tensor, " d_sae"]
     """Where each latent's entries start, in `by_col` order."""
     n_rows: int
@@ -58,9 +68,10 @@ def active(rows: Int[Tensor, " nnz"], cols: Int[Tensor, " nnz"], n_rows: int, d_
     """Index both orders of the entries (rows must be sorted, as `nonzero()` gives them)."""
     rows, cols = rows.contiguous(), cols.contiguous()  # nonzero's columns are strided: sort is 100x slower
     by_col = torch.argsort(cols, stable=True)
+    cols_by_col = cols[by_col]
     row_starts = torch.searchsorted(rows, torch.arange(n_rows, device=rows.device))
-    col_starts = torch.searchsorted(cols[by_col], torch.arange(d_sae, device=cols.device))
-    return Active(rows, cols, row_starts, by_col, col_starts, n_rows, d_sae)
+    col_starts = torch.searchsorted(cols_by_col, torch.arange(d_sae, device=cols.device))
+    return Active(rows, cols, row_starts, by_col, rows[by_col], cols_by_col, col_starts, n_rows, d_sae)
 
 
 def _stacked(index: Tensor, starts: Tensor, n_table: int, n_sources: int) -> tuple[Tensor, Tensor]:
@@ -96,7 +107,7 @@ class _ActivePre(torch.autograd.Function):
         act: Active = ctx.act
         # dL/dW_enc[s, :, i] = sum_b g[b, i] x[b, s]: bags are latents, the table is x per source.
         x_s = x.transpose(0, 1).contiguous()  # [n_sources, batch, d_in]
-        grad_W = _bag_sum(x_s, act.rows[act.by_col], act.col_starts, g[act.by_col])  # [S, d_sae, d_in]
+        grad_W = _bag_sum(x_s, act.rows_by_col, act.col_starts, g[act.by_col])  # [S, d_sae, d_in]
         grad_b = g.new_zeros(act.d_sae).index_add_(0, act.cols, g)
         # A transposed view: autograd's AccumulateGrad lays it out like W_enc in its one copy.
         return None, None, grad_W.transpose(1, 2), grad_b, None
@@ -120,19 +131,20 @@ class _Decode(torch.autograd.Function):
         grad_vals = grad_W = None
         if ctx.needs_input_grad[0]:
             # dL/df[b, i] = sum_s <g[b, s], W_dec[s, i]>: the fused kernel autograd uses for embedding_bag's
-            # per_sample_weights (bag of entry e = its token, stacked over sources).
-            idx, offsets = _stacked(act.cols, act.row_starts, H, S)
-            bag = (act.rows + act.n_rows * torch.arange(S, device=vals.device)[:, None]).flatten()
-            grad_vals = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+            # per_sample_weights (bag of entry e = its token, stacked over sources). Entries in latent order
+            # read W_dec once, in sequence, and only g (batch x d_in, cache-sized) at random: 2x faster.
+            idx, offsets = _stacked(act.cols_by_col, act.col_starts, H, S)
+            bag = (act.rows_by_col + act.n_rows * torch.arange(S, device=vals.device)[:, None]).flatten()
+            by_col = torch.ops.aten._embedding_bag_per_sample_weights_backward(
                 g_s.view(S * act.n_rows, D), W_dec.reshape(S * H, D), idx, offsets, bag, 0, -1)
-            grad_vals = grad_vals.view(S, -1).sum(0).to(vals.dtype)
+            grad_vals = torch.empty_like(vals).index_copy_(0, act.by_col, by_col.view(S, -1).sum(0).to(vals.dtype))
         if ctx.needs_input_grad[1]:
             # dL/dW_dec[s, i] = sum_b f[b, i] g[b, s]: bags are latents, the table is g per source.
-            grad_W = _bag_sum(g_s, act.rows[act.by_col], act.col_starts, vals[act.by_col])
+            grad_W = _bag_sum(g_s, act.rows_by_col, act.col_starts, vals[act.by_col])
         return grad_vals, grad_W, None
 
 
-def sparse_decode(model, x: Float[Tensor, "batch n_sources d_in"], pre: Float[Tensor, "batch d_sae"],
+def sparse_decode(model: Crosscoder, x: Float[Tensor, "batch n_sources d_in"], pre: Float[Tensor, "batch d_sae"],
                   rows: Int[Tensor, " nnz"], cols: Int[Tensor, " nnz"]) -> Float[Tensor, "batch n_sources d_in"]:
     """W_dec^T f with f = pre at the given entries (each with pre > 0, rows sorted) and 0 elsewhere, no
     bias; gradients reach W_enc, b_enc (through pre) and W_dec from those entries only. `pre` is the dense
@@ -142,7 +154,7 @@ def sparse_decode(model, x: Float[Tensor, "batch n_sources d_in"], pre: Float[Te
     return _Decode.apply(vals, model.W_dec, act)
 
 
-def decode_code(model, x: Float[Tensor, "batch n_sources d_in"], pre: Float[Tensor, "batch d_sae"],
+def decode_code(model: Crosscoder, x: Float[Tensor, "batch n_sources d_in"], pre: Float[Tensor, "batch d_sae"],
                 f: Float[Tensor, "batch d_sae"]) -> Float[Tensor, "batch n_sources d_in"]:
     """`model.decode(f)` for a top-k code f = relu(pre) * mask (computed without gradient), with the
     gradients the dense path would give: where f > 0, df/dpre = 1; elsewhere f and its gradient are 0."""
@@ -150,7 +162,7 @@ def decode_code(model, x: Float[Tensor, "batch n_sources d_in"], pre: Float[Tens
     return sparse_decode(model, x, pre, rows, cols) + model.b_dec
 
 
-def decode_topk(model, x: Float[Tensor, "batch n_sources d_in"], pre: Float[Tensor, "batch d_sae"],
+def decode_topk(model: Crosscoder, x: Float[Tensor, "batch n_sources d_in"], pre: Float[Tensor, "batch d_sae"],
                 indices: Int[Tensor, "batch k"]) -> Float[Tensor, "batch n_sources d_in"]:
     """W_dec^T relu(pre) over `indices` per token (AuxK's reconstruction, no bias); entries with pre <= 0
     give nothing and no gradient, as in the dense form, and are dropped."""
