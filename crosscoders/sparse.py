@@ -35,11 +35,11 @@ if TYPE_CHECKING:
     from .model import Crosscoder
 
 # Largest k / d_sae at which the sparse step is faster than the dense one, per device type. CPU: measured
-# (`python -m benchmarks.run --only crossover`, benchmarks/README.md): at batch 4096 the loss forward +
-# backward is 1.1-1.3x faster at k / d_sae = 1/16, 0.86-0.9x at 1/8 (2 x 128 and 8 x 256 -> 4096). CUDA:
-# an estimate, not measured: fp32 GEMMs at ~50 TFLOP/s against gathers at ~2 TB/s put the break-even
-# near 1/100, so the sparse kernels start below that.
-CROSSOVER = {"cpu": 1 / 16, "cuda": 1 / 128}
+# (`python -m benchmarks.run --only crossover`, benchmarks/README.md): loss forward + backward at batch
+# 4096, sparse / dense speedup at k / d_sae = 1/64, 1/32, 1/16, 1/8: 1.27, 1.18, 0.96, 0.82 for 2 x 128
+# -> 4096 and -, 1.51, 1.29, 0.87 for 8 x 256 -> 4096; so sparse from 1/32 down. CUDA: an estimate, not
+# measured: fp32 GEMMs at ~50 TFLOP/s against gathers at ~2 TB/s put the break-even near 1/100.
+CROSSOVER = {"cpu": 1 / 32, "cuda": 1 / 128}
 
 
 def pays(k: float, d_sae: int, device: torch.device | str) -> bool:
