@@ -211,7 +211,10 @@ def train(
     dev = torch.device(cfg.device)
     model = Crosscoder(cfg.crosscoder).to(dev)
     opt_cls = torch.optim.AdamW if cfg.weight_decay > 0 else torch.optim.Adam
-    opt = opt_cls(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    # fused: one kernel over all parameters; on CPU the step at 8 × 256 × 16384 took 112 ms against 633 ms
+    # (benchmarks/README.md). Same update rule; a fused run resumes exactly into a fused run.
+    opt = opt_cls(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
+                  fused=dev.type in ("cpu", "cuda"))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg, s))
     since_fired = torch.zeros(cfg.crosscoder.d_sae, dtype=torch.long, device=dev)
     tokens_seen = 0
