@@ -349,8 +349,6 @@ def main(argv: list[str] | None = None) -> Crosscoder:
 
 
 if __name__ == "__main__":
-    import sys
-
     from .errors import run_cli
 
     sys.exit(run_cli(main, sys.argv[1:], "python -m crosscoders.train"))
