@@ -78,7 +78,7 @@ class TrainConfig:
     sparsity_coef: float | None = None
     """Coefficient of the sparsity penalty (unused by batchtopk); None = the scheme's default, `SPARSITY_COEF`
     (relu + L1: 1, jumprelu + tanh: 10; what recovers planted features, tests/test_recovery.py)."""
-    sparsity: Literal["auto", "l1", "tanh", "tanh_quad"] = "auto"
+    sparsity: Literal["auto", "l1", "l1_l2", "tanh", "tanh_quad"] = "auto"
     """Sparsity penalty (relu, jumprelu): auto = the scheme's own (relu: decoder-norm-weighted L1, jumprelu:
     tanh); tanh_quad = Ge et al. 2025's sum_i p_i (1 + p_i / frequency_scale), p_i the batch (and source) mean
     of tanh(c f_i N_i) (OpenMOSS `sparsity_loss_type="tanh-quad"`)."""

@@ -48,6 +48,18 @@ def l1_penalty(f: Tensor, dec_norm: Tensor) -> Tensor:
     return (f * dec_norm).flatten(1).sum(-1).mean()
 
 
+def l1_l2_penalty(f: Tensor, dec_norms: Float[Tensor, "d_sae n_sources"]) -> Tensor:
+    """sum_i f_i * ||(|W_dec[s, i]|)_s||_2: L1 on the code times the L2 norm of the decoder concatenated over
+    sources (Lindsey et al. 2024 discuss both this and the sum of norms). Splitting one feature into latents
+    that each cover some sources costs more than one shared latent (sum_s n_s >= ||n||_2), and the penalty's
+    pull on n_s is proportional to n_s, so it shrinks a decoder's profile over sources without reshaping it
+    (the sum's pull is the same in every source, which flattens the profile's low end and moves its argmax
+    once splitting starts). Per-source code [batch, n_sources, d_sae]: the largest code over sources."""
+    if f.ndim == 3:
+        f = f.amax(-2)
+    return (f * dec_norms.norm(dim=-1)).sum(-1).mean()
+
+
 def tanh_penalty(f: Tensor, dec_norm: Tensor, c: float) -> Tensor:
     """sum_i tanh(c f_i N_i), mean over the batch: a smooth L0 proxy that, unlike L1, does not shrink the
     active latents' magnitudes. Per-source code [batch, n_sources, d_sae]: also the mean over sources
@@ -66,6 +78,7 @@ def tanh_quad_penalty(f: Tensor, dec_norm: Tensor, c: float, frequency_scale: fl
 
 PENALTIES = {
     "l1": lambda f, n, c, s: l1_penalty(f, n),
+    "l1_l2": None,  # needs the per-source decoder norms, computed in crosscoder_loss
     "tanh": lambda f, n, c, s: tanh_penalty(f, n, c),
     "tanh_quad": tanh_quad_penalty,
 }
@@ -151,7 +164,9 @@ def crosscoder_loss(
         raise ValueError(f"unknown sparsity penalty {sparsity!r}; choose one of auto, {', '.join(PENALTIES)}")
     penalty = {"relu": "l1", "jumprelu": "tanh"}.get(cfg.activation) if sparsity == "auto" else sparsity
     sparsity = zero  # from here on the penalty's value
-    if cfg.activation != "batchtopk":
+    if cfg.activation != "batchtopk" and penalty == "l1_l2":
+        sparsity = l1_l2_penalty(f.float(), model.decoder_norms().float())
+    elif cfg.activation != "batchtopk":
         sparsity = PENALTIES[penalty](f.float(), dec_norm.float(), cfg.tanh_scale, frequency_scale)
     if cfg.activation == "jumprelu":
         if pre_act_coef > 0 and dead is not None:

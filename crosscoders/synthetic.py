@@ -76,6 +76,9 @@ class SyntheticConfig:
     mag_noise: float = 0.0
     """Std of a per-token, per-feature, per-source lognormal factor on the magnitude (0 = one magnitude
     per token shared by all sources)."""
+    mag_corr: float = 0.0
+    """Correlation of that log-factor between adjacent sources (an AR(1) over sources; 0 = independent per
+    source). A token's activation in consecutive checkpoints moves together, and far-apart ones less."""
     noise_decay: float = 0.0
     """Noise spectrum: variance of the k-th direction of a random basis ~ k^-noise_decay (0 = isotropic);
     the mean variance per coordinate stays noise^2."""
@@ -168,6 +171,9 @@ class PlantedFeatures:
         a = (active * mags)[:, None, :] * self.profiles.T[None]  # [n, S, F]
         if cfg.mag_noise > 0:
             eps = torch.randn(n, S, F, generator=generator)
+            rho = cfg.mag_corr
+            for s in range(1, S):  # AR(1) over sources, unit marginal variance
+                eps[:, s] = rho * eps[:, s - 1] + (1 - rho**2) ** 0.5 * eps[:, s]
             a = a * torch.exp(cfg.mag_noise * eps - cfg.mag_noise**2 / 2)
         x = torch.einsum("nsf,sfd->nsd", a, self.directions)
         noise = torch.randn(x.shape, generator=generator) @ self.noise_factor.T

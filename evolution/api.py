@@ -94,6 +94,18 @@ class Run:
 
         return hierarchy(self.features, self.steps, read_learned_steps(self.path), by=by, **kw)
 
+    def latent_scaling(self) -> dict[str, Tensor]:
+        """analysis/latent_scaling.safetensors (Minder et al. 2025): beta_activation, beta_error, norm
+        ([d_sae, n_sources], raw units) and flagged (norm says absent, beta says present)."""
+        from safetensors.torch import load_file
+
+        p = self.path / "analysis" / "latent_scaling.safetensors"
+        if not p.exists():
+            raise FileNotFoundError(f"{p} is missing: run `feature-evolution analyze {self.path}`")
+        out = load_file(str(p))
+        out["flagged"] = out["flagged"].bool()
+        return out
+
     @property
     def phases(self) -> dict:
         """phases.json: signals with CIs, the verdict ("boundary" or "inconclusive") and its explanation."""

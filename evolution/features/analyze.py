@@ -51,6 +51,11 @@ class AnalyzeConfig(TimelineConfig):
     many times the type's base rate."""
     induction_min_score: float = 0.5
     """`peak_step_induction_features` keeps features with an induction score above this."""
+    latent_scaling: bool = True
+    """Latent Scaling (Minder et al. 2025) on the held-out store: analysis/latent_scaling.safetensors and the
+    columns ls_flagged, ls_onset_step (evolution.features.scaling)."""
+    latent_scaling_max_tokens: int = 16384
+    """Held-out tokens Latent Scaling reads."""
 
 
 def _step_of(name: Any) -> int | None:
@@ -179,10 +184,21 @@ def analyze(run_dir: str | Path, cfg: AnalyzeConfig | None = None) -> dict:
             features[k] = v
         if cols:
             features["type_onset_step"] = features["type_onset_step"].astype("Int64")
+    if cfg.latent_scaling:
+        from evolution.features.scaling import latent_scaling_for_run
+
+        ls = latent_scaling_for_run(run, crosscoder, steps, _hook(run), cfg.latent_scaling_max_tokens)
+        for k, v in (ls or {}).items():
+            features[k] = v
+        if ls:
+            features["ls_onset_step"] = features["ls_onset_step"].astype("Int64")
     tl.save(out / "timelines.safetensors")
     with atomic_path(out / "features.csv") as tmp:
         features.to_csv(tmp, index=False)
     summary = {**tl.summary(), "probes": contexts is not None, "run": str(run)}
+    if "ls_flagged" in features:
+        summary["latent_scaling"] = {"n_features_flagged": int((features["ls_flagged"] > 0).sum()),
+                                     "n_flagged_snapshots": int(features["ls_flagged"].sum())}
     if (by_type := peak_step_by_type(features)) is not None:
         summary["peak_step_by_type"] = by_type
         summary["peak_step_by_clear_type"] = peak_step_by_type(features, cfg.type_min_lift)
@@ -214,7 +230,7 @@ def load_analysis(run_dir: str | Path) -> tuple[Timelines, pd.DataFrame, dict]:
     a = Path(run_dir) / "analysis"
     tl = Timelines.load(a / "timelines.safetensors")
     features = pd.read_csv(a / "features.csv")
-    for col in ("emergence_step", "fade_step", "turn_step"):
+    for col in ("emergence_step", "fade_step", "turn_step", "ls_onset_step", "type_onset_step"):
         if col in features:
             features[col] = features[col].astype("Int64")
     summary = json.loads((a / "summary.json").read_text()) if (a / "summary.json").exists() else {}
