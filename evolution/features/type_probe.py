@@ -89,19 +89,23 @@ def types_for_run(run: Path, crosscoder, steps: list[int], probe_steps: list[int
     feature-table columns (`type`, `type_onset_step`, `type_score_<type>` at the last probed snapshot),
     or None with the reason printed when the run lacks snapshots, corpus or hook."""
     from evolution.features.types import type_onset
+    from evolution.sources.snapshot_source import SnapshotError, SnapshotSource
 
-    if hook is None or not (run / "snapshots").is_dir() or not (run / "corpus").is_dir():
-        print(f"analyze: type timeline skipped, {run} lacks snapshots/, corpus/ or a hook")
-        return None
+    source = SnapshotSource.for_run(run, device=device)
     try:
-        from evolution.sources.corpus import Corpus
-        from evolution.sources.snapshots import iter_snapshots
-    except ImportError as e:  # pragma: no cover
+        source = source.with_steps(steps) if source.with_steps(steps).steps else None
+    except SnapshotError as e:
+        source = None
         print(f"analyze: type timeline skipped ({e})")
+    if source is None or hook is None or not (run / "corpus").is_dir():
+        print(f"analyze: type timeline skipped, {run} lacks snapshots, corpus/ or a hook")
         return None
+    from evolution.sources.corpus import Corpus
+
     corpus = Corpus.load(run / "corpus")
+    source.check_corpus(corpus)
     tokens = corpus.eval_tokens if corpus.eval_tokens is not None else corpus.tokens
-    res = type_timeline(crosscoder.to(device), list(iter_snapshots(run / "snapshots", steps, device=device)),
+    res = type_timeline(crosscoder.to(device), list(source.iter(device=device)),
                         tokens[:max_seqs], hook, steps, probe_steps, corpus.bos_token_id, cfg)
     save_type_timeline(res, run / "analysis" / "type_scores.safetensors")
     final, onset = type_onset(res["types"], res["steps"])
