@@ -332,7 +332,8 @@ def run_study(cfg: RunConfig, force: tuple[str, ...] = (), only: tuple[str, ...]
 
         s = cfg.snapshots
         require_hub(f"recipe {cfg.name!r} (checkpoints of {name})", [name], cache_dir=s.cache_dir,
-                    revisions=[hub_revision(name, step) for step in snapshot_steps(cfg)])
+                    # transformer-lens reads the architecture from `main`, the weights from each revision
+                    revisions=["main"] + [hub_revision(name, step) for step in snapshot_steps(cfg)])
     run = cfg.run_dir
     run.mkdir(parents=True, exist_ok=True)
     write_json(run / "run.json", to_dict(cfg))
