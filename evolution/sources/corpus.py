@@ -57,7 +57,7 @@ from evolution.sources.references import (
     mechanism_references,
     unigram_entropy,
 )
-from evolution.sources.text_files import iter_documents
+from evolution.sources.text_files import first_chars, iter_documents
 from evolution.sources.tokenizer import (
     load_pretrained_tokenizer,
     tokenizer_hash,
@@ -182,7 +182,7 @@ def _load_dataset_texts(cfg: CorpusConfig) -> list[str]:
 
 
 def _build_text(cfg: CorpusConfig, tokenizer=None, tokenizer_from: str | None = None) -> Corpus:
-    texts = shakespeare_texts() if cfg.source == "shakespeare" else _load_dataset_texts(cfg)
+    texts = first_chars(shakespeare_texts(), cfg.max_chars) if cfg.source == "shakespeare" else _load_dataset_texts(cfg)
     texts = [t for t in texts if t and not t.isspace()]
     if not texts:
         raise ValueError(f"corpus source {cfg.source!r} yielded no text (empty corpus)")

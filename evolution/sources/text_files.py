@@ -55,3 +55,13 @@ def iter_documents(path: Path, text_column: str = "text") -> Iterator[str]:
                 keys = sorted(row) if isinstance(row, dict) else type(row).__name__
                 raise ValueError(f"{f}, line {n}: no column {text_column!r} (has {keys})")
             yield row[text_column]
+
+
+def first_chars(texts: list[str], max_chars: int) -> list[str]:
+    """The leading documents up to the one reaching `max_chars` characters (0: all)."""
+    total = 0
+    for i, t in enumerate(texts):
+        total += len(t)
+        if max_chars and total >= max_chars:
+            return texts[: i + 1]
+    return texts
