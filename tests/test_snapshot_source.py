@@ -325,3 +325,24 @@ def test_require_hub_checks_each_revision_in_the_offline_cache(standin, tmp_path
     require_hub("t", [HUB_MODEL], revisions=["main", "step0", "step2"], cache_dir=str(cache))
     with pytest.raises(HubUnavailable, match=r"not in the local cache .*\['step8', 'step32'\]"):
         require_hub("t", [HUB_MODEL], revisions=["step0", "step8", "step32"], cache_dir=str(cache))
+
+
+def test_real_checkpoints_notebook(standin, tmp_path, monkeypatch):
+    """notebooks/05_real_checkpoints.ipynb end to end on the local stand-in (the third door)."""
+    from ipykernel.kernelspec import install
+
+    from tests.test_notebooks import execute, images, text_output
+
+    prefix = tmp_path / "kernel"
+    install(kernel_name="python3", prefix=str(prefix))
+    env = {"FE_SOURCE": f"local:{standin / 'snapshots'}", "FE_TEXT": str(standin / "play.jsonl"),
+           "FE_HOOK": "blocks.1.hook_resid_post", "FE_SEQ_LEN": "32", "FE_N_SEQS": "16", "FE_D_SAE": "64",
+           "FE_TRAIN_STEPS": "60", "FE_OUT": str(tmp_path / "runs"), "HF_HUB_OFFLINE": "1",
+           "OMP_NUM_THREADS": "1"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    nb = execute("05_real_checkpoints.ipynb", [str(prefix / "share" / "jupyter" / "kernels")], timeout=300)
+    out = text_output(nb)
+    assert "4 snapshots of local:" in out and "gpt_neox, d_model 32" in out and "verdict:" in out
+    assert images(nb) >= 3
+    assert (tmp_path / "runs" / "real-checkpoints" / "report.html").exists()
