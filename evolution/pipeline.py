@@ -327,7 +327,6 @@ def run_study(cfg: RunConfig, force: tuple[str, ...] = (), only: tuple[str, ...]
     """Run (or resume) every stage of the study; returns stages.json's records."""
     if (name := _hub_name(cfg)) is not None:
         from evolution.sources.hub import require_hub
-
         from evolution.sources.snapshot_source import hub_revision
 
         s = cfg.snapshots
