@@ -126,6 +126,10 @@ def test_local_checkpoints_run_the_whole_study(standin, capsys):
     assert got == pytest.approx(ref, abs=1e-4)
     first = next(r["nll"] for r in summary["per_snapshot"] if r["step"] == 0)
     assert got < first  # training lowered the held-out loss
+    from evolution.api import load_run
+
+    src = load_run(run).snapshots()  # the Python door: the run's source, read back from run.json
+    assert src.kind == "local" and src.steps == STEPS and src.check().tokenizer_hash == snap_hash
 
 
 def test_hub_revisions_run_the_whole_study_offline(standin, tmp_path, monkeypatch):

@@ -9,6 +9,7 @@ Writes nothing itself; `analyze` saves `analysis/type_scores.safetensors` and th
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -50,8 +51,13 @@ def type_timeline(
     bos = int(tokens[0, 0]) if bos_token_id is None else bos_token_id
     vocab = tokens.unique()
     vocab = vocab[vocab != bos]
-    snapshots = list(snapshots) if not isinstance(snapshots, list) else snapshots
-    n_ctx = getattr(getattr(snapshots[0][1], "cfg", None), "n_ctx", 2 * induction_len + 1)
+    snapshots = iter(snapshots)  # consumed once, lazily: one model in memory at a time
+    first = next(snapshots, None)
+    if first is None:
+        raise ValueError("type_timeline got no snapshots")
+    n_ctx = getattr(getattr(first[1], "cfg", None), "n_ctx", 2 * induction_len + 1)
+    snapshots = itertools.chain([first], snapshots)
+    del first
     L = max(2, min(induction_len, (n_ctx - 1) // 2, len(vocab)))
     rep, ctrl = repeat_and_control(vocab, L, induction_seqs, bos, cfg.seed)
     pres, _, all_steps = shared_pre_acts(crosscoder, snapshots, [tokens, rep, ctrl], hook, steps, batch_size)
@@ -105,7 +111,7 @@ def types_for_run(run: Path, crosscoder, steps: list[int], probe_steps: list[int
     corpus = Corpus.load(run / "corpus")
     source.check_corpus(corpus)
     tokens = corpus.eval_tokens if corpus.eval_tokens is not None else corpus.tokens
-    res = type_timeline(crosscoder.to(device), list(source.iter(device=device)),
+    res = type_timeline(crosscoder.to(device), source.iter(device=device),
                         tokens[:max_seqs], hook, steps, probe_steps, corpus.bos_token_id, cfg)
     save_type_timeline(res, run / "analysis" / "type_scores.safetensors")
     final, onset = type_onset(res["types"], res["steps"])
