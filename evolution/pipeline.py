@@ -34,8 +34,9 @@ class SnapshotsConfig:
     """Where the snapshots come from and which of them the study uses."""
 
     source: str = "pretrain"
-    """"pretrain" (train a mini-Pythia in this run), "local:<dir>" (a directory of step{N} HF checkpoints),
-    or "hf:EleutherAI/pythia-70m" (Pythia's checkpoints from the hub, through transformer-lens)."""
+    """"pretrain" (train a mini-Pythia in this run), "local:<dir>" (a directory of step{N} HF checkpoints:
+    GPT-NeoX, GPT-2 or Llama-style), or "hf:EleutherAI/pythia-70m" (Pythia's checkpoints from the hub, through
+    transformer-lens). Every stage reads them through evolution.sources.snapshot_source.SnapshotSource."""
     steps: list[int] | None = None
     """Steps to use (None: every saved step; for the hub, Ge et al. 2025's 32 steps)."""
     cache_dir: str | None = None
