@@ -80,7 +80,7 @@ def _check_outputs(run: Path) -> dict:
     for sig in ("loss_below_bigram", "id_peak", "linearity_no_residual_peak", "crosscoder_turning_point"):
         assert sig in phases["signals"]  # geometry, evaluate and the crosscoder all fed the phase map
     html = (run / "report.html").read_text()
-    assert "Layer geometry across snapshots" in html and "loss.png" in html or "data:image" in html
+    assert "Layer geometry across snapshots" in html and "Loss against unigram / bigram references" in html
     return summary
 
 
