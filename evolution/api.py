@@ -128,6 +128,13 @@ class Run:
                 "cos_to_final": dict(zip(self.steps, self.timelines.cos_to_final[i].tolist(), strict=True)),
                 "contexts": self.contexts.get(str(i), {})}
 
+    def snapshots(self, device: str = "cpu"):
+        """The run's snapshot source (pretrain, local: or hf:, from run.json): `.steps`, `.load(step)`,
+        `for step, model in run.snapshots(): ...` (one model at a time), `.tokenizer()`, `.check()`."""
+        from evolution.sources.snapshot_source import SnapshotSource
+
+        return SnapshotSource.for_run(self.path, device=device)
+
     # figures: thin wrappers so a notebook needs one import
     def plot_heatmap(self, **kw) -> Figure:
         return plots.plot_heatmap(self.timelines, **kw)
@@ -147,3 +154,11 @@ class Run:
 
 def load_run(path: str | Path) -> Run:
     return Run(path)
+
+
+def snapshots(source: str, steps: list[int] | None = None, **kw):
+    """A `SnapshotSource` outside any run: `snapshots("local:ckpts", [0, 1000])`, `snapshots("hf:EleutherAI/pythia-70m")`
+    (keywords: device, dtype, cache_dir, local_files_only; see evolution.sources.snapshot_source)."""
+    from evolution.sources.snapshot_source import SnapshotSource
+
+    return SnapshotSource(source, steps, **kw)

@@ -34,10 +34,15 @@ class SnapshotsConfig:
     """Where the snapshots come from and which of them the study uses."""
 
     source: str = "pretrain"
-    """"pretrain" (train a mini-Pythia in this run), "local:<dir>" (a directory of step{N} HF checkpoints),
-    or "hf:EleutherAI/pythia-70m" (Pythia's checkpoints from the hub, through transformer-lens)."""
+    """"pretrain" (train a mini-Pythia in this run), "local:<dir>" (a directory of step{N} HF checkpoints:
+    GPT-NeoX, GPT-2 or Llama-style), or "hf:EleutherAI/pythia-70m" (Pythia's checkpoints from the hub, through
+    transformer-lens). Every stage reads them through evolution.sources.snapshot_source.SnapshotSource."""
     steps: list[int] | None = None
     """Steps to use (None: every saved step; for the hub, Ge et al. 2025's 32 steps)."""
+    cache_dir: str | None = None
+    """hf: sources: the Hugging Face hub cache to read revisions from (None: the default, HF_HUB_CACHE)."""
+    local_files_only: bool = False
+    """hf: sources: use only revisions already in the cache (offline), never the network."""
 
 
 @dataclass
@@ -115,18 +120,18 @@ def _hub_name(cfg: RunConfig) -> str | None:
     return src.removeprefix("hf:") if src.startswith("hf:") else None
 
 
-def snapshot_steps(cfg: RunConfig) -> list[int]:
-    from evolution.sources.snapshots import GE2025_STEPS, local_steps
+def snapshot_source(cfg: RunConfig, steps: list[int] | None = None, device: str | None = None):
+    """The run's `SnapshotSource` (evolution.sources.snapshot_source): every stage gets its models from it."""
+    from evolution.sources.snapshot_source import SnapshotSource
 
-    if _hub_name(cfg):
-        return list(cfg.snapshots.steps or GE2025_STEPS)
-    found = local_steps(snapshot_root(cfg))
-    if cfg.snapshots.steps is None:
-        return found
-    missing = sorted(set(cfg.snapshots.steps) - set(found))
-    if missing:
-        raise FileNotFoundError(f"snapshot steps {missing} not under {snapshot_root(cfg)}; available: {found}")
-    return sorted(cfg.snapshots.steps)
+    s = cfg.snapshots
+    return SnapshotSource(s.source, steps if steps is not None else s.steps, run_dir=cfg.run_dir,
+                          device=device or cfg.harvest.device, cache_dir=s.cache_dir, local_files_only=s.local_files_only)
+
+
+def snapshot_steps(cfg: RunConfig) -> list[int]:
+    """The steps the run uses (a missing one is a SnapshotError listing those available)."""
+    return snapshot_source(cfg).steps
 
 
 def snapshot_root(cfg: RunConfig) -> Path:
@@ -140,19 +145,23 @@ def snapshot_root(cfg: RunConfig) -> Path:
 
 def _loaders(cfg: RunConfig, steps: list[int]):
     """One zero-argument loader per snapshot, so harvest keeps one model in memory at a time."""
-    from evolution.sources.snapshots import load_local_snapshot, load_pythia_snapshot
-
-    dev = cfg.harvest.device
-    if (name := _hub_name(cfg)) is not None:
-        return [lambda s=s: load_pythia_snapshot(name, s, dev) for s in steps]
-    root = snapshot_root(cfg)
-    return [lambda s=s: load_local_snapshot(root / f"step{s}", dev) for s in steps]
+    return snapshot_source(cfg, steps).loaders()
 
 
 def build_corpus_stage(cfg: RunConfig) -> None:
+    """The corpus; for local: and hf: snapshots tokenized with the snapshots' own tokenizer (unless [corpus]
+    tokenizer names one) and checked against them before it is saved."""
     from evolution.sources.corpus import build_corpus
 
-    build_corpus(cfg.corpus).save(cfg.run_dir)
+    if cfg.snapshots.source == "pretrain":
+        build_corpus(cfg.corpus).save(cfg.run_dir)
+        return
+    src = snapshot_source(cfg)
+    own = cfg.corpus.tokenizer is None and cfg.corpus.source != "planted"
+    corpus = build_corpus(cfg.corpus, src.tokenizer() if own else None,
+                          f"{src.source} ({src.location(src.steps[-1])})" if own else None)
+    src.check_corpus(corpus)
+    corpus.save(cfg.run_dir)
 
 
 def pretrain_stage(cfg: RunConfig) -> None:
@@ -181,15 +190,20 @@ def harvest_stage(cfg: RunConfig) -> None:
 
     run, h = cfg.run_dir, cfg.harvest
     corpus = Corpus.load(run / "corpus")
-    steps = snapshot_steps(cfg)
+    src = snapshot_source(cfg)
+    steps = src.steps
     if len(steps) < 2:
         raise ValueError(f"a crosscoder across snapshots needs ≥ 2 snapshots, found steps {steps}")
+    src.check_corpus(corpus)  # before any model runs
+    meta = json.loads((run / "corpus" / "meta.json").read_text())
+    stream = {k: meta.get(k) for k in ("tokenizer_hash", "tokenizer_from", "text_source", "vocab_size")}
     sources = [f"step{s}" for s in steps]
     common = dict(hook=h.hook, sources=sources, batch_size=h.batch_size, dtype=h.dtype, autocast=h.autocast,
-                  bos_token_id=corpus.bos_token_id, strategy="snapshot")
-    harvest(_loaders(cfg, steps), corpus.tokens[: h.n_seqs], out_dir=run / "activations" / h.hook, **common)
+                  bos_token_id=corpus.bos_token_id, strategy="snapshot",
+                  metadata={"token_stream": stream, "snapshots": src.describe()})
+    harvest(src.loaders(), corpus.tokens[: h.n_seqs], out_dir=run / "activations" / h.hook, **common)
     eval_tokens = corpus.eval_tokens if corpus.eval_tokens is not None else corpus.tokens[-h.n_eval_seqs:]
-    harvest(_loaders(cfg, steps), eval_tokens[: h.n_eval_seqs], out_dir=run / "activations_eval" / h.hook, **common)
+    harvest(src.loaders(), eval_tokens[: h.n_eval_seqs], out_dir=run / "activations_eval" / h.hook, **common)
 
 
 def crosscoder_stage(cfg: RunConfig) -> None:
@@ -230,14 +244,15 @@ def crosscoder_stage(cfg: RunConfig) -> None:
 
 def evaluate_stage(cfg: RunConfig) -> None:
     """Each snapshot on the held-out tokens, through the same loaders as harvest (pretrain, local:, hf:)."""
+    from evolution.phases.loss import save_loss_figure
     from evolution.phases.snapshot_eval import evaluate_snapshots
+    from evolution.sources.corpus import Corpus
 
-    steps = snapshot_steps(cfg)
-    evaluate_snapshots(cfg.run_dir, steps, _loaders(cfg, steps), cfg.evaluate)
-    if (cfg.run_dir / "pretrain" / "log.jsonl").exists():  # redraw its reference lines with the held-out estimator
-        from evolution.phases.loss import save_loss_figure
-
-        save_loss_figure(cfg.run_dir)
+    src = snapshot_source(cfg)
+    src.check_corpus(Corpus.load(cfg.run_dir / "corpus"))  # before any model runs
+    evaluate_snapshots(cfg.run_dir, src.steps, src.loaders(), cfg.evaluate)
+    # the loss panel: the pre-training log where there is one, else the snapshots' own held-out losses
+    save_loss_figure(cfg.run_dir)
 
 
 def evaluate_cli(argv: list[str] | None = None) -> None:
@@ -269,17 +284,16 @@ def stages_for(cfg: RunConfig, force: tuple[str, ...] = ()) -> list[Stage]:
     from evolution.report.html import build_report
 
     run = cfg.run_dir
-    hub = _hub_name(cfg)
-    snaps_in = ["corpus"] if hub else ["pretrain"]
-    st = [Stage("corpus", lambda: build_corpus_stage(cfg), cfg.corpus, outputs=["corpus/tokens.safetensors"],
+    snaps_in = ["pretrain"] if cfg.snapshots.source == "pretrain" else ["corpus"]
+    # local:/hf: corpora are tokenized by the snapshots' tokenizer, so they depend on the snapshot source too
+    corpus_key = cfg.corpus if cfg.snapshots.source == "pretrain" else {"corpus": cfg.corpus, "snapshots": cfg.snapshots}
+    st = [Stage("corpus", lambda: build_corpus_stage(cfg), corpus_key, outputs=["corpus/tokens.safetensors"],
                 describe=f"{run}/corpus/ (tokens, tokenizer, meta.json)")]
     if cfg.snapshots.source == "pretrain":
         st.append(Stage("pretrain", lambda: pretrain_stage(cfg), cfg.pretrain, inputs=["corpus"],
                         outputs=["pretrain/log.jsonl", "figures/loss.png"],
                         clean=_remover(run / "pretrain", run / "snapshots"),
                         describe=f"{run}/snapshots/step*/, {run}/pretrain/log.jsonl, {run}/figures/loss.png"))
-    elif not hub:
-        snaps_in = ["corpus"]
     st += [
         Stage("harvest", lambda: harvest_stage(cfg), {"harvest": cfg.harvest, "snapshots": cfg.snapshots},
               inputs=snaps_in, outputs=[f"activations/{cfg.harvest.hook}/manifest.json"],
@@ -293,10 +307,10 @@ def stages_for(cfg: RunConfig, force: tuple[str, ...] = ()) -> list[Stage]:
               outputs=["analysis/features.csv"],
               describe=f"{run}/analysis/ (features.csv, timelines.safetensors, figures/, browser/index.html)"),
     ]
-    if not hub:  # geometry reads local snapshots; on the hub it would download every step again
-        st.append(Stage("geometry", lambda: geometry(run, dataclasses.replace(cfg.geometry, steps=snapshot_steps(cfg))),
-                        cfg.geometry, inputs=snaps_in, outputs=["geometry.json"],
-                        describe=f"{run}/geometry.json, {run}/figures/geometry_*.png"))
+    st.append(Stage("geometry", lambda: geometry(run, dataclasses.replace(cfg.geometry, steps=snapshot_steps(cfg)),
+                                                 source=snapshot_source(cfg, device=cfg.geometry.device)),
+                    cfg.geometry, inputs=snaps_in, outputs=["geometry.json"],
+                    describe=f"{run}/geometry.json, {run}/figures/geometry_*.png"))
     st.append(Stage("evaluate", lambda: evaluate_stage(cfg), {"evaluate": cfg.evaluate, "snapshots": cfg.snapshots},
                     inputs=snaps_in, outputs=["eval/summary.json"],
                     describe=f"{run}/eval/ (per-token loss and KL per snapshot, summary.json)"))
@@ -314,8 +328,12 @@ def run_study(cfg: RunConfig, force: tuple[str, ...] = (), only: tuple[str, ...]
     """Run (or resume) every stage of the study; returns stages.json's records."""
     if (name := _hub_name(cfg)) is not None:
         from evolution.sources.hub import require_hub
+        from evolution.sources.snapshot_source import hub_revision
 
-        require_hub(f"recipe {cfg.name!r} (Pythia checkpoints {name})", [name])
+        s = cfg.snapshots
+        require_hub(f"recipe {cfg.name!r} (checkpoints of {name})", [name], cache_dir=s.cache_dir,
+                    # transformer-lens reads the architecture from `main`, the weights from each revision
+                    revisions=["main"] + [hub_revision(name, step) for step in snapshot_steps(cfg)])
     run = cfg.run_dir
     run.mkdir(parents=True, exist_ok=True)
     write_json(run / "run.json", to_dict(cfg))

@@ -108,8 +108,8 @@ def test_iter_snapshots_one_at_a_time_and_errors(snap_root):
 def test_non_neox_directory_is_refused(tmp_path):
     d = tmp_path / "gpt2"
     d.mkdir()
-    (d / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
-    with pytest.raises(SnapshotError, match="not a GPT-NeoX checkpoint"):
+    (d / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertForMaskedLM"]}))
+    with pytest.raises(SnapshotError, match="not a checkpoint of a supported family"):
         load_local_snapshot(d)
     (tmp_path / "empty").mkdir()
     with pytest.raises(SnapshotError, match="no config.json"):

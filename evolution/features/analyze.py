@@ -9,8 +9,9 @@ Reads `RUN/crosscoder/` and the snapshot steps of its sources, then writes (atom
     analysis/figures/*.png           heatmap, peak_steps, timelines_by_group[, _by_type], cos_to_final
     analysis/browser/index.html      the feature browser
 
-The probes need the snapshots (`RUN/snapshots/step{N}/`), the corpus (`RUN/corpus/`) and the hook (from
-the activation store's manifest); without them the analysis runs on the decoder alone and says so.
+The probes need the snapshots (the run's snapshot source: `RUN/snapshots/step{N}/`, `local:` or `hf:`), the
+corpus (`RUN/corpus/`) and the hook (from the activation store's manifest); without them the analysis runs
+on the decoder alone and says so.
 """
 
 from __future__ import annotations
@@ -89,13 +90,18 @@ def source_steps(run_dir: str | Path, n_sources: int) -> list[int]:
             steps = [_step_of(n) for n in names]
             if all(s is not None for s in steps):
                 return steps  # type: ignore[return-value]
-    from evolution.sources.snapshots import local_steps
+    from evolution.sources.snapshot_source import SnapshotError, SnapshotSource
 
-    if (run / "snapshots").is_dir() and len(found := local_steps(run / "snapshots")) == n_sources:
-        return found
+    try:
+        src = SnapshotSource.for_run(run)
+        if len(found := src.steps) == n_sources:
+            return found
+        where = src.source
+    except SnapshotError as e:
+        where = str(e)
     tried = ", ".join(w for w, _ in candidates) or "no eval.json or manifest"
     raise ValueError(f"cannot tell the training steps of the {n_sources} crosscoder sources of {run} "
-                     f"(looked at {tried} and {run / 'snapshots'})")
+                     f"(looked at {tried} and the run's snapshots: {where})")
 
 
 def _hook(run: Path) -> str | None:
@@ -113,9 +119,17 @@ def _evenly(steps: list[int], n: int) -> list[int]:
 
 def run_probes(run: Path, crosscoder, steps: list[int], cfg: AnalyzeConfig) -> tuple[pd.DataFrame, dict] | None:
     """Probe scores and top contexts (evolution.features.probes), or None with the reason printed when the
-    run lacks snapshots, corpus or hook, or the probes module is not there."""
+    run lacks snapshots, corpus or hook, or the probes module is not there. The snapshots come from the run's
+    snapshot source (`SnapshotSource.for_run`: pretrain, local: or hf:)."""
+    from evolution.sources.snapshot_source import SnapshotError, SnapshotSource
+
     hook = _hook(run)
-    missing = [what for what, ok in (("snapshots/", (run / "snapshots").is_dir()),
+    source = SnapshotSource.for_run(run, device=cfg.device)
+    try:
+        has_snapshots = bool(source.with_steps(steps).steps)
+    except SnapshotError:
+        has_snapshots = False
+    missing = [what for what, ok in ((f"snapshots ({source.source})", has_snapshots),
                                      ("corpus/", (run / "corpus").is_dir()), ("hook in a store manifest", hook))
                if not ok]
     if missing:
@@ -124,18 +138,18 @@ def run_probes(run: Path, crosscoder, steps: list[int], cfg: AnalyzeConfig) -> t
     try:
         from evolution.features.probes import ProbeConfig, probe_features
         from evolution.sources.corpus import Corpus
-        from evolution.sources.snapshots import iter_snapshots
     except ImportError as e:
         print(f"analyze: probes skipped ({e})")
         return None
     corpus = Corpus.load(run / "corpus")
+    source.check_corpus(corpus)  # the probe stream must be the snapshots' tokens (before any model runs)
     tokens = corpus.eval_tokens if corpus.eval_tokens is not None else corpus.tokens
     mech = corpus.eval_mechanism if corpus.eval_tokens is not None else corpus.mechanism
     kwargs = {"mechanism_names": corpus.mechanism_names} if corpus.mechanism_names else {}
     probe_steps = _evenly(steps, cfg.probe_snapshots)
     result = probe_features(
         # every source's snapshot: the pre-activation is shared; only `probe_steps` are scored
-        crosscoder.to(cfg.device), iter_snapshots(run / "snapshots", steps, device=cfg.device),
+        crosscoder.to(cfg.device), source.iter(steps, device=cfg.device),
         tokens, hook, mechanism=mech, steps=steps, cfg=ProbeConfig(max_seqs=cfg.probe_max_seqs),
         tokenizer=corpus.tokenizer, bos_token_id=corpus.bos_token_id, probe_steps=probe_steps, **kwargs)
     result.save(run / "analysis")

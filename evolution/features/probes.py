@@ -40,7 +40,7 @@ purity). The label of t itself
 
 Use (the analysis stage):
 
-    res = probe_features(Crosscoder.load(run / "crosscoder"), iter_snapshots(run / "snapshots"),
+    res = probe_features(Crosscoder.load(run / "crosscoder"), SnapshotSource.for_run(run).iter(crosscoder_steps),
                          corpus.eval_tokens, hook, corpus.eval_mechanism, steps=crosscoder_steps,
                          tokenizer=corpus.tokenizer, bos_token_id=corpus.bos_token_id)
     features = features.merge(res.table[["feature", *PROBE_COLUMNS]], on="feature")

@@ -9,6 +9,7 @@ Writes nothing itself; `analyze` saves `analysis/type_scores.safetensors` and th
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -50,8 +51,13 @@ def type_timeline(
     bos = int(tokens[0, 0]) if bos_token_id is None else bos_token_id
     vocab = tokens.unique()
     vocab = vocab[vocab != bos]
-    snapshots = list(snapshots) if not isinstance(snapshots, list) else snapshots
-    n_ctx = getattr(getattr(snapshots[0][1], "cfg", None), "n_ctx", 2 * induction_len + 1)
+    snapshots = iter(snapshots)  # consumed once, lazily: one model in memory at a time
+    first = next(snapshots, None)
+    if first is None:
+        raise ValueError("type_timeline got no snapshots")
+    n_ctx = getattr(getattr(first[1], "cfg", None), "n_ctx", 2 * induction_len + 1)
+    snapshots = itertools.chain([first], snapshots)
+    del first
     L = max(2, min(induction_len, (n_ctx - 1) // 2, len(vocab)))
     rep, ctrl = repeat_and_control(vocab, L, induction_seqs, bos, cfg.seed)
     pres, _, all_steps = shared_pre_acts(crosscoder, snapshots, [tokens, rep, ctrl], hook, steps, batch_size)
@@ -89,19 +95,23 @@ def types_for_run(run: Path, crosscoder, steps: list[int], probe_steps: list[int
     feature-table columns (`type`, `type_onset_step`, `type_score_<type>` at the last probed snapshot),
     or None with the reason printed when the run lacks snapshots, corpus or hook."""
     from evolution.features.types import type_onset
+    from evolution.sources.snapshot_source import SnapshotError, SnapshotSource
 
-    if hook is None or not (run / "snapshots").is_dir() or not (run / "corpus").is_dir():
-        print(f"analyze: type timeline skipped, {run} lacks snapshots/, corpus/ or a hook")
-        return None
+    source = SnapshotSource.for_run(run, device=device)
     try:
-        from evolution.sources.corpus import Corpus
-        from evolution.sources.snapshots import iter_snapshots
-    except ImportError as e:  # pragma: no cover
+        source = source.with_steps(steps) if source.with_steps(steps).steps else None
+    except SnapshotError as e:
+        source = None
         print(f"analyze: type timeline skipped ({e})")
+    if source is None or hook is None or not (run / "corpus").is_dir():
+        print(f"analyze: type timeline skipped, {run} lacks snapshots, corpus/ or a hook")
         return None
+    from evolution.sources.corpus import Corpus
+
     corpus = Corpus.load(run / "corpus")
+    source.check_corpus(corpus)
     tokens = corpus.eval_tokens if corpus.eval_tokens is not None else corpus.tokens
-    res = type_timeline(crosscoder.to(device), list(iter_snapshots(run / "snapshots", steps, device=device)),
+    res = type_timeline(crosscoder.to(device), source.iter(device=device),
                         tokens[:max_seqs], hook, steps, probe_steps, corpus.bos_token_id, cfg)
     save_type_timeline(res, run / "analysis" / "type_scores.safetensors")
     final, onset = type_onset(res["types"], res["steps"])

@@ -58,7 +58,7 @@ class GeometryConfig:
     mle_k2: int = 20
     """MLE intrinsic dimension: largest neighbourhood size."""
     steps: list[int] | None = None
-    """Snapshot steps to measure (default: all under snapshots/)."""
+    """Snapshot steps to measure (default: all of the run's snapshot source)."""
     seed: int = 0
     """Seed of the token-position sample."""
     device: str = "cpu"
@@ -224,18 +224,22 @@ def _eval_tokens(run_dir: Path) -> Tensor:
     return t["eval_tokens"] if "eval_tokens" in t else t["tokens"]
 
 
-def geometry(run_dir: str | Path, cfg: GeometryConfig | None = None) -> dict:
+def geometry(run_dir: str | Path, cfg: GeometryConfig | None = None, source=None) -> dict:
     """Measure every snapshot of `run_dir` (one model in memory at a time), write `geometry.json` after
-    each snapshot (so an interrupted job resumes) and `figures/geometry_<metric>.png`."""
-    from evolution.sources.snapshots import iter_snapshots, local_steps
+    each snapshot (so an interrupted job resumes) and `figures/geometry_<metric>.png`. `source`: a
+    `SnapshotSource` (default: the run's own, `SnapshotSource.for_run`: pretrain, local: or hf:)."""
+    from evolution.sources.snapshot_source import SnapshotSource
 
     cfg = cfg or GeometryConfig()
     run_dir = Path(run_dir)
-    snap_root = run_dir / "snapshots"
-    steps = sorted(cfg.steps) if cfg.steps is not None else local_steps(snap_root)
-    if not steps:
-        raise FileNotFoundError(f"no step{{N}} snapshots under {snap_root}")
+    source = source if source is not None else SnapshotSource.for_run(run_dir, device=cfg.device)
+    steps = sorted(cfg.steps) if cfg.steps is not None else source.steps
     tokens = _eval_tokens(run_dir)
+    if (run_dir / "corpus" / "tokenizer").is_dir():  # the token stream must be the snapshots' (before any model runs)
+        from transformers import PreTrainedTokenizerFast
+
+        source.check_tokens(PreTrainedTokenizerFast.from_pretrained(str(run_dir / "corpus" / "tokenizer")),
+                            int(tokens.max()), "the corpus")
     key = config_hash({**{k: v for k, v in to_dict(cfg).items() if k not in ("resume", "device", "steps")},
                        "version": GEOMETRY_VERSION})
     out_path = run_dir / "geometry.json"
@@ -251,7 +255,7 @@ def geometry(run_dir: str | Path, cfg: GeometryConfig | None = None) -> dict:
                     done[s]["resamples"] = {m: v[i] for m, v in old["resamples"].items()}
     todo = [s for s in steps if s not in done]
     bar = progress_bar(total=len(steps), initial=len(steps) - len(todo), desc="geometry", unit="snapshot")
-    for step, model in iter_snapshots(snap_root, todo, device=cfg.device) if todo else []:
+    for step, model in source.iter(todo, device=cfg.device) if todo else []:
         result = model_geometry(model, tokens, cfg)
         del model
         header = {"layers": result["layers"], "hooks": result["hooks"], "n_tokens": result["n_tokens"]}

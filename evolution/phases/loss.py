@@ -110,18 +110,33 @@ def loss_figure(log_rows: Sequence[Mapping], meta: Mapping | None = None, title:
 
 
 def save_loss_figure(run_dir: str | Path, path: str | Path | None = None) -> Path:
-    """Read `run_dir/pretrain/log.jsonl` (+ `corpus/meta.json` if present), write `figures/loss.png`."""
+    """Read `run_dir/pretrain/log.jsonl` or else `eval/summary.json` (+ `corpus/meta.json` if present), write
+    `figures/loss.png`."""
     from evolution.figures import save_figure
 
     run_dir = Path(run_dir)
     log = run_dir / "pretrain" / "log.jsonl"
-    if not log.exists():
-        raise FileNotFoundError(f"{log} not found: run pre-training first")
+    ev_path = run_dir / "eval" / "summary.json"  # held-out references of the snapshot evaluation, when it ran
+    if not log.exists() and not ev_path.exists():
+        raise FileNotFoundError(f"neither {log} nor {ev_path} found: run pre-training or the evaluate stage first")
     meta_path = run_dir / "corpus" / "meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else None
-    ev_path = run_dir / "eval" / "summary.json"  # held-out references of the snapshot evaluation, when it ran
-    if ev_path.exists():
-        meta = {**(meta or {}), **json.loads(ev_path.read_text())["references"]}
+    summary = json.loads(ev_path.read_text()) if ev_path.exists() else None
+    if summary is not None:
+        meta = {**(meta or {}), **summary["references"]}
+    # without a pre-training log (local: and hf: snapshots) the curve is the snapshots' own held-out loss
+    rows = read_jsonl(log) if log.exists() else eval_rows(summary)
     out = Path(path) if path is not None else run_dir / "figures" / "loss.png"
-    save_figure(loss_figure(read_jsonl(log), meta), out)
+    save_figure(loss_figure(rows, meta, title=None if log.exists() else "held-out loss per snapshot"), out)
     return out
+
+
+def eval_rows(summary: Mapping) -> list[dict]:
+    """`eval/summary.json`'s per-snapshot means as loss-log rows (eval_loss, eval_loss_by_mechanism)."""
+    rows = []
+    for r in summary["per_snapshot"]:
+        row = {"step": r["step"], "eval_loss": r["nll"]}
+        if r.get("loss_by_mechanism"):
+            row["eval_loss_by_mechanism"] = r["loss_by_mechanism"]
+        rows.append(row)
+    return rows

