@@ -20,7 +20,8 @@ from crosscoders.io import read_jsonl
 from evolution.figures import step_axis
 from evolution.sources.references import LEARNED_BELOW, learned_threshold
 
-COLORS = {"unigram": "tab:blue", "bigram": "tab:orange", "copy": "tab:green", "topic": "tab:purple"}
+COLORS = {"unigram": "tab:blue", "bigram": "tab:orange", "copy": "tab:green", "topic": "tab:purple",
+          "count": "tab:brown", "add": "tab:red"}
 REFERENCE_LABEL = {"uniform_model": "log V", "unigram_model": "unigram model", "bigram_model": "bigram model",
                    "cache_model": "cache model"}
 

@@ -49,6 +49,7 @@ from evolution.sources.planted import (  # noqa: F401  (re-exported: the corpus 
     PlantedSample,
     generate_planted,
     planted_grammar,
+    planted_mechanisms,
 )
 from evolution.sources.references import (
     HELDOUT_ALPHA,
@@ -107,7 +108,7 @@ def _build_planted(cfg: CorpusConfig) -> Corpus:
         tokenizer=word_level_tokenizer(grammar.words),
         mechanism=train.mechanism,
         eval_mechanism=evals.mechanism,
-        mechanism_names=MECHANISMS,
+        mechanism_names=planted_mechanisms(cfg.planted),
         config=cfg,
     )
 
