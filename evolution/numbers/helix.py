@@ -24,7 +24,7 @@ pooled over the folds. Baselines, each scored the same way:
   must clear to count as present.
 
 **Period strength** of T: the share of the activations' variance over a (centred, summed over d_model)
-that cos/sin(2πa/T) explain *on top of* the linear term [1, a] (an in-sample partial R²). The linear
+that cos/sin(2πa/T) explain once the linear fit in [1, a] is removed (in-sample). The linear
 term is removed first because a ramp over 0..N−1 is a sawtooth whose spectrum leaks into every low
 frequency (T = N, N/2, ...). Its null: the same statistic after permuting a (`null_quantile`).
 **Spectrum**: the same, for every frequency k = 1..N/2 of a contiguous range 0..N−1 (period N/k), from
@@ -141,17 +141,17 @@ def pca_r2(X: Float[Tensor, "n d"], n_dims: int, n_folds: int = 5, seed: int = 0
 
 
 def period_strength(X: Float[Tensor, "n d"], a: Float[Tensor, " n"], period: float) -> float:
-    """Share of X's variance over a explained by cos/sin(2πa/T) on top of [1, a] (in-sample partial R²)."""
+    """Share of X's variance over a that cos/sin(2πa/T) explain in X detrended by [1, a] (in-sample); for
+    a = 0..N−1 and T dividing N it equals `fourier_spectrum`'s share at T (cos/sin are then orthogonal)."""
     X, a = X.double(), a.double()
     Xc = X - X.mean(0)
     sst = float((Xc**2).sum())
     if sst <= 0:
         return float("nan")
     B0 = _with_intercept(a[:, None])
-    B1 = _with_intercept(helix_basis(a, [period]))
-    sse0 = float(((Xc - B0 @ _lstsq(B0, Xc)) ** 2).sum())
-    sse1 = float(((Xc - B1 @ _lstsq(B1, Xc)) ** 2).sum())
-    return (sse0 - sse1) / sst
+    R = Xc - B0 @ _lstsq(B0, Xc)  # linearly detrended, as for the spectrum
+    B1 = _with_intercept(helix_basis(a, [period])[:, 1:])
+    return float(((R - R.mean(0)) ** 2).sum() - ((R - B1 @ _lstsq(B1, R)) ** 2).sum()) / sst
 
 
 def fourier_spectrum(X: Float[Tensor, "n d"], a: Float[Tensor, " n"]) -> tuple[list[float], list[float]]:
