@@ -115,6 +115,9 @@ def test_planted_number_spans_follow_their_rules():
     assert (val[rows, cols - 1] == (val[rows, cols - 2] + 1) % 30).all()
     refs = c.meta()["mechanism_references"]
     assert refs["add"]["bigram_model"] > math.log(30) - 0.5  # no counter predicts a sum
+    from evolution.sources.references import learned_threshold
+
+    assert learned_threshold(refs, "add") == pytest.approx(math.log(30))  # knowing "a number comes" is not addition
 
 
 def test_number_mechanism_off_leaves_the_corpus_unchanged():

@@ -49,6 +49,7 @@ from evolution.sources.planted import (  # noqa: F401  (re-exported: the corpus 
     PlantedSample,
     generate_planted,
     planted_grammar,
+    number_references,
     planted_mechanisms,
 )
 from evolution.sources.references import (
@@ -274,10 +275,11 @@ class Corpus:
         """Per-mechanism n-gram reference losses on the eval tokens (see evolution.sources.references)."""
         if self.eval_mechanism is None or self.mechanism_names is None:
             return None
-        return mechanism_references(
+        refs = mechanism_references(
             self.tokens, self.eval_tokens, self.eval_mechanism, self.mechanism_names,
             alpha=alpha, vocab_size=self.vocab_size, bos_token_id=self.bos_token_id,
         )  # fmt: skip
+        return number_references(self.config.planted, refs) if self.config is not None else refs
 
     def meta(self) -> dict:
         """The content of corpus/meta.json (schema in docs/architecture.md)."""

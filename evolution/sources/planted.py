@@ -44,6 +44,7 @@ topic/copy (the latter needs an induction circuit, Olsson et al. 2022).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -259,6 +260,15 @@ def generate_planted(
     return PlantedSample(
         torch.from_numpy(toks), torch.from_numpy(labs), torch.from_numpy(srcs), torch.from_numpy(topics)
     )
+
+
+def number_references(cfg: PlantedConfig, refs: dict | None) -> dict | None:
+    """Add the reference a sum's c must beat: log(number_modulus), the loss of knowing only that c is a number.
+    The n-gram models sit just above it (after "=" they spread a little mass over non-numbers), so beating
+    them alone is not evidence of addition."""
+    if refs and cfg.p_number > 0 and refs.get("add", {}).get("uniform_model") is not None:
+        refs["add"]["number_uniform_model"] = math.log(cfg.number_modulus)
+    return refs
 
 
 def number_span(grammar: PlantedGrammar, cfg: PlantedConfig, u: list[float]) -> list[tuple[int, int]]:
