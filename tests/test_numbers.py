@@ -210,3 +210,14 @@ def test_numbers_stage_resumes_without_refitting(tiny_numbers_run, tmp_path, mon
     monkeypatch.setattr(stage, "model_numbers", lambda *a: pytest.fail("a finished step was fitted again"))
     after = stage.numbers(copy, cfg.numbers, steps, _loaders(cfg, steps))
     assert after["helix_r2"] == before["helix_r2"]
+
+
+def test_units_digit_lookup_explains_a_mod_10_code_and_not_a_line():
+    from evolution.numbers.helix import units_digit_r2
+
+    g = torch.Generator().manual_seed(2)
+    table = torch.randn(10, 32, generator=g, dtype=torch.float64)
+    X = table[(A % 10).long()] + 0.1 * torch.randn(100, 32, generator=g, dtype=torch.float64)
+    assert units_digit_r2(X, A) > 0.95
+    line = A[:, None] * torch.randn(1, 32, generator=g, dtype=torch.float64)
+    assert units_digit_r2(line, A) < 0.05

@@ -140,6 +140,20 @@ def pca_r2(X: Float[Tensor, "n d"], n_dims: int, n_folds: int = 5, seed: int = 0
     return 1.0 - sse / sst if sst > 0 else float("nan")
 
 
+def units_digit_r2(X: Float[Tensor, "n d"], a: Float[Tensor, " n"], base: int = 10, n_folds: int = 5,
+                   seed: int = 0) -> float:
+    """Held-out R² of a lookup table on the last digit (one-hot of a mod base): what a model whose tokenizer
+    splits digits carries for free at the last digit's position (same folds as `cv_r2`)."""
+    X, a = X.double(), a.double()
+
+    def predict(X_tr, a_tr, X_te, a_te, mu):
+        onehot = lambda v: torch.nn.functional.one_hot(v.long() % base, base).double()  # noqa: E731
+        return mu + onehot(a_te) @ _lstsq(onehot(a_tr), X_tr - mu)
+
+    sse, sst = _cv_sse(X, a, _folds(len(a), n_folds, torch.Generator().manual_seed(seed)), predict)
+    return 1.0 - sse / sst if sst > 0 else float("nan")
+
+
 def period_strength(X: Float[Tensor, "n d"], a: Float[Tensor, " n"], period: float) -> float:
     """Share of X's variance over a that cos/sin(2πa/T) explain in X detrended by [1, a] (in-sample); for
     a = 0..N−1 and T dividing N it equals `fourier_spectrum`'s share at T (cos/sin are then orthogonal)."""

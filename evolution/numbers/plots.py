@@ -38,6 +38,7 @@ def numbers_figure(data: dict) -> Figure:
     ax1.plot(steps, col(data["random_periods_r2"], L), "--", color="tab:cyan", lw=1, label="random periods (mean)")
     _learned_lines(ax1, data.get("learned_steps"))
     step_axis(ax1, steps, grid=True)
+    ax1.set_ylim(max(ax1.get_ylim()[0], -0.5), 1.02)  # a badly fitting baseline can go far below 0
     ax1.set_ylabel("held-out R²")
     ax1.set_title("helix fit of the number tokens")
     ax1.legend(fontsize=6)
@@ -77,8 +78,10 @@ def layer_figure(fit_by_layer: list[dict], hooks: list[str], title: str = "") ->
     x = np.arange(len(hooks))
     for key, style, label in (("helix_r2", "o-", "helix"), ("pca_r2", "s--", "PCA (same dims)"),
                               ("linear_r2", "^--", "linear only"), ("random_periods_r2", "v--", "random periods"),
-                              ("shuffled_r2_null", "k:", "shuffled-a null")):  # fmt: skip
-        ax1.plot(x, [f[key] for f in fit_by_layer], style, ms=3, lw=1, label=label)
+                              ("shuffled_r2_null", "k:", "shuffled-a null"),
+                              ("units_digit_r2", "x--", "units-digit lookup")):  # fmt: skip
+        if key in fit_by_layer[0]:
+            ax1.plot(x, [f[key] for f in fit_by_layer], style, ms=3, lw=1, label=label)
     ax1.set_xlabel("residual point (block input; last = final block output)")
     ax1.set_ylabel("held-out R²")
     ax1.legend(fontsize=7)

