@@ -189,6 +189,8 @@ def test_numbers_stage_on_the_tiny_numbers_run(tiny_numbers_run):
     assert "Number representations" in (run / "report.html").read_text()
     tiny = load_recipe(Path(__file__).parent / "data" / "tiny.toml")
     assert numbers_on(cfg) and not numbers_on(tiny)  # off by default, on with the number mechanism
+    demo = load_recipe(Path(__file__).parents[1] / "runs" / "demo-numbers.toml")
+    assert numbers_on(demo) and demo.corpus.planted.p_number > 0
 
     from evolution import load_run
 

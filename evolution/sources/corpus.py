@@ -48,8 +48,8 @@ from evolution.sources.planted import (  # noqa: F401  (re-exported: the corpus 
     PlantedGrammar,
     PlantedSample,
     generate_planted,
-    planted_grammar,
     number_references,
+    planted_grammar,
     planted_mechanisms,
 )
 from evolution.sources.references import (

@@ -59,7 +59,7 @@ CELLS: list[Cell] = [
     run = load_run(RUN)
     data = run.numbers
     print("number mechanisms learned at:", data["learned_steps"])
-    print("helix above its null from step (per layer):", dict(zip(data["hooks"], data["emergence"]["helix"])))
+    print("helix above its null from step (per layer):", dict(zip(data["hooks"], data["emergence"]["helix"], strict=True)))
     for T, per_layer in data["emergence"]["periods"].items():
         print(f"T = {T:>3} above its null from step (per layer):", per_layer)
     run.numbers_table().round(3)
