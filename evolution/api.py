@@ -112,6 +112,27 @@ class Run:
         p = self.path / "phases.json"
         return json.loads(p.read_text()) if p.exists() else {}
 
+    @property
+    def numbers(self) -> dict:
+        """numbers.json: helix R², baselines, period strengths and emergence per step and layer ({} if not run)."""
+        p = self.path / "numbers.json"
+        return json.loads(p.read_text()) if p.exists() else {}
+
+    def numbers_table(self, layer: int | None = None) -> pd.DataFrame:
+        """One row per snapshot at `layer` (default: numbers.json's report layer): helix R², baselines, strengths."""
+        from evolution.numbers.stage import numbers_table
+
+        if not self.numbers:
+            raise FileNotFoundError(f"{self.path}/numbers.json not found: run `feature-evolution numbers {self.path}`")
+        return pd.DataFrame(numbers_table(self.numbers, layer))
+
+    def plot_numbers(self) -> Figure:
+        from evolution.numbers.plots import numbers_figure
+
+        if not self.numbers:
+            raise FileNotFoundError(f"{self.path}/numbers.json not found: run `feature-evolution numbers {self.path}`")
+        return numbers_figure(self.numbers)
+
     def pairwise_cos(self, features: list[int] | Tensor | None = None) -> Tensor:
         """[n_features, n_sources, n_sources] cosines between a feature's decoder directions (needs the crosscoder)."""
         from evolution.features.timelines import pairwise_cos

@@ -19,6 +19,7 @@ from crosscoders.errors import UserError, run_cli
 STAGE_VERBS = {
     "corpus": "corpus", "pretrain": "pretrain", "harvest": "harvest", "train": "crosscoder",
     "analyze": "analyze", "geometry": "geometry", "evaluate": "evaluate", "phases": "phases", "report": "report",
+    "numbers": "numbers",
 }
 # The demo recipe: the one in the current checkout, else the one beside this package's source tree.
 DEMO_RECIPES = (Path("runs/demo.toml"), Path(__file__).resolve().parents[1] / "runs" / "demo.toml")

@@ -22,6 +22,7 @@ from crosscoders.dataclass_cli import from_dict, to_dict
 from crosscoders.io import write_json
 from evolution.features.analyze import AnalyzeConfig
 from evolution.geometry.stage import GeometryConfig
+from evolution.numbers.stage import NumbersConfig
 from evolution.phases.snapshot_eval import EvaluateConfig
 from evolution.phases.stage import PhasesConfig
 from evolution.sources.corpus import CorpusConfig
@@ -91,6 +92,8 @@ class RunConfig:
     """[evaluate]: every snapshot's held-out loss and KL to the unigram / bigram distributions, per token."""
     phases: PhasesConfig = field(default_factory=PhasesConfig)
     """[phases]: combination of the phase signals."""
+    numbers: NumbersConfig = field(default_factory=NumbersConfig)
+    """[numbers]: the number helix across snapshots (Kantamneni & Tegmark 2025); on when the corpus has numbers."""
 
     @property
     def run_dir(self) -> Path:
@@ -272,6 +275,20 @@ def evaluate_cli(argv: list[str] | None = None) -> None:
     evaluate_stage(cfg)
 
 
+def numbers_on(cfg: RunConfig) -> bool:
+    """The numbers stage runs when asked to, or (enabled unset) when the planted corpus has number tokens."""
+    if cfg.numbers.enabled is not None:
+        return cfg.numbers.enabled
+    return cfg.corpus.source == "planted" and cfg.corpus.planted.p_number > 0
+
+
+def numbers_stage(cfg: RunConfig) -> None:
+    from evolution.numbers.stage import numbers
+
+    steps = snapshot_steps(cfg)
+    numbers(cfg.run_dir, cfg.numbers, steps, _loaders(cfg, steps))
+
+
 def _remover(*paths: Path):
     """A stage's `clean`: delete partial results written under an earlier config."""
     return lambda: [shutil.rmtree(p, ignore_errors=True) for p in paths]
@@ -294,6 +311,10 @@ def stages_for(cfg: RunConfig, force: tuple[str, ...] = ()) -> list[Stage]:
                         outputs=["pretrain/log.jsonl", "figures/loss.png"],
                         clean=_remover(run / "pretrain", run / "snapshots"),
                         describe=f"{run}/snapshots/step*/, {run}/pretrain/log.jsonl, {run}/figures/loss.png"))
+    if numbers_on(cfg):
+        st.append(Stage("numbers", lambda: numbers_stage(cfg), {"numbers": cfg.numbers, "snapshots": cfg.snapshots},
+                        inputs=snaps_in, outputs=["numbers.json"],
+                        describe=f"{run}/numbers.json, {run}/figures/numbers.png"))
     st += [
         Stage("harvest", lambda: harvest_stage(cfg), {"harvest": cfg.harvest, "snapshots": cfg.snapshots},
               inputs=snaps_in, outputs=[f"activations/{cfg.harvest.hook}/manifest.json"],
@@ -318,7 +339,8 @@ def stages_for(cfg: RunConfig, force: tuple[str, ...] = ()) -> list[Stage]:
         Stage("phases", lambda: phases(run, cfg.phases), cfg.phases,
               inputs=[s.name for s in st if s.name in ("pretrain", "analyze", "geometry", "evaluate")],
               outputs=["phases.json"], describe=f"{run}/phases.json, {run}/figures/phase_map.png"),
-        Stage("report", lambda: build_report(run), {"version": 1}, inputs=["phases", "analyze", "crosscoder"],
+        Stage("report", lambda: build_report(run), {"version": 1},
+              inputs=["phases", "analyze", "crosscoder"] + (["numbers"] if numbers_on(cfg) else []),
               outputs=["report.html"], describe=f"{run}/report.html"),
     ]
     return st

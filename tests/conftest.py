@@ -23,3 +23,14 @@ def tiny_run(tmp_path_factory):
     cfg = load_recipe(TINY_RECIPE, root=str(root))
     records = run_study(cfg)
     return cfg, cfg.run_dir, records
+
+
+@pytest.fixture(scope="session")
+def tiny_numbers_run(tmp_path_factory):
+    """The tiny study with the planted number mechanism (tests/data/tiny-numbers.toml), every stage."""
+    from evolution.pipeline import load_recipe, run_study
+
+    root = tmp_path_factory.mktemp("runs_numbers")
+    cfg = load_recipe(Path(__file__).parent / "data" / "tiny-numbers.toml", root=str(root))
+    run_study(cfg)
+    return cfg, cfg.run_dir

@@ -104,6 +104,14 @@ def test_phase_map(tiny_run, kernel_dirs, offline):
 
 
 
+def test_numbers(tiny_numbers_run, kernel_dirs, offline):
+    offline.setenv("FE_RUN", str(Path(tiny_numbers_run[1]).resolve()))
+    nb = execute("06_numbers.ipynb", kernel_dirs)
+    out = text_output(nb)
+    assert images(nb) >= 1
+    assert "number mechanisms learned at" in out and "helix R²" in out
+
+
 @pytest.fixture(scope="module")
 def pythia_standin(tmp_path_factory) -> tuple[Path, Path]:
     """(hub cache dir, text file): a mini GPT-NeoX pre-trained on one play, snapshots as hub revisions."""

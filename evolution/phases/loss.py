@@ -20,9 +20,10 @@ from crosscoders.io import read_jsonl
 from evolution.figures import step_axis
 from evolution.sources.references import LEARNED_BELOW, learned_threshold
 
-COLORS = {"unigram": "tab:blue", "bigram": "tab:orange", "copy": "tab:green", "topic": "tab:purple"}
+COLORS = {"unigram": "tab:blue", "bigram": "tab:orange", "copy": "tab:green", "topic": "tab:purple",
+          "count": "tab:brown", "add": "tab:red"}
 REFERENCE_LABEL = {"uniform_model": "log V", "unigram_model": "unigram model", "bigram_model": "bigram model",
-                   "cache_model": "cache model"}
+                   "cache_model": "cache model", "number_uniform_model": "log #numbers"}
 
 
 def mechanism_reference(name: str, refs: Mapping[str, float | None] | float | None) -> tuple[float | None, str]:

@@ -233,6 +233,27 @@ def _geometry_section(run: Path) -> str:
     return "".join(f"<h3>{html.escape(p.stem.removeprefix('geometry_'))}</h3>{_img(p, p.stem)}" for p in figs)
 
 
+def _numbers_section(run: Path) -> str:
+    """The number helix across snapshots (evolution.numbers), when the numbers stage ran."""
+    data = _json(run / "numbers.json")
+    if not data or not data.get("steps"):
+        return '<p class="muted">(numbers stage not run: the corpus has no number tokens)</p>'
+    L, hooks = data["report_layer"], data["hooks"]
+    em = data["emergence"]
+    rows = [{"measure": "helix R² above its shuffled null", **{h: em["helix"][i] for i, h in enumerate(hooks)}}]
+    rows += [{"measure": f"period T={k} above its null", **{h: v[i] for i, h in enumerate(hooks)}}
+             for k, v in em["periods"].items()]
+    learned = ", ".join(f"{k} learned at step {v}" for k, v in data.get("learned_steps", {}).items()) or "no learned steps"
+    last = len(data["steps"]) - 1
+    final = (f"final snapshot at {html.escape(hooks[L])}: helix R² {data['helix_r2'][last][L]:.3f} "
+             f"(null {data['shuffled_r2_null'][last][L]:.3f}, PCA {data['pca_r2'][last][L]:.3f}, "
+             f"linear {data['linear_r2'][last][L]:.3f}, random periods {data['random_periods_r2'][last][L]:.3f})")
+    return (f"<p>Generalized helix (Kantamneni &amp; Tegmark 2025) fitted to the number tokens' residual stream; "
+            f"{html.escape(learned)}; {final}. Emergence = first step from which the value stays above its "
+            f"shuffled-number null (None: not above at the last snapshot).</p>"
+            + _img(run / "figures" / "numbers.png", "number helix") + _table(pd.DataFrame(rows), left=("measure",)))
+
+
 def _config_section(run: Path) -> str:
     cfg = _json(run / "run.json")
     stages = _json(run / "stages.json") or {}
@@ -253,6 +274,7 @@ SECTIONS = (
     ("types", "Top features per type", _types_section),
     ("quality", "Crosscoder quality per snapshot", _quality_section),
     ("geometry", "Layer geometry across snapshots", _geometry_section),
+    ("numbers", "Number representations: the helix across snapshots", _numbers_section),
     ("config", "Resolved configuration and stage timings", _config_section),
 )
 

@@ -48,7 +48,9 @@ from evolution.sources.planted import (  # noqa: F401  (re-exported: the corpus 
     PlantedGrammar,
     PlantedSample,
     generate_planted,
+    number_references,
     planted_grammar,
+    planted_mechanisms,
 )
 from evolution.sources.references import (
     HELDOUT_ALPHA,
@@ -114,7 +116,7 @@ def _build_planted(cfg: CorpusConfig) -> Corpus:
         tokenizer=word_level_tokenizer(grammar.words),
         mechanism=train.mechanism,
         eval_mechanism=evals.mechanism,
-        mechanism_names=MECHANISMS,
+        mechanism_names=planted_mechanisms(cfg.planted),
         config=cfg,
     )
 
@@ -282,10 +284,11 @@ class Corpus:
         """Per-mechanism n-gram reference losses on the eval tokens (see evolution.sources.references)."""
         if self.eval_mechanism is None or self.mechanism_names is None:
             return None
-        return mechanism_references(
+        refs = mechanism_references(
             self.tokens, self.eval_tokens, self.eval_mechanism, self.mechanism_names,
             alpha=alpha, vocab_size=self.vocab_size, bos_token_id=self.bos_token_id,
         )  # fmt: skip
+        return number_references(self.config.planted, refs) if self.config is not None else refs
 
     def meta(self) -> dict:
         """The content of corpus/meta.json (schema in docs/architecture.md)."""

@@ -26,6 +26,15 @@ occurred in the document, since only induction predicts it. Off by default; the 
 (3 pairs, p_doc_pair 0.3, rare copied spans), and its 2-layer d=128 model forms the induction circuit at
 step ~2,150 of 3,500. With copied spans alone no CPU-sized run we tried formed it.
 
+Optional (`p_number` > 0): **numbers** (Kantamneni & Tegmark 2025's single-token regime). The number
+tokens "0".."n_numbers-1", "+" and "=" take vocabulary slots from the base words; at a free position a
+number span may start, either a *counting run* "s s+1 s+2 ..." (mod n_numbers; from its third token on
+labelled **count**: the run is established, so the next number is known) or a *modular sum*
+"a + b = c" with c = (a + b) mod `number_modulus` (only c is labelled, **add**; a, b, "+", "=" are
+unlabelled). Counting on a cycle is a cyclic shift, which a linear map implements in the Fourier basis
+over a; the sums need the a, b of 4 and 2 positions back (the "Clock" algorithm is one solution).
+Off by default; `runs/demo-numbers.toml` turns it on and `evolution.numbers` asks whether a helix forms.
+
 The defaults (vocab 512, seq_len 64) give about 35% unigram, 18% bigram, 27% copy, 15% topic and 3.5%
 unlabelled copy-start tokens, generated in ~1-2 s for 4k rows on one core. The aim is that a 2-layer
 model shows all four in per-mechanism loss curves: unigram statistics first, then bigram, then
@@ -35,6 +44,7 @@ topic/copy (the latter needs an induction circuit, Olsson et al. 2022).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,6 +54,8 @@ from torch import Tensor
 
 MECHANISMS = ("unigram", "bigram", "copy", "topic")
 UNIGRAM, BIGRAM, COPY, TOPIC = range(4)
+NUMBER_MECHANISMS = ("count", "add")
+COUNT, ADD = 4, 5
 NO_MECHANISM = -1
 TOPIC_NAMES = ("sea", "sky", "war", "law", "farm", "song", "food", "gold",
                "ice", "fire", "iron", "tree", "star", "bird", "coin", "road")  # fmt: skip
@@ -79,6 +91,18 @@ class PlantedConfig:
     occurrence in the same document (0: off)."""
     p_doc_pair: float = 0.15
     """Per free position, probability that one of the document's pairs is emitted (trigger, then successor)."""
+    p_number: float = 0.0
+    """Per free position, probability that a number span (counting run or modular sum) starts (0: off)."""
+    n_numbers: int = 100
+    """Number tokens "0".."n_numbers-1" (single tokens of the word-level tokenizer)."""
+    p_count: float = 0.5
+    """Share of number spans that are counting runs; the rest are sums "a + b = c"."""
+    count_min_len: int = 4
+    """Shortest counting run."""
+    count_max_len: int = 8
+    """Longest counting run."""
+    number_modulus: int = 100
+    """Sums: c = (a + b) mod number_modulus (at most n_numbers)."""
 
 
 
@@ -98,15 +122,26 @@ class PlantedGrammar:
     """trigger id -> (successor ids, probabilities)."""
     topic_ids: np.ndarray
     """[n_topics, topic_size] ids of each topic's words."""
+    number_ids: np.ndarray | None = None
+    """Ids of "0".."n_numbers-1", then "+" and "=" (None without numbers)."""
+
+
+def planted_mechanisms(cfg: PlantedConfig) -> tuple[str, ...]:
+    """Mechanism names of a planted corpus: label k is names[k]."""
+    return MECHANISMS + NUMBER_MECHANISMS if cfg.p_number > 0 else MECHANISMS
 
 
 def planted_grammar(vocab_size: int, cfg: PlantedConfig, seed: int) -> PlantedGrammar:
     n_topic_words = cfg.n_topics * cfg.topic_size
-    n_base = vocab_size - 1 - n_topic_words
+    n_number_words = cfg.n_numbers + 2 if cfg.p_number > 0 else 0
+    if cfg.p_number > 0 and not (2 <= cfg.number_modulus <= cfg.n_numbers and 3 <= cfg.count_min_len <= cfg.count_max_len):
+        raise ValueError(f"numbers need 2 <= number_modulus <= n_numbers and 3 <= count_min_len <= count_max_len, got "
+                         f"{cfg.number_modulus}, {cfg.n_numbers}, {cfg.count_min_len}, {cfg.count_max_len}")
+    n_base = vocab_size - 1 - n_topic_words - n_number_words
     if n_base < 16:
         raise ValueError(
             f"vocab_size={vocab_size} leaves {n_base} base words after <|endoftext|> and "
-            f"{cfg.n_topics}x{cfg.topic_size} topic words; need at least 16"
+            f"{cfg.n_topics}x{cfg.topic_size} topic words and {n_number_words} number words; need at least 16"
         )
     if not 1 <= cfg.copy_min_len <= cfg.copy_max_len:
         raise ValueError(
@@ -120,6 +155,10 @@ def planted_grammar(vocab_size: int, cfg: PlantedConfig, seed: int) -> PlantedGr
     words = [f"w{r}" for r in base_ids] + [
         f"{names[k]}{j}" for k in range(cfg.n_topics) for j in range(cfg.topic_size)
     ]
+    number_ids = None
+    if n_number_words:
+        number_ids = n_base + 1 + n_topic_words + np.arange(n_number_words)
+        words += [str(i) for i in range(cfg.n_numbers)] + ["+", "="]
     zipf /= zipf.sum()
     # Triggers are added in random order until they hold `trigger_mass` of the unigram law, so the
     # share of bigram tokens does not hinge on whether the seed happens to pick the top-ranked words.
@@ -131,7 +170,7 @@ def planted_grammar(vocab_size: int, cfg: PlantedConfig, seed: int) -> PlantedGr
         succ = rng.choice(base_ids[base_ids != trig], size=k, replace=False)
         probs = np.sort(rng.dirichlet(np.full(k, 2.0)))[::-1].copy()
         successors[trig] = (succ, probs)
-    return PlantedGrammar(words, base_ids, zipf, successors, topic_ids)
+    return PlantedGrammar(words, base_ids, zipf, successors, topic_ids, number_ids)
 
 
 @dataclass
@@ -168,6 +207,8 @@ def generate_planted(
         u = rng.random((T, 5)).tolist()
         pairs = _doc_pairs(grammar, cfg, rng)
         u_pair = rng.random((T, 2)).tolist() if pairs else None
+        u_num = rng.random((T, 4)).tolist() if cfg.p_number > 0 else None  # drawn only when on: old corpora unchanged
+        queue: list[tuple[int, int]] = []  # the rest of a number span: (token, label)
         pair_pos: dict[int, int] = {}  # trigger -> position of its successor's last occurrence
         pending = -1  # trigger whose successor is due at this position
         lengths = rng.integers(cfg.copy_min_len, cfg.copy_max_len + 1, size=T).tolist()
@@ -176,6 +217,9 @@ def generate_planted(
         for t in range(1, T):
             u_follow, u_succ, u_copy, u_src, u_topic = u[t]
             prev = int(x[t - 1])
+            if queue:
+                x[t], lab[t] = queue.pop(0)
+                continue
             if pending >= 0:
                 # The successor of an in-context pair: induction predicts it once the pair has occurred.
                 x[t] = pairs[pending]
@@ -201,6 +245,10 @@ def generate_planted(
                     x[t], lab[t], src[t] = x[s], NO_MECHANISM, s
                     copy_from, copy_left = s + 1, L - 1
                     continue
+            if u_num is not None and u_num[t][0] < cfg.p_number:
+                queue = number_span(grammar, cfg, u_num[t][1:])
+                x[t], lab[t] = queue.pop(0)
+                continue
             if pairs and t < T - 1 and u_pair[t][0] < cfg.p_doc_pair:
                 pending = list(pairs)[min(int(u_pair[t][1] * len(pairs)), len(pairs) - 1)]
                 x[t] = pending  # which pair comes next is not predictable: no mechanism
@@ -212,6 +260,32 @@ def generate_planted(
     return PlantedSample(
         torch.from_numpy(toks), torch.from_numpy(labs), torch.from_numpy(srcs), torch.from_numpy(topics)
     )
+
+
+def number_references(cfg: PlantedConfig, refs: dict | None) -> dict | None:
+    """Add the reference a sum's c must beat: log(number_modulus), the loss of knowing only that c is a number.
+    The n-gram models sit just above it (after "=" they spread a little mass over non-numbers), so beating
+    them alone is not evidence of addition."""
+    if refs and cfg.p_number > 0 and refs.get("add", {}).get("uniform_model") is not None:
+        refs["add"]["number_uniform_model"] = math.log(cfg.number_modulus)
+    return refs
+
+
+def number_span(grammar: PlantedGrammar, cfg: PlantedConfig, u: list[float]) -> list[tuple[int, int]]:
+    """(token, label) of one number span from three uniforms: a counting run (mod n_numbers), its first two
+    tokens unlabelled and the rest COUNT, or a sum "a + b = c", only c labelled (ADD). A span that runs past
+    the end of the row is cut there."""
+    ids, N = grammar.number_ids, cfg.n_numbers
+    plus, eq = int(ids[N]), int(ids[N + 1])
+    if u[0] < cfg.p_count:
+        n_len = cfg.count_max_len - cfg.count_min_len + 1
+        L = cfg.count_min_len + min(int(u[1] * n_len), n_len - 1)
+        s = min(int(u[2] * N), N - 1)
+        return [(int(ids[(s + i) % N]), NO_MECHANISM if i < 2 else COUNT) for i in range(L)]
+    a, b = min(int(u[1] * N), N - 1), min(int(u[2] * N), N - 1)
+    c = (a + b) % cfg.number_modulus
+    return [(int(ids[a]), NO_MECHANISM), (plus, NO_MECHANISM), (int(ids[b]), NO_MECHANISM), (eq, NO_MECHANISM),
+            (int(ids[c]), ADD)]
 
 
 def _doc_pairs(grammar: PlantedGrammar, cfg: PlantedConfig, rng: np.random.Generator) -> dict[int, int]:

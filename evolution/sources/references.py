@@ -44,6 +44,11 @@ LEARNED_BELOW = {
     "bigram": ("uniform_model", "unigram_model"),
     "copy": ("uniform_model", "unigram_model", "bigram_model", "cache_model"),
     "topic": ("uniform_model", "unigram_model", "bigram_model"),
+    # Planted numbers (PlantedConfig.p_number): a counting run's next number is partly a bigram (a -> a+1),
+    # but only the run context says a run is under way; a sum's c needs a and b (no counter explains it), and
+    # must also beat log(number_modulus), knowing only that a number comes (`planted.number_references`).
+    "count": ("uniform_model", "unigram_model", "bigram_model"),
+    "add": ("uniform_model", "unigram_model", "bigram_model", "cache_model", "number_uniform_model"),
 }
 """Per mechanism, the references that cannot explain it; learned = loss below the lowest of them. The
 uniform model is among them for every mechanism: a rare mechanism's tokens can score worse than log V

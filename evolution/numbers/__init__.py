@@ -1,0 +1,1 @@
+"""Number representations across snapshots: the generalized helix (Kantamneni & Tegmark 2025)."""
