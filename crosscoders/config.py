@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 Activation = Literal["relu", "jumprelu", "batchtopk"]
-SPARSITY_COEF = {"relu": 1.0, "jumprelu": 10.0, "batchtopk": 0.0}
+SPARSITY_COEF = {"relu": 1.0, "jumprelu": 4.0, "batchtopk": 0.0}
 """Default sparsity coefficient per scheme (TrainConfig.sparsity_coef = None), on normalised activations."""
 Gate = Literal["shared", "per_source"]
 
@@ -22,7 +22,8 @@ class CrosscoderConfig:
     d_sae: int = 1024
     """Number of latents (dictionary size), shared by all sources."""
     activation: Activation = "batchtopk"
-    """Sparsity scheme: relu + decoder-norm-weighted L1 (Lindsey et al. 2024), jumprelu + tanh penalty
+    """Sparsity scheme: relu + decoder-norm-weighted L1 (Lindsey et al. 2024; L2 norm over sources by default, see
+    TrainConfig.sparsity), jumprelu + tanh penalty
     (Ge et al. 2025), batchtopk + AuxK (Bussmann et al. 2024; Minder et al. 2025)."""
     gate: Gate = "shared"
     """shared: one code for all sources, f = act(pre) gated on pre * sum_s |W_dec[s,i]| (Lindsey et al. 2024);
@@ -77,11 +78,13 @@ class TrainConfig:
     """LR at the end of training, as a fraction of the peak."""
     sparsity_coef: float | None = None
     """Coefficient of the sparsity penalty (unused by batchtopk); None = the scheme's default, `SPARSITY_COEF`
-    (relu + L1: 1, jumprelu + tanh: 10; what recovers planted features, tests/test_recovery.py)."""
+    (relu + l1_l2: 1, jumprelu + tanh: 4; what recovers planted features, tests/test_recovery.py)."""
     sparsity: Literal["auto", "l1", "l1_l2", "tanh", "tanh_quad"] = "auto"
-    """Sparsity penalty (relu, jumprelu): auto = the scheme's own (relu: decoder-norm-weighted L1, jumprelu:
-    tanh); tanh_quad = Ge et al. 2025's sum_i p_i (1 + p_i / frequency_scale), p_i the batch (and source) mean
-    of tanh(c f_i N_i) (OpenMOSS `sparsity_loss_type="tanh-quad"`)."""
+    """Sparsity penalty (relu, jumprelu): auto = the scheme's own (relu: l1_l2, the code times the L2 norm of
+    the decoder over sources, which does not reward splitting a feature over snapshots; jumprelu: tanh);
+    l1 = Lindsey et al. 2024's code times the sum of decoder norms; tanh_quad = Ge et al. 2025's
+    sum_i p_i (1 + p_i / frequency_scale), p_i the batch (and source) mean of tanh(c f_i N_i) (OpenMOSS
+    `sparsity_loss_type="tanh-quad"`)."""
     frequency_scale: float = 0.01
     """tanh_quad: s in p_i (1 + p_i / s); latents firing more often than s pay quadratically (OpenMOSS default)."""
     sparsity_warmup_frac: float = 0.05
@@ -90,9 +93,10 @@ class TrainConfig:
     """batchtopk: coefficient of the AuxK loss for dead latents (Gao et al. 2024)."""
     k_aux: int = 0
     """batchtopk: latents in the AuxK reconstruction; 0 = d_in // 2 (Gao et al. 2024, App. B.1)."""
-    pre_act_coef: float = 0.0
+    pre_act_coef: float = 0.01
     """jumprelu: coefficient of the pre-activation loss pulling dead latents up to their threshold
-    (Anthropic, Jan 2025; they use 3e-6)."""
+    (Anthropic, Jan 2025, use 3e-6 in their units; 0.01 on our normalised activations revived the dead
+    latents that left short-lived planted features unrecovered, tests/test_recovery.py)."""
     topk_threshold_lr: float = 0.01
     """batchtopk: EMA rate of the inference threshold (running mean of the smallest kept activation)."""
     dead_tokens: int = 1_000_000

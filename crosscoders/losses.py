@@ -135,7 +135,7 @@ def crosscoder_loss(
 ) -> LossOutput:
     """One forward pass in training mode and the loss of `model.cfg.activation`'s scheme.
 
-    `sparsity` (relu, jumprelu): "auto" = the scheme's own penalty (relu: l1, jumprelu: tanh), or "l1",
+    `sparsity` (relu, jumprelu): "auto" = the scheme's own penalty (relu: l1_l2, jumprelu: tanh), or "l1", "l1_l2",
     "tanh", "tanh_quad" (Ge et al. 2025, with `frequency_scale`); batchtopk has none.
 
     `sparse` (batchtopk): decode and backpropagate through the active latents only (crosscoders/sparse.py:
@@ -162,7 +162,7 @@ def crosscoder_loss(
     aux = zero
     if sparsity != "auto" and sparsity not in PENALTIES:
         raise ValueError(f"unknown sparsity penalty {sparsity!r}; choose one of auto, {', '.join(PENALTIES)}")
-    penalty = {"relu": "l1", "jumprelu": "tanh"}.get(cfg.activation) if sparsity == "auto" else sparsity
+    penalty = {"relu": "l1_l2", "jumprelu": "tanh"}.get(cfg.activation) if sparsity == "auto" else sparsity
     sparsity = zero  # from here on the penalty's value
     if cfg.activation != "batchtopk" and penalty == "l1_l2":
         sparsity = l1_l2_penalty(f.float(), model.decoder_norms().float())

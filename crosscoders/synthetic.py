@@ -89,11 +89,12 @@ class SyntheticConfig:
 
 
 def hard_config(n_sources: int = 8, d_in: int = 32, seed: int = 0, **overrides) -> SyntheticConfig:
-    """Drifting directions, a sharp turn, rise/peak/fade profiles, per-snapshot magnitudes, anisotropic noise
-    and an offset, with 1.5 x n_sources * d_in / 4 features (superposition in the joint space)."""
+    """Drifting directions, a sharp turn, rise/peak/fade profiles, per-snapshot magnitudes (lognormal, sd 0.3,
+    correlation 0.9 between adjacent snapshots), anisotropic noise and an offset, with 1.5 x n_sources * d_in / 4
+    features (superposition in the joint space)."""
     cfg = SyntheticConfig(n_sources=n_sources, d_in=d_in, n_features=int(1.5 * n_sources * d_in / 4),
                           p_active=0.03, max_rotation=0.8, profile="rise_fade", max_life=max(3, n_sources * 3 // 4),
-                          mag_noise=0.3, noise=0.05, noise_decay=1.0, offset=1.0, turn_at=n_sources // 2,
+                          mag_noise=0.3, mag_corr=0.9, noise=0.05, noise_decay=1.0, offset=1.0, turn_at=n_sources // 2,
                           turn_frac=0.5, turn_angle=0.8, seed=seed)
     return replace(cfg, **overrides)
 

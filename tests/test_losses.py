@@ -17,7 +17,7 @@ def model(activation, S=2, D=6, H=10, seed=0):
 def test_relu_loss_is_mse_summed_over_sources_plus_decoder_weighted_l1():
     m = model("relu").train()
     x = torch.randn(12, 2, 6, generator=torch.Generator().manual_seed(0))
-    out = crosscoder_loss(m, x, sparsity_coef=0.7)
+    out = crosscoder_loss(m, x, sparsity_coef=0.7, sparsity="l1")
     f = torch.relu(torch.einsum("bsd,sdh->bh", x, m.W_enc) + m.b_enc)
     x_hat = torch.einsum("bh,shd->bsd", f, m.W_dec) + m.b_dec
     mse = ((x - x_hat) ** 2).sum((1, 2)).mean()
@@ -26,6 +26,15 @@ def test_relu_loss_is_mse_summed_over_sources_plus_decoder_weighted_l1():
     torch.testing.assert_close(out.sparsity, l1)
     torch.testing.assert_close(out.total, mse + 0.7 * l1)
     torch.testing.assert_close(out.mse_per_source.sum(), mse)
+
+
+def test_relu_default_penalty_is_l1_times_the_l2_norm_over_sources():
+    m = model("relu").train()
+    x = torch.randn(12, 2, 6, generator=torch.Generator().manual_seed(0))
+    out = crosscoder_loss(m, x, sparsity_coef=0.7)  # "auto" = l1_l2 for relu
+    f = torch.relu(torch.einsum("bsd,sdh->bh", x, m.W_enc) + m.b_enc)
+    n = torch.sqrt(m.W_dec[0].norm(dim=1) ** 2 + m.W_dec[1].norm(dim=1) ** 2)  # |W_dec[:, i]| concatenated
+    torch.testing.assert_close(out.sparsity, (f * n).sum(1).mean())
 
 
 def test_tanh_penalty_counts_strong_latents_and_ignores_zeros():

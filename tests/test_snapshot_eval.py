@@ -120,6 +120,13 @@ def test_planted_snapshots_stop_tracking_bigram_at_the_planted_step(planted_run)
     assert kl["used"] and kl["step"] == 8 and kl["ci"] == [8, 8] and kl["rise_ci"][0] > 0, kl
     # per planted mechanism: the loss of each labelled mechanism is recorded per snapshot
     assert set(summary["per_snapshot"][0]["loss_by_mechanism"]) <= set(corpus.mechanism_names)
+    # ... and the KL to the bigram distribution on each mechanism's tokens, checked against the per-token values
+    tok = ev["mechanism"]
+    for j, row in enumerate(summary["per_snapshot"]):
+        for i, name in enumerate(summary["mechanism_names"]):
+            if name in row["kl_bigram_by_mechanism"]:
+                want = float(ev["kl_bigram"][tok == i, j].astype("float64").mean())
+                assert row["kl_bigram_by_mechanism"][name] == pytest.approx(want, rel=1e-4, abs=1e-6)
     # the uniform snapshot scores log V exactly
     assert summary["per_snapshot"][0]["nll"] == pytest.approx(math.log(corpus.vocab_size), rel=1e-5)
 

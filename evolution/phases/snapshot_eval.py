@@ -21,8 +21,8 @@ stops falling is "where the model stops tracking the bigram distribution" (`phas
 
 Files (`eval/`, each written atomically): `step{N}.safetensors` (nll, kl_unigram, kl_bigram, entropy
 `[n_tokens]` float32), one per snapshot so an interrupted stage resumes; `tokens.safetensors` (seq,
-mechanism, bigram_nll, unigram_nll per token); `summary.json` (per-snapshot means, loss per planted
-mechanism, references, α, config hash).
+mechanism, bigram_nll, unigram_nll per token); `summary.json` (per-snapshot means, loss and both KLs per
+planted mechanism, references, α, config hash).
 """
 
 from __future__ import annotations
@@ -102,8 +102,12 @@ def evaluate_snapshot(model, tokens: Int[Tensor, "n s"], keep: Tensor, log_q1: T
 def _summary_row(step: int, vals: dict[str, Tensor], mech: Tensor | None, names: Sequence[str] | None) -> dict:
     row = {"step": int(step), **{k: float(vals[k].double().mean()) for k in PER_TOKEN}}
     if mech is not None and names:
-        row["loss_by_mechanism"] = {n: float(vals["nll"][mech == i].double().mean()) for i, n in enumerate(names)
-                                    if bool((mech == i).any())}
+        # per planted mechanism: its loss and how far the model's distribution on its tokens is from the
+        # unigram / bigram distributions (copy tokens should leave the bigram distribution once copying is learned)
+        for key, metric in (("loss_by_mechanism", "nll"), ("kl_unigram_by_mechanism", "kl_unigram"),
+                            ("kl_bigram_by_mechanism", "kl_bigram")):
+            row[key] = {n: float(vals[metric][mech == i].double().mean()) for i, n in enumerate(names)
+                        if bool((mech == i).any())}
     return row
 
 
