@@ -161,6 +161,24 @@ CELLS: list[Cell] = [
     run.hierarchy(by="mechanism")
     """),
     md("""
+    ## Latent Scaling: does the decoder norm under-read a feature?
+
+    `run.latent_scaling()` (Minder et al. 2025): for every latent and snapshot, the least-squares scale β with
+    which the latent's decoder direction explains that snapshot's held-out activations, beside its decoder
+    norm. A latent is *flagged* in a snapshot where the norm says "absent" (< 0.2 × its peak norm) but β says
+    "present" (≥ 0.5 × the peak norm). `ls_onset_step` is the first snapshot where β reaches half its maximum.
+    """),
+    code("""
+    try:
+        ls = run.latent_scaling()
+        flagged = ls["flagged"]
+        print(f"{int(flagged.any(1).sum())} of {flagged.shape[0]} latents flagged in at least one snapshot "
+              f"({int(flagged.sum())} latent-snapshot pairs)")
+        display(alive[["feature", "emergence_step", "ls_onset_step", "ls_flagged"]].sort_values("ls_flagged").tail())
+    except FileNotFoundError as e:
+        print(e)
+    """),
+    md("""
     ## Top contexts of one feature
 
     The probes keep, per feature and probed snapshot, the contexts where it fires most (the feature
