@@ -19,6 +19,7 @@ from crosscoders.errors import UserError, run_cli
 STAGE_VERBS = {
     "corpus": "corpus", "pretrain": "pretrain", "harvest": "harvest", "train": "crosscoder",
     "analyze": "analyze", "geometry": "geometry", "evaluate": "evaluate", "phases": "phases", "report": "report",
+    "interventions": "interventions",
 }
 # The demo recipe: the one in the current checkout, else the one beside this package's source tree.
 DEMO_RECIPES = (Path("runs/demo.toml"), Path(__file__).resolve().parents[1] / "runs" / "demo.toml")
@@ -68,7 +69,8 @@ def _main(argv: list[str]) -> int:
 
     # Stage verbs with flags of their own (the module's dataclass config is the CLI).
     flag_clis = {"pretrain": "evolution.sources.pretrain:pretrain_cli", "geometry": "evolution.geometry.stage:geometry_cli",
-                 "phases": "evolution.phases.stage:phases_cli", "evaluate": "evolution.pipeline:evaluate_cli"}
+                 "phases": "evolution.phases.stage:phases_cli", "evaluate": "evolution.pipeline:evaluate_cli",
+                 "interventions": "evolution.pipeline:interventions_cli"}
     if verb in flag_clis and rest and rest[0].startswith("-") and rest[0] not in ("-h", "--help"):
         mod, fn = flag_clis[verb].split(":")
         getattr(__import__(mod, fromlist=[fn]), fn)(rest)

@@ -22,6 +22,7 @@ from crosscoders.dataclass_cli import from_dict, to_dict
 from crosscoders.io import write_json
 from evolution.features.analyze import AnalyzeConfig
 from evolution.geometry.stage import GeometryConfig
+from evolution.interventions.stage import InterventionsConfig
 from evolution.phases.snapshot_eval import EvaluateConfig
 from evolution.phases.stage import PhasesConfig
 from evolution.sources.corpus import CorpusConfig
@@ -86,6 +87,9 @@ class RunConfig:
     """[evaluate]: every snapshot's held-out loss and KL to the unigram / bigram distributions, per token."""
     phases: PhasesConfig = field(default_factory=PhasesConfig)
     """[phases]: combination of the phase signals."""
+    interventions: InterventionsConfig = field(default_factory=InterventionsConfig)
+    """[interventions]: linear replacement / removal of blocks, pruning, logit lens, feature logit effects
+    per snapshot (off unless `enabled = true`)."""
 
     @property
     def run_dir(self) -> Path:
@@ -257,6 +261,33 @@ def evaluate_cli(argv: list[str] | None = None) -> None:
     evaluate_stage(cfg)
 
 
+def interventions_stage(cfg: RunConfig) -> None:
+    """Linear replacement, pruning, logit lens and feature logit effects per snapshot, through the same
+    loaders as harvest (pretrain, local:, hf:)."""
+    from evolution.interventions.stage import interventions
+
+    steps = snapshot_steps(cfg)
+    interventions(cfg.run_dir, steps, _loaders(cfg, steps), cfg.interventions)
+
+
+def interventions_cli(argv: list[str] | None = None) -> None:
+    """`feature-evolution interventions RUN --n-eval-seqs 32 ...`: the interventions stage alone on a run
+    directory (snapshot source and steps from its run.json), whether or not its recipe enables it."""
+    import argparse
+
+    from crosscoders.dataclass_cli import add_arguments
+
+    parser = argparse.ArgumentParser(description="linear replacement, pruning, logit lens, feature logit effects")
+    parser.add_argument("run_dir")
+    add_arguments(parser, InterventionsConfig)
+    ns = vars(parser.parse_args(argv))
+    run_dir = Path(ns.pop("run_dir"))
+    cfg = from_dict(RunConfig, json.loads((run_dir / "run.json").read_text()))
+    cfg = dataclasses.replace(cfg, root=str(run_dir.parent), name=run_dir.name,
+                              interventions=from_dict(InterventionsConfig, ns))
+    interventions_stage(cfg)
+
+
 def _remover(*paths: Path):
     """A stage's `clean`: delete partial results written under an earlier config."""
     return lambda: [shutil.rmtree(p, ignore_errors=True) for p in paths]
@@ -300,11 +331,18 @@ def stages_for(cfg: RunConfig, force: tuple[str, ...] = ()) -> list[Stage]:
     st.append(Stage("evaluate", lambda: evaluate_stage(cfg), {"evaluate": cfg.evaluate, "snapshots": cfg.snapshots},
                     inputs=snaps_in, outputs=["eval/summary.json"],
                     describe=f"{run}/eval/ (per-token loss and KL per snapshot, summary.json)"))
+    if cfg.interventions.enabled or "interventions" in force:
+        st.append(Stage("interventions", lambda: interventions_stage(cfg),
+                        {"interventions": cfg.interventions, "snapshots": cfg.snapshots},
+                        inputs=snaps_in + (["crosscoder", "analyze"] if cfg.interventions.logit_effects else []),
+                        outputs=["interventions.json"],
+                        describe=f"{run}/interventions.json, {run}/figures/interventions_*.png, logit_lens.png"))
     st += [
         Stage("phases", lambda: phases(run, cfg.phases), cfg.phases,
               inputs=[s.name for s in st if s.name in ("pretrain", "analyze", "geometry", "evaluate")],
               outputs=["phases.json"], describe=f"{run}/phases.json, {run}/figures/phase_map.png"),
-        Stage("report", lambda: build_report(run), {"version": 1}, inputs=["phases", "analyze", "crosscoder"],
+        Stage("report", lambda: build_report(run), {"version": 1},
+              inputs=["phases", "analyze", "crosscoder"] + [s.name for s in st if s.name == "interventions"],
               outputs=["report.html"], describe=f"{run}/report.html"),
     ]
     return st
@@ -319,7 +357,7 @@ def run_study(cfg: RunConfig, force: tuple[str, ...] = (), only: tuple[str, ...]
     run = cfg.run_dir
     run.mkdir(parents=True, exist_ok=True)
     write_json(run / "run.json", to_dict(cfg))
-    stages = stages_for(cfg)
+    stages = stages_for(cfg, tuple(force) + tuple(only))
     if only:
         unknown = sorted(set(only) - {s.name for s in stages})
         if unknown:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,13 +38,12 @@ VERSION = 1  # bump when what is recorded per snapshot changes (resume must not 
 
 
 @dataclass
-class InterventionsConfig:
-    """[interventions]: linear replacement, pruning, logit lens and feature logit effects per snapshot."""
+class InterventionsConfig(ReplacementConfig):
+    """[interventions]: linear replacement, pruning, logit lens and feature logit effects per snapshot (the
+    fields of `ReplacementConfig`, which fit and score the per-block maps, plus these)."""
 
     enabled: bool = False
     """Run the stage in the study (off by default; `feature-evolution interventions RUN` runs it anyway)."""
-    replacement: ReplacementConfig = field(default_factory=ReplacementConfig)
-    """[interventions.replacement]: fitting and scoring of the per-block affine maps."""
     n_eval_seqs: int = 64
     """Held-out corpus rows for Δloss and the logit lens."""
     tolerance: float = 0.05
@@ -100,7 +99,7 @@ def interventions(run_dir: str | Path, steps: Sequence[int], loaders: Sequence[C
     corpus = Corpus.load(run / "corpus")
     eval_src = corpus.eval_tokens if corpus.eval_tokens is not None else corpus.tokens[-cfg.n_eval_seqs:]
     eval_tokens = eval_src[: cfg.n_eval_seqs]
-    fit_tokens = _fit_rows(corpus.tokens, cfg.replacement.n_fit_tokens)
+    fit_tokens = _fit_rows(corpus.tokens, cfg.n_fit_tokens)
     key = _hash(cfg)
     path = run / "interventions.json"
     done: dict[int, dict] = {}
@@ -115,9 +114,9 @@ def interventions(run_dir: str | Path, steps: Sequence[int], loaders: Sequence[C
     for step, loader in todo:
         model = loader()
         if step not in done:
-            res = block_interventions(model, fit_tokens, eval_tokens, cfg.replacement, corpus.bos_token_id)
+            res = block_interventions(model, fit_tokens, eval_tokens, cfg, corpus.bos_token_id)
             if cfg.logit_lens:
-                res["logit_lens"] = logit_lens(model, eval_tokens, cfg.replacement.eval_batch_size, corpus.bos_token_id)
+                res["logit_lens"] = logit_lens(model, eval_tokens, cfg.eval_batch_size, corpus.bos_token_id)
             done[step] = res
             _write(path, done, cfg, key, complete=False)
         if step in effects_src:
@@ -128,6 +127,7 @@ def interventions(run_dir: str | Path, steps: Sequence[int], loaders: Sequence[C
     data = _write(path, {s: done[s] for s in steps}, cfg, key, complete=True)
     if effects:
         write_logit_effects(run, effects, corpus.tokenizer, cfg.top_k)
+        _refresh_browser(run)
     from evolution.interventions.plots import plot_interventions
 
     plot_interventions(data, run / "figures")
@@ -144,6 +144,22 @@ def _crosscoder_sources(run: Path, steps: Sequence[int]) -> dict[int, torch.Tens
     cc = Crosscoder.load(run / "crosscoder")
     src_steps = source_steps(run, cc.cfg.n_sources)
     return {s: cc.W_dec[j].detach().float() for j, s in enumerate(src_steps) if s in set(steps)}
+
+
+def _refresh_browser(run: Path) -> None:
+    """Redraw analysis/browser/index.html with the logit-effects tables (analyze drew it before they existed)."""
+    a = run / "analysis"
+    if not (a / "timelines.safetensors").exists() or not (a / "browser" / "index.html").exists():
+        return
+    from evolution.features.analyze import load_analysis
+    from evolution.features.browser import load_contexts, load_logit_effects, write_browser
+
+    tl, features, _ = load_analysis(run)
+    recipe = json.loads((run / "run.json").read_text()) if (run / "run.json").exists() else {}
+    write_browser(tl, features, a / "browser" / "index.html", load_contexts(a / "contexts.json"),
+                  title=f"{run.resolve().name}: feature browser",
+                  max_rows=recipe.get("analyze", {}).get("browser_max_rows", 1000),
+                  logit_effects=load_logit_effects(a / "logit_effects.json", tl.d_sae))
 
 
 def write_logit_effects(run: Path, effects: dict[int, dict], tokenizer, k: int) -> dict:

@@ -1,0 +1,71 @@
+"""The interventions stage on the tiny study (a copy, so the shared run stays as the other tests expect):
+interventions.json, figures, logit effects in the browser and the API, the report panel, resume."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from evolution.cli import main
+
+
+@pytest.fixture(scope="module")
+def run_copy(tiny_run, tmp_path_factory):
+    _, run, _ = tiny_run
+    dst = tmp_path_factory.mktemp("iv") / run.name
+    shutil.copytree(run, dst)
+    assert main(["interventions", "--n-eval-seqs", "16", "--n-fit-tokens", "600",
+                 "--n-score-tokens", "300", "--n-bootstrap", "100", str(dst)]) == 0
+    return dst
+
+
+def test_interventions_json_covers_every_snapshot_block_and_mode(run_copy):
+    data = json.loads((run_copy / "interventions.json").read_text())
+    steps = sorted(int(p.name.removeprefix("step")) for p in (run_copy / "snapshots").iterdir())
+    assert data["steps"] == steps and data["complete"]
+    for s in steps:
+        snap = data["snapshots"][str(s)]
+        assert len(snap["blocks"]) == 2
+        for b in snap["blocks"]:
+            for mode in ("linear", "identity"):
+                lo, hi = b[mode]["ci"]
+                assert lo <= b[mode]["delta"] <= hi
+                assert b[mode]["loss"] == pytest.approx(snap["base_loss"] + b[mode]["delta"])
+        assert [r["k"] for r in snap["prune"]["identity"]] == [1, 2]
+        ll = snap["logit_lens"]
+        assert len(ll["loss"]) == 3 and ll["top1_agreement"][-1] == 1.0
+        assert ll["loss"][-1] == pytest.approx(snap["base_loss"], rel=1e-6)  # the last layer is the model itself
+    assert set(data["replaceable_until"]) == {"linear", "identity"}
+    for name in ("interventions_delta", "interventions_pruning", "logit_lens"):
+        assert (run_copy / "figures" / f"{name}.png").stat().st_size > 0
+
+
+def test_logit_effects_reach_the_browser_and_the_api(run_copy):
+    import evolution
+
+    eff = json.loads((run_copy / "analysis" / "logit_effects.json").read_text())
+    d_sae = json.loads((run_copy / "run.json").read_text())["train"]["crosscoder"]["d_sae"]
+    assert len(eff["features"]) == d_sae and len(eff["features"]["3"][str(eff["steps"][-1])]["promoted"]) == 5
+    page = (run_copy / "analysis" / "browser" / "index.html").read_text()
+    assert '"logit_effects":{"steps"' in page and "logitEffectsDiv" in page
+    run = evolution.load_run(run_copy)
+    step = run.steps[-1]
+    stored = run.logit_effects(3, step)
+    computed = run.logit_effects(3, step, k=6)  # more tokens than stored: recomputed from the snapshot
+    assert [t for t, _ in computed["promoted"][:5]] == [t for t, _ in stored["promoted"]]
+    assert [v for _, v in computed["suppressed"][:5]] == pytest.approx([v for _, v in stored["suppressed"]], abs=1e-3)
+    with pytest.raises(ValueError):
+        run.logit_effects(3, step + 12345)
+
+
+def test_report_panel_and_resume(run_copy, capsys):
+    from evolution.report.html import build_report
+
+    page = build_report(run_copy).read_text()
+    assert "Δloss linear [CI]" in page and "Δloss per block against step" in page
+    before = (run_copy / "interventions.json").read_text()
+    assert main(["interventions", "--n-eval-seqs", "16", "--n-fit-tokens", "600",
+                 "--n-score-tokens", "300", "--n-bootstrap", "100", str(run_copy)]) == 0
+    assert json.loads((run_copy / "interventions.json").read_text())["snapshots"] == json.loads(before)["snapshots"]
