@@ -305,7 +305,9 @@ def stages_for(cfg: RunConfig, force: tuple[str, ...] = ()) -> list[Stage]:
     st = [Stage("corpus", lambda: build_corpus_stage(cfg), cfg.corpus, outputs=["corpus/tokens.safetensors"],
                 describe=f"{run}/corpus/ (tokens, tokenizer, meta.json)")]
     if cfg.snapshots.source == "pretrain":
-        st.append(Stage("pretrain", lambda: pretrain_stage(cfg), cfg.pretrain, inputs=["corpus"],
+        from evolution.sources.pretrain import keyed_config
+
+        st.append(Stage("pretrain", lambda: pretrain_stage(cfg), keyed_config(cfg.pretrain), inputs=["corpus"],
                         outputs=["pretrain/log.jsonl", "figures/loss.png"],
                         clean=_remover(run / "pretrain", run / "snapshots"),
                         describe=f"{run}/snapshots/step*/, {run}/pretrain/log.jsonl, {run}/figures/loss.png"))

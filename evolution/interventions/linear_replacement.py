@@ -158,7 +158,7 @@ class ReplacementConfig:
     """Training-token positions the affine maps are fitted on (≫ d_model, or the map overfits)."""
     n_score_tokens: int = 2048
     """Held-out positions the maps' R² and the linearity score are measured on."""
-    eval_batch_size: int = 8
+    eval_batch_size: int = 4
     """Held-out rows per eval batch: the unit the Δloss bootstrap resamples."""
     n_bootstrap: int = 1000
     """Bootstrap resamples of the eval batches for Δloss's CI."""
@@ -166,6 +166,8 @@ class ReplacementConfig:
     """Coverage of the CIs."""
     prune: bool = True
     """Greedy pruning: replace the k most linear blocks (by held-out R²) together, k = 1..L."""
+    prune_max: int | None = None
+    """Largest k of the pruning curve (None: every block)."""
     distill_steps: int = 0
     """> 0: also fine-tune each linear map for this many steps of the LM loss on training tokens (the rest
     of the model frozen), as the paper's distillation does, and report it as mode "linear_distilled"."""
@@ -264,7 +266,7 @@ def block_interventions(model, fit_tokens: Int[Tensor, "n s"], eval_tokens: Int[
         out["prune"] = {"order": order}
         for mode, fn in fns.items():
             out["prune"][mode] = []
-            for k in range(1, len(order) + 1):
+            for k in range(1, min(len(order), cfg.prune_max or len(order)) + 1):
                 with spliced(model, {l: fn(l) for l in order[:k]}, keep_first):
                     out["prune"][mode].append({"k": k, "blocks": order[:k], **stats(nll())})
     return out

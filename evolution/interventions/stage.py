@@ -44,8 +44,8 @@ class InterventionsConfig(ReplacementConfig):
 
     enabled: bool = False
     """Run the stage in the study (off by default; `feature-evolution interventions RUN` runs it anyway)."""
-    n_eval_seqs: int = 64
-    """Held-out corpus rows for Δloss and the logit lens."""
+    n_eval_seqs: int = 128
+    """Held-out corpus rows for Δloss and the logit lens (`eval_batch_size` rows per bootstrap unit)."""
     tolerance: float = 0.05
     """Δloss (nats/token) within which a block counts as replaceable: `replaceable_until` is the first
     step from which on the CI's lower end stays above it."""
