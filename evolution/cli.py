@@ -5,6 +5,7 @@ every verb's work lives in its own module.
     feature-evolution run runs/pythia-70m.toml     # any recipe; cached stages are skipped
     feature-evolution analyze runs/demo            # one stage of an existing run (re-run, forced)
     feature-evolution pretrain --run-dir runs/x --steps 500 ...   # stage verbs with their own flags
+    feature-evolution compare runs/demo runs/demo-regularised     # two runs side by side
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    verbs = ["demo", "run", *STAGE_VERBS]
+    verbs = ["demo", "run", "compare", *STAGE_VERBS]
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in verbs:
         print(__doc__.strip() + "\n\nverbs: " + ", ".join(verbs) + "\n--debug (any verb): show tracebacks of user errors",
               file=sys.stderr)
@@ -74,6 +75,11 @@ def _main(argv: list[str]) -> int:
     if verb in flag_clis and rest and rest[0].startswith("-") and rest[0] not in ("-h", "--help"):
         mod, fn = flag_clis[verb].split(":")
         getattr(__import__(mod, fromlist=[fn]), fn)(rest)
+        return 0
+    if verb == "compare":  # two run directories side by side (evolution/report/compare.py)
+        from evolution.report.compare import compare_cli
+
+        compare_cli(rest)
         return 0
     if verb == "train" and rest and rest[0].startswith("--store"):
         from crosscoders.train import main as train_main

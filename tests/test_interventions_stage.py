@@ -69,3 +69,27 @@ def test_report_panel_and_resume(run_copy, capsys):
     assert main(["interventions", "--n-eval-seqs", "16", "--n-fit-tokens", "600",
                  "--n-score-tokens", "300", "--n-bootstrap", "100", str(run_copy)]) == 0
     assert json.loads((run_copy / "interventions.json").read_text())["snapshots"] == json.loads(before)["snapshots"]
+
+
+def test_compare_two_runs(run_copy, tiny_run, tmp_path):
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(run_copy, other)
+    geo = json.loads((other / "geometry.json").read_text())
+    geo["metrics"]["linearity"] = [[None if v is None else v - 0.1 for v in row] for row in geo["metrics"]["linearity"]]
+    (other / "geometry.json").write_text(json.dumps(geo))
+    assert main(["compare", str(run_copy), str(other), "--out", str(tmp_path / "cmp")]) == 0
+    res = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    t = res["table"]
+    a, b = t["linearity per layer, last snapshot"]
+    assert [y for y in b if y is not None] == pytest.approx([x - 0.1 for x in a if x is not None], abs=1e-4)
+    assert t["final held-out loss"][0] == t["final held-out loss"][1]
+    assert {"loss", "geometry_linearity", "phase_boundary", "interventions_linear"} <= set(res["figures"])
+    for f in res["figures"]:
+        assert (tmp_path / "cmp" / f"{f}.png").stat().st_size > 0
+    # a run without interventions: listed as missing, not drawn
+    res2 = json.loads(json.dumps(__import__("evolution.report.compare", fromlist=["compare_runs"]).compare_runs(
+        run_copy, tiny_run[1], tmp_path / "cmp2")))
+    assert "interventions" in res2["missing"] and "interventions_linear" not in res2["figures"]
+    assert "| final held-out loss |" in (tmp_path / "cmp" / "compare.md").read_text()

@@ -129,8 +129,10 @@ def interventions(run_dir: str | Path, steps: Sequence[int], loaders: Sequence[C
         write_logit_effects(run, effects, corpus.tokenizer, cfg.top_k)
         _refresh_browser(run)
     from evolution.interventions.plots import plot_interventions
+    from evolution.interventions.spikes import run_spikes
 
     plot_interventions(data, run / "figures")
+    run_spikes(run)  # spikes.json: loss spikes of the pre-training log and ID around them (cheap)
     return data
 
 

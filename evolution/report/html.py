@@ -254,6 +254,15 @@ def _interventions_section(run: Path) -> str:
            f"\"Not replaceable from step\": the first step from which on the CI of Δloss lies above "
            f"{data.get('tolerance', 0.05)} nats/token (empty: replaceable at the last snapshot).</p>",
            _table(pd.DataFrame(rows).astype(object).where(pd.DataFrame(rows).notna(), "—"), left=("block",))]
+    spikes = (_json(run / "spikes.json") or {}).get("spikes")
+    if spikes is not None:
+        cols = ("start", "peak", "end", "height", "snapshot_before", "snapshot_after", "id_twonn_before", "id_twonn_after")
+        out.append(f"<h3>Loss spikes in pre-training ({len(spikes)}; rule in evolution/interventions/spikes.py) "
+                   "and ID per layer around each</h3>")
+        if spikes:
+            df = pd.DataFrame([{c: (str([round(v, 1) for v in sp[c]]) if isinstance(sp.get(c), list) else sp.get(c))
+                                for c in cols} for sp in spikes])
+            out.append(_table(df.astype(object).where(df.notna(), "—")))
     for name, alt in [("interventions_delta", "Δloss per block against step"), ("interventions_pruning", "greedy pruning"),
                       ("logit_lens", "logit lens, layer × step")]:
         if (run / "figures" / f"{name}.png").exists():
