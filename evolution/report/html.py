@@ -238,8 +238,8 @@ def _interventions_section(run: Path) -> str:
     curve and the logit lens."""
     data = _json(run / "interventions.json")
     if not data or not data.get("steps"):
-        return '<p class="muted">(interventions not computed: set [interventions] enabled = true or run '\
-               '`feature-evolution interventions RUN`)</p>'
+        return '<p class="muted">(the interventions stage is off in this recipe: set [interventions] enabled = true '\
+               'or run `feature-evolution interventions RUN`)</p>'
     last = data["steps"][-1]
     until = data.get("replaceable_until", {})
     ci = lambda r: f"{r['delta']:+.4f} [{r['ci'][0]:+.4f}, {r['ci'][1]:+.4f}]"  # noqa: E731
