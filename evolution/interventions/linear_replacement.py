@@ -250,7 +250,9 @@ def block_interventions(model, fit_tokens: Int[Tensor, "n s"], eval_tokens: Int[
     base = nll()
     stats = lambda other: delta_with_ci(base, other, cfg.n_bootstrap, cfg.ci, cfg.seed)  # noqa: E731
     fns = {"linear": lambda l: maps[l], "identity": lambda l: None}
-    for row in rows:
+    from crosscoders.progress import progress_bar
+
+    for row in progress_bar(rows, desc="blocks", unit="block", leave=False):
         l = row["block"]
         for mode, fn in fns.items():
             with spliced(model, {l: fn(l)}, keep_first):
