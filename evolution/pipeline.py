@@ -282,6 +282,8 @@ def interventions_cli(argv: list[str] | None = None) -> None:
     add_arguments(parser, InterventionsConfig)
     ns = vars(parser.parse_args(argv))
     run_dir = Path(ns.pop("run_dir"))
+    if not (run_dir / "run.json").exists():
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no run.json): run a recipe first")
     cfg = from_dict(RunConfig, json.loads((run_dir / "run.json").read_text()))
     cfg = dataclasses.replace(cfg, root=str(run_dir.parent), name=run_dir.name,
                               interventions=from_dict(InterventionsConfig, ns))

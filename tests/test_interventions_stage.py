@@ -93,3 +93,8 @@ def test_compare_two_runs(run_copy, tiny_run, tmp_path):
         run_copy, tiny_run[1], tmp_path / "cmp2")))
     assert "interventions" in res2["missing"] and "interventions_linear" not in res2["figures"]
     assert "| final held-out loss |" in (tmp_path / "cmp" / "compare.md").read_text()
+
+
+def test_interventions_on_a_non_run_directory_is_a_one_line_error(tmp_path, capsys):
+    assert main(["interventions", "--n-eval-seqs", "4", str(tmp_path)]) == 2
+    assert "not a run directory" in capsys.readouterr().err

@@ -12,6 +12,8 @@ Pythia) centres and multiplies by its gain, norm_lin(d) = γ ⊙ (d − mean(d))
 multiplies by γ. The 1/σ (1/rms) factor is a positive per-token scalar that changes no ranking and is
 left out; LayerNorm's bias β and W_U's bias add the same to every feature and are left out. So the
 values are logits per unit of normalised residual: compare them within one snapshot, not across.
+For a crosscoder on a hook before the last block this is the direct path only (later blocks are skipped),
+as in SAE dashboards.
 """
 
 from __future__ import annotations
