@@ -98,3 +98,17 @@ def test_compare_two_runs(run_copy, tiny_run, tmp_path):
 def test_interventions_on_a_non_run_directory_is_a_one_line_error(tmp_path, capsys):
     assert main(["interventions", "--n-eval-seqs", "4", str(tmp_path)]) == 2
     assert "not a run directory" in capsys.readouterr().err
+
+
+def test_recipe_key_adds_the_stage_before_phases(tiny_run):
+    import dataclasses
+
+    from evolution.pipeline import stages_for
+
+    cfg = tiny_run[0]
+    assert "interventions" not in [s.name for s in stages_for(cfg)]  # off by default
+    on = dataclasses.replace(cfg, interventions=dataclasses.replace(cfg.interventions, enabled=True))
+    st = {s.name: s for s in stages_for(on)}
+    names = list(st)
+    assert names.index("evaluate") < names.index("interventions") < names.index("phases")
+    assert "interventions" in st["report"].inputs and "crosscoder" in st["interventions"].inputs
