@@ -16,8 +16,8 @@ def test_smollm2_blocks_linear_replacement():
         smollm2_dir()
     except FileNotFoundError as e:
         pytest.skip(str(e))
-    res = smollm2_interventions(SmolInterventionsConfig(n_fit_tokens=4096, n_score_tokens=1024, eval_batch_size=1,
-                                                        n_eval_seqs=12, prune_max=4, n_bootstrap=500))
+    res = smollm2_interventions(SmolInterventionsConfig(n_fit_tokens=4096, n_score_tokens=512, eval_batch_size=1,
+                                                        n_eval_seqs=8, prune_max=2, n_bootstrap=1000))
     blocks = res["blocks"]
     assert len(blocks) == 30 and res["base_loss"] < 5.5
     lin = np.array([b["linear"]["delta"] for b in blocks])

@@ -17,7 +17,7 @@ from evolution.interventions.linear_replacement import ReplacementConfig, block_
 
 @dataclass
 class SmolInterventionsConfig(ReplacementConfig):
-    seq_len: int = 128
+    seq_len: int = 96
     """Tokens per window (position 0 is BOS)."""
     n_eval_seqs: int = 8
     """Held-out windows for Δloss."""
@@ -28,9 +28,9 @@ class SmolInterventionsConfig(ReplacementConfig):
 def smollm2_interventions(cfg: SmolInterventionsConfig | None = None) -> dict:
     from evolution.geometry.smollm import load_smollm2, shakespeare_tokens
 
-    cfg = cfg or SmolInterventionsConfig(n_fit_tokens=4096, n_score_tokens=1024, eval_batch_size=1, prune_max=4)
+    cfg = cfg or SmolInterventionsConfig(n_fit_tokens=4096, n_score_tokens=512, eval_batch_size=1, prune_max=2)
     model, tokenizer = load_smollm2()
-    n_fit = -(-2 * cfg.n_fit_tokens // (cfg.seq_len - 1))
+    n_fit = -(-cfg.n_fit_tokens // (cfg.seq_len - 1))  # every non-BOS position of these windows is a fit token
     tokens = shakespeare_tokens(tokenizer, n_fit + cfg.n_eval_seqs, cfg.seq_len, cfg.text_offset)
     with torch.no_grad():
         return block_interventions(model, tokens[:n_fit], tokens[n_fit:], cfg, bos_token_id=None)
