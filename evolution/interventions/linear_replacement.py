@@ -157,7 +157,7 @@ class ReplacementConfig:
     n_fit_tokens: int = 4096
     """Training-token positions the affine maps are fitted on (≫ d_model, or the map overfits)."""
     n_score_tokens: int = 2048
-    """Held-out positions the maps' R² and the linearity score are measured on."""
+    """Held-out positions the maps' R² (`r2_heldout`) is measured on."""
     eval_batch_size: int = 4
     """Held-out rows per eval batch: the unit the Δloss bootstrap resamples."""
     n_bootstrap: int = 1000
@@ -180,7 +180,8 @@ class ReplacementConfig:
 def fit_maps(model, fit_tokens: Int[Tensor, "n s"], score_tokens: Int[Tensor, "m s"], cfg: ReplacementConfig
              ) -> tuple[list[AffineMap], list[dict]]:
     """One affine map per block, fitted on `fit_tokens`; per block its in-sample and held-out R² and the
-    linearity scores (`evolution.geometry.layer_metrics`) of the held-out sample."""
+    linearity scores (`evolution.geometry.layer_metrics`, in-sample as the geometry stage computes them) of
+    the fit sample, the larger one (an in-sample score needs n ≫ d_model)."""
     from evolution.geometry.stage import collect_resid, sample_positions
 
     fit_pos = sample_positions(*fit_tokens.shape, cfg.n_fit_tokens, True, cfg.seed)
@@ -192,7 +193,7 @@ def fit_maps(model, fit_tokens: Int[Tensor, "n s"], score_tokens: Int[Tensor, "m
         m = fit_affine(R[l], R[l + 1])
         maps.append(m)
         rows.append({"block": l, "r2_fit": r2(m(R[l].double()), R[l + 1]), "r2_heldout": r2(m(S[l].double()), S[l + 1]),
-                     "linearity": _score(S[l], S[l + 1], True), "linearity_no_residual": _score(S[l], S[l + 1], False)})
+                     "linearity": _score(R[l], R[l + 1], True), "linearity_no_residual": _score(R[l], R[l + 1], False)})
     return maps, rows
 
 
