@@ -45,13 +45,14 @@ def plot_pruning(data: dict, steps: list[int] | None = None) -> Figure:
         idx = sorted({0, len(all_steps) // 2, len(all_steps) - 1}) if all_steps else []
         steps = [all_steps[i] for i in idx]
     fig, ax = fig_ax(None, figsize=(6, 4))
-    for s in steps:
+    for j, s in enumerate(steps):
         pr = data["snapshots"][str(s)]["prune"]
         for mode, ls in zip(MODES, ("-", ":"), strict=True):
             ks = [r["k"] for r in pr[mode]]
             ax.errorbar(ks, [r["delta"] for r in pr[mode]], ls=ls, marker="o", ms=3, capsize=2,
                         yerr=np.abs(np.array([r["ci"] for r in pr[mode]]).T - [r["delta"] for r in pr[mode]]),
-                        label=f"step {s}, {mode}")
+                        color=f"C{j}", label=f"step {s}, {mode}")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("blocks replaced (most linear first, by held-out R²)")
     ax.set_ylabel("Δ eval loss (nats/token)")
     ax.set_yscale("symlog", linthresh=0.01)
