@@ -112,3 +112,23 @@ def test_recipe_key_adds_the_stage_before_phases(tiny_run):
     names = list(st)
     assert names.index("evaluate") < names.index("interventions") < names.index("phases")
     assert "interventions" in st["report"].inputs and "crosscoder" in st["interventions"].inputs
+
+
+def test_browser_shows_the_logit_effects_table_in_chromium(run_copy):
+    from tests.chromium import Chromium, chromium_path
+
+    if chromium_path() is None:
+        pytest.skip("chromium not installed")
+    eff = json.loads((run_copy / "analysis" / "logit_effects.json").read_text())
+    with Chromium() as br:
+        page = br.open(run_copy / "analysis" / "browser" / "index.html", "#feature-3")
+        assert page.errors == []
+        rows = page.evaluate("[...document.querySelectorAll('#logit-effects tr')].map(tr => tr.children[0].textContent)")
+        last = eff["features"]["3"][str(eff["steps"][-1])]
+        assert rows[1:] == [json.dumps(eff["vocab"][str(t)]) for t, _ in last["promoted"]]
+        first = eff["steps"][0]
+        page.evaluate(f"const s = document.getElementById('logit-step'); s.value = '{first}';"
+                      "s.dispatchEvent(new Event('change'))")
+        rows = page.evaluate("[...document.querySelectorAll('#logit-effects tr')].map(tr => tr.children[2].textContent)")
+        assert rows[1:] == [json.dumps(eff["vocab"][str(t)]) for t, _ in eff["features"]["3"][str(first)]["suppressed"]]
+        assert page.errors == []
