@@ -25,17 +25,20 @@ def test_cosine_matches_hidden_states():
     tokens[:, 0] = 0
     with torch.no_grad():
         logits, cos = consecutive_cosine(model, tokens)
-    out = model(input_ids=tokens, output_hidden_states=True)
+    with torch.no_grad():
+        out = model(input_ids=tokens, output_hidden_states=True)
     torch.testing.assert_close(logits, out.logits)
     hs = out.hidden_states  # embeddings, then each layer's output; GPT-NeoX's last entry is after the final norm
     ref = [torch.nn.functional.cosine_similarity(hs[l][:, 1:], hs[l + 1][:, 1:], dim=-1).mean() for l in range(2)]
     # the last pair from a second hook-free computation: block 2's output = resid_pre + attn + mlp
     h2 = hs[2]
-    last = model.gpt_neox.layers[2](h2, position_embeddings=model.gpt_neox.rotary_emb(h2, torch.arange(16)[None]))
+    with torch.no_grad():
+        last = model.gpt_neox.layers[2](h2, position_embeddings=model.gpt_neox.rotary_emb(h2, torch.arange(16)[None]))
     last = last[0] if isinstance(last, tuple) else last
     ref.append(torch.nn.functional.cosine_similarity(h2[:, 1:], last[:, 1:], dim=-1).mean())
     assert float(cos) == pytest.approx(float(torch.stack(ref).mean()), abs=1e-5)
-    total, ce, c = regularised_loss(model, tokens, 0, 0.5)
+    with torch.no_grad():
+        total, ce, c = regularised_loss(model, tokens, 0, 0.5)
     assert float(total) == pytest.approx(float(ce) + 0.5 * float(c), abs=1e-6)
 
 
