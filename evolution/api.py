@@ -13,6 +13,7 @@ Everything is read lazily from the run directory: the crosscoder only when asked
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from functools import cached_property
 from pathlib import Path
@@ -155,6 +156,38 @@ class Run:
         from evolution.sources.snapshot_source import SnapshotSource
 
         return SnapshotSource.for_run(self.path, device=device)
+
+    @property
+    def interventions(self) -> dict:
+        """interventions.json: per snapshot and block, Δloss of the linear map / removal with CIs, pruning,
+        logit lens (`evolution.interventions.stage`)."""
+        p = self.path / "interventions.json"
+        return json.loads(p.read_text()) if p.exists() else {}
+
+    def logit_effects(self, i: int, step: int, k: int = 5) -> dict[str, list[tuple[str, float]]]:
+        """Tokens feature i's decoder direction at snapshot `step` promotes and suppresses most, through that
+        snapshot's final norm and W_U (`evolution.interventions.logit_effects`): {"promoted": [(token,
+        logit), ...], "suppressed": [...]}. Read from analysis/logit_effects.json when the interventions
+        stage wrote it with ≥ k tokens, else computed from the crosscoder and the snapshot."""
+        if not 0 <= i < self.timelines.d_sae:
+            raise IndexError(f"feature {i} out of range 0..{self.timelines.d_sae - 1}")
+        if step not in self.steps:
+            raise ValueError(f"step {step} is not a snapshot of this crosscoder; steps: {self.steps}")
+        p = self.analysis_dir / "logit_effects.json"
+        stored = json.loads(p.read_text()) if p.exists() else {}
+        if stored.get("k", 0) >= k and str(step) in stored.get("features", {}).get(str(i), {}):
+            e, vocab = stored["features"][str(i)][str(step)], stored["vocab"]
+            return {key: [(vocab[str(t)], v) for t, v in e[key][:k]] for key in ("promoted", "suppressed")}
+        from crosscoders.dataclass_cli import from_dict
+        from evolution.interventions.logit_effects import logit_effects_matrix, top_effects
+        from evolution.pipeline import RunConfig, _loaders
+
+        cfg = from_dict(RunConfig, json.loads((self.path / "run.json").read_text()))
+        cfg = dataclasses.replace(cfg, root=str(self.path.parent), name=self.path.name)
+        model = _loaders(cfg, [step])[0]()
+        W_dec = self.crosscoder.W_dec[self.steps.index(step), i : i + 1].detach().float()
+        e = top_effects(logit_effects_matrix(model, W_dec), k)[0]
+        return {key: [(model.tokenizer.decode([t]), v) for t, v in e[key]] for key in ("promoted", "suppressed")}
 
     # figures: thin wrappers so a notebook needs one import
     def plot_heatmap(self, **kw) -> Figure:

@@ -5,6 +5,7 @@ every verb's work lives in its own module.
     feature-evolution run runs/pythia-70m.toml     # any recipe; cached stages are skipped
     feature-evolution analyze runs/demo            # one stage of an existing run (re-run, forced)
     feature-evolution pretrain --run-dir runs/x --steps 500 ...   # stage verbs with their own flags
+    feature-evolution compare runs/demo runs/demo-regularised     # two runs side by side
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ STAGE_VERBS = {
     "corpus": "corpus", "pretrain": "pretrain", "harvest": "harvest", "train": "crosscoder",
     "analyze": "analyze", "geometry": "geometry", "evaluate": "evaluate", "phases": "phases", "report": "report",
     "numbers": "numbers",
+    "interventions": "interventions",
 }
 # The demo recipe: the one in the current checkout, else the one beside this package's source tree.
 DEMO_RECIPES = (Path("runs/demo.toml"), Path(__file__).resolve().parents[1] / "runs" / "demo.toml")
@@ -60,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    verbs = ["demo", "run", *STAGE_VERBS]
+    verbs = ["demo", "run", "compare", *STAGE_VERBS]
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in verbs:
         print(__doc__.strip() + "\n\nverbs: " + ", ".join(verbs) + "\n--debug (any verb): show tracebacks of user errors",
               file=sys.stderr)
@@ -69,10 +71,16 @@ def _main(argv: list[str]) -> int:
 
     # Stage verbs with flags of their own (the module's dataclass config is the CLI).
     flag_clis = {"pretrain": "evolution.sources.pretrain:pretrain_cli", "geometry": "evolution.geometry.stage:geometry_cli",
-                 "phases": "evolution.phases.stage:phases_cli", "evaluate": "evolution.pipeline:evaluate_cli"}
+                 "phases": "evolution.phases.stage:phases_cli", "evaluate": "evolution.stage_cli:evaluate_cli",
+                 "interventions": "evolution.stage_cli:interventions_cli"}
     if verb in flag_clis and rest and rest[0].startswith("-") and rest[0] not in ("-h", "--help"):
         mod, fn = flag_clis[verb].split(":")
         getattr(__import__(mod, fromlist=[fn]), fn)(rest)
+        return 0
+    if verb == "compare":  # two run directories side by side (evolution/report/compare.py)
+        from evolution.report.compare import compare_cli
+
+        compare_cli(rest)
         return 0
     if verb == "train" and rest and rest[0].startswith("--store"):
         from crosscoders.train import main as train_main

@@ -22,6 +22,7 @@ from crosscoders.dataclass_cli import from_dict, to_dict
 from crosscoders.io import write_json
 from evolution.features.analyze import AnalyzeConfig
 from evolution.geometry.stage import GeometryConfig
+from evolution.interventions.stage import InterventionsConfig
 from evolution.numbers.stage import NumbersConfig
 from evolution.phases.snapshot_eval import EvaluateConfig
 from evolution.phases.stage import PhasesConfig
@@ -94,6 +95,9 @@ class RunConfig:
     """[phases]: combination of the phase signals."""
     numbers: NumbersConfig = field(default_factory=NumbersConfig)
     """[numbers]: the number helix across snapshots (Kantamneni & Tegmark 2025); on when the corpus has numbers."""
+    interventions: InterventionsConfig = field(default_factory=InterventionsConfig)
+    """[interventions]: linear replacement / removal of blocks, pruning, logit lens, feature logit effects
+    per snapshot (off unless `enabled = true`)."""
 
     @property
     def run_dir(self) -> Path:
@@ -258,23 +262,6 @@ def evaluate_stage(cfg: RunConfig) -> None:
     save_loss_figure(cfg.run_dir)
 
 
-def evaluate_cli(argv: list[str] | None = None) -> None:
-    """`feature-evolution evaluate RUN --batch-size 8 ...`: the evaluate stage alone on a run directory
-    (snapshot source and steps from its run.json), without re-checking the stages before it."""
-    import argparse
-
-    from crosscoders.dataclass_cli import add_arguments
-
-    parser = argparse.ArgumentParser(description="per-snapshot held-out loss and KL to the unigram/bigram distributions")
-    parser.add_argument("run_dir")
-    add_arguments(parser, EvaluateConfig)
-    ns = vars(parser.parse_args(argv))
-    run_dir = Path(ns.pop("run_dir"))
-    cfg = from_dict(RunConfig, json.loads((run_dir / "run.json").read_text()))
-    cfg = dataclasses.replace(cfg, root=str(run_dir.parent), name=run_dir.name, evaluate=from_dict(EvaluateConfig, ns))
-    evaluate_stage(cfg)
-
-
 def numbers_on(cfg: RunConfig) -> bool:
     """The numbers stage runs when asked to, or (enabled unset) when the planted corpus has number tokens."""
     if cfg.numbers.enabled is not None:
@@ -287,6 +274,15 @@ def numbers_stage(cfg: RunConfig) -> None:
 
     steps = snapshot_steps(cfg)
     numbers(cfg.run_dir, cfg.numbers, steps, _loaders(cfg, steps))
+
+
+def interventions_stage(cfg: RunConfig) -> None:
+    """Linear replacement, pruning, logit lens and feature logit effects per snapshot, through the same
+    loaders as harvest (pretrain, local:, hf:)."""
+    from evolution.interventions.stage import interventions
+
+    steps = snapshot_steps(cfg)
+    interventions(cfg.run_dir, steps, _loaders(cfg, steps), cfg.interventions)
 
 
 def _remover(*paths: Path):
@@ -307,7 +303,9 @@ def stages_for(cfg: RunConfig, force: tuple[str, ...] = ()) -> list[Stage]:
     st = [Stage("corpus", lambda: build_corpus_stage(cfg), corpus_key, outputs=["corpus/tokens.safetensors"],
                 describe=f"{run}/corpus/ (tokens, tokenizer, meta.json)")]
     if cfg.snapshots.source == "pretrain":
-        st.append(Stage("pretrain", lambda: pretrain_stage(cfg), cfg.pretrain, inputs=["corpus"],
+        from evolution.sources.pretrain import keyed_config
+
+        st.append(Stage("pretrain", lambda: pretrain_stage(cfg), keyed_config(cfg.pretrain), inputs=["corpus"],
                         outputs=["pretrain/log.jsonl", "figures/loss.png"],
                         clean=_remover(run / "pretrain", run / "snapshots"),
                         describe=f"{run}/snapshots/step*/, {run}/pretrain/log.jsonl, {run}/figures/loss.png"))
@@ -335,12 +333,19 @@ def stages_for(cfg: RunConfig, force: tuple[str, ...] = ()) -> list[Stage]:
     st.append(Stage("evaluate", lambda: evaluate_stage(cfg), {"evaluate": cfg.evaluate, "snapshots": cfg.snapshots},
                     inputs=snaps_in, outputs=["eval/summary.json"],
                     describe=f"{run}/eval/ (per-token loss and KL per snapshot, summary.json)"))
+    if cfg.interventions.enabled or "interventions" in force:
+        st.append(Stage("interventions", lambda: interventions_stage(cfg),
+                        {"interventions": cfg.interventions, "snapshots": cfg.snapshots},
+                        inputs=snaps_in + (["crosscoder", "analyze"] if cfg.interventions.logit_effects else []),
+                        outputs=["interventions.json"],
+                        describe=f"{run}/interventions.json, {run}/figures/interventions_*.png, logit_lens.png"))
     st += [
         Stage("phases", lambda: phases(run, cfg.phases), cfg.phases,
               inputs=[s.name for s in st if s.name in ("pretrain", "analyze", "geometry", "evaluate")],
               outputs=["phases.json"], describe=f"{run}/phases.json, {run}/figures/phase_map.png"),
         Stage("report", lambda: build_report(run), {"version": 1},
-              inputs=["phases", "analyze", "crosscoder"] + (["numbers"] if numbers_on(cfg) else []),
+              inputs=["phases", "analyze", "crosscoder"] + (["numbers"] if numbers_on(cfg) else [])
+              + [s.name for s in st if s.name == "interventions"],
               outputs=["report.html"], describe=f"{run}/report.html"),
     ]
     return st
@@ -359,7 +364,7 @@ def run_study(cfg: RunConfig, force: tuple[str, ...] = (), only: tuple[str, ...]
     run = cfg.run_dir
     run.mkdir(parents=True, exist_ok=True)
     write_json(run / "run.json", to_dict(cfg))
-    stages = stages_for(cfg)
+    stages = stages_for(cfg, tuple(force) + tuple(only))
     if only:
         unknown = sorted(set(only) - {s.name for s in stages})
         if unknown:

@@ -6,7 +6,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # Rank of each part of the study: a module may import only parts of lower or equal rank.
 RANK = {"crosscoders": 0, "evolution.figures": 1, "evolution.sources": 1, "evolution.features": 2,
-        "evolution.geometry": 2, "evolution.numbers": 2.5, "evolution.phases": 3, "evolution.report": 4, "evolution": 5}
+        "evolution.geometry": 2, "evolution.numbers": 2.5, "evolution.phases": 3, "evolution.interventions": 3,
+        "evolution.report": 4, "evolution": 5}
 
 
 def _part(module: str) -> str:

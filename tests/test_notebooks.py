@@ -112,6 +112,19 @@ def test_numbers(tiny_numbers_run, kernel_dirs, offline):
     assert "number mechanisms learned at" in out and "helix R²" in out
 
 
+def test_interventions(tiny_run, kernel_dirs, offline, tmp_path):
+    import shutil
+
+    run = tmp_path / "tiny"  # a copy: the notebook runs the interventions stage into the run directory
+    shutil.copytree(tiny_run[1], run)
+    offline.setenv("FE_RUN", str(run))
+    offline.setenv("FE_N_EVAL_SEQS", "16")
+    nb = execute("07_interventions.ipynb", kernel_dirs)
+    out = text_output(nb)
+    assert images(nb) >= 3  # Δloss vs step, pruning, logit lens
+    assert "not replaceable within" in out and "promotes" in out and "spikes in" in out
+
+
 @pytest.fixture(scope="module")
 def pythia_standin(tmp_path_factory) -> tuple[Path, Path]:
     """(hub cache dir, text file): a mini GPT-NeoX pre-trained on one play, snapshots as hub revisions."""

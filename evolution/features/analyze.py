@@ -232,10 +232,11 @@ def analyze(run_dir: str | Path, cfg: AnalyzeConfig | None = None) -> dict:
 
         save_all(tl, features, out / "figures")
     if cfg.browser:
-        from evolution.features.browser import write_browser
+        from evolution.features.browser import load_logit_effects, write_browser
 
         write_browser(tl, features, out / "browser" / "index.html", contexts,
-                      title=f"{run.resolve().name}: feature browser", max_rows=cfg.browser_max_rows)
+                      title=f"{run.resolve().name}: feature browser", max_rows=cfg.browser_max_rows,
+                      logit_effects=load_logit_effects(out / "logit_effects.json", tl.d_sae))
     return summary
 
 

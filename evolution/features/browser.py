@@ -49,7 +49,7 @@ def _round(rows: list[list[float]], nd: int = 3) -> list[list[float]]:
 
 
 def browser_data(tl: Timelines, features: pd.DataFrame, contexts: dict | None = None,
-                 title: str = "Feature browser", max_rows: int = 1000) -> dict:
+                 title: str = "Feature browser", max_rows: int = 1000, logit_effects: dict | None = None) -> dict:
     """The JSON the page embeds (see the module docstring for the contexts' shape)."""
     if len(features) != tl.d_sae or list(features["feature"]) != list(range(tl.d_sae)):
         raise ValueError(f"feature table must have one row per feature 0..{tl.d_sae - 1} in order")
@@ -68,6 +68,8 @@ def browser_data(tl: Timelines, features: pd.DataFrame, contexts: dict | None = 
         "group_meanings": GROUPS,
         "contexts": contexts or {},
         "max_rows": max_rows,
+        # analysis/logit_effects.json (the interventions stage): a table per selected snapshot
+        "logit_effects": logit_effects or {},
     }
 
 
@@ -78,10 +80,10 @@ def render_html(data: dict) -> str:
 
 
 def write_browser(tl: Timelines, features: pd.DataFrame, out_path: str | Path, contexts: dict | None = None,
-                  title: str = "Feature browser", max_rows: int = 1000) -> Path:
+                  title: str = "Feature browser", max_rows: int = 1000, logit_effects: dict | None = None) -> Path:
     """Write the page (atomically) and return its path."""
     out_path = Path(out_path)
-    write_text(out_path, render_html(browser_data(tl, features, contexts, title, max_rows)))
+    write_text(out_path, render_html(browser_data(tl, features, contexts, title, max_rows, logit_effects)))
     return out_path
 
 
@@ -94,3 +96,9 @@ def load_contexts(path: str | Path) -> dict | None:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from e
+
+
+def load_logit_effects(path: str | Path, d_sae: int) -> dict | None:
+    """`analysis/logit_effects.json` when the interventions stage wrote it for a crosscoder of this width."""
+    data = load_contexts(path)
+    return data if data and len(data.get("features", {})) == d_sae else None

@@ -254,6 +254,43 @@ def _numbers_section(run: Path) -> str:
             + _img(run / "figures" / "numbers.png", "number helix") + _table(pd.DataFrame(rows), left=("measure",)))
 
 
+def _interventions_section(run: Path) -> str:
+    """Linear replacement / removal of each block beside its linearity (interventions.json), the pruning
+    curve and the logit lens."""
+    data = _json(run / "interventions.json")
+    if not data or not data.get("steps"):
+        return '<p class="muted">(the interventions stage is off in this recipe: set [interventions] enabled = true '\
+               'or run `feature-evolution interventions RUN`)</p>'
+    last = data["steps"][-1]
+    until = data.get("replaceable_until", {})
+    ci = lambda r: f"{r['delta']:+.4f} [{r['ci'][0]:+.4f}, {r['ci'][1]:+.4f}]"  # noqa: E731
+    rows = [{"block": b["block"], "linearity": round(b["linearity"], 4) if b["linearity"] is not None else None,
+             "linearity w/o residual": None if b["linearity_no_residual"] is None else round(b["linearity_no_residual"], 4),
+             "held-out R² of the map": round(b["r2_heldout"], 4), "Δloss linear [CI]": ci(b["linear"]),
+             "Δloss removed [CI]": ci(b["identity"]),
+             "not replaceable (linear) from step": (until.get("linear") or [None] * 99)[b["block"]],
+             "not replaceable (removed) from step": (until.get("identity") or [None] * 99)[b["block"]]}
+            for b in data["snapshots"][str(last)]["blocks"]]
+    out = [f"<p>At the last snapshot (step {last}; base loss {data['snapshots'][str(last)]['base_loss']:.4f} nats/token). "
+           f"\"Not replaceable from step\": the first step from which on the CI of Δloss lies above "
+           f"{data.get('tolerance', 0.05)} nats/token (empty: replaceable at the last snapshot).</p>",
+           _table(pd.DataFrame(rows).astype(object).where(pd.DataFrame(rows).notna(), "—"), left=("block",))]
+    spikes = (_json(run / "spikes.json") or {}).get("spikes")
+    if spikes is not None:
+        cols = ("start", "peak", "end", "height", "snapshot_before", "snapshot_after", "id_twonn_before", "id_twonn_after")
+        out.append(f"<h3>Loss spikes in pre-training ({len(spikes)}; rule in evolution/interventions/spikes.py) "
+                   "and ID per layer around each</h3>")
+        if spikes:
+            df = pd.DataFrame([{c: (str([round(v, 1) for v in sp[c]]) if isinstance(sp.get(c), list) else sp.get(c))
+                                for c in cols} for sp in spikes])
+            out.append(_table(df.astype(object).where(df.notna(), "—")))
+    for name, alt in [("interventions_delta", "Δloss per block against step"), ("interventions_pruning", "greedy pruning"),
+                      ("logit_lens", "logit lens, layer × step")]:
+        if (run / "figures" / f"{name}.png").exists():
+            out.append(f"<h3>{html.escape(alt)}</h3>{_img(run / 'figures' / f'{name}.png', alt)}")
+    return "".join(out)
+
+
 def _config_section(run: Path) -> str:
     cfg = _json(run / "run.json")
     stages = _json(run / "stages.json") or {}
@@ -275,6 +312,7 @@ SECTIONS = (
     ("quality", "Crosscoder quality per snapshot", _quality_section),
     ("geometry", "Layer geometry across snapshots", _geometry_section),
     ("numbers", "Number representations: the helix across snapshots", _numbers_section),
+    ("interventions", "Linearity as an intervention: blocks replaced by their linear map or removed", _interventions_section),
     ("config", "Resolved configuration and stage timings", _config_section),
 )
 

@@ -107,6 +107,9 @@ class PretrainConfig:
     """Save the resume state every this many steps (and at every snapshot)."""
     seed: int = 0
     """Seed of the initialisation and the data order."""
+    nonlinearity_reg: float = 0.0
+    """λ of the nonlinearity regulariser (Razzhigaev et al. 2024): λ · mean cosine between consecutive
+    layers' embeddings added to the loss (`evolution.sources.regularizer`); 0 = plain Pythia recipe."""
     device: str = "cpu"
     """torch device."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
@@ -184,6 +187,15 @@ def batch_indices(seed: int, step: int, batch_size: int, n_seq: int) -> Int[Tens
     return torch.stack(out)
 
 
+def keyed_config(cfg: PretrainConfig) -> dict:
+    """The config as hashed for caching / resume: options at their "off" value are left out, so adding an
+    option does not invalidate runs made before it existed."""
+    d = to_dict(cfg)
+    if not d.get("nonlinearity_reg"):
+        d.pop("nonlinearity_reg", None)
+    return d
+
+
 def token_losses(model, tokens: Int[Tensor, "batch seq"], dtype: str = "float32") -> Float[Tensor, "batch seq_m1"]:
     """Per-token next-token cross-entropy (nats) for targets tokens[:, 1:]."""
     with torch.autocast(tokens.device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
@@ -257,7 +269,7 @@ def pretrain(cfg: PretrainConfig, corpus, out_dir: str | Path, *, stop_after: in
     pdir, sdir = out_dir / "pretrain", out_dir / "snapshots"
     pdir.mkdir(parents=True, exist_ok=True)
     mcfg = cfg.model.resolved(corpus.tokens.shape[1])
-    resolved = {**to_dict(cfg), "model": to_dict(mcfg), "vocab_size": _vocab_size(corpus)}
+    resolved = {**keyed_config(cfg), "model": to_dict(mcfg), "vocab_size": _vocab_size(corpus)}
     key = config_hash(resolved)
     dtype = compute_dtype(cfg)
     resolved["precision"] = describe(cfg.dtype, "bf16" if dtype == "bfloat16" else "none", cfg.device)
@@ -312,10 +324,15 @@ def pretrain(cfg: PretrainConfig, corpus, out_dir: str | Path, *, stop_after: in
     while step < cfg.steps:
         idx = batch_indices(cfg.seed, step, cfg.batch_size, n_seq)
         tokens = corpus.tokens[idx].to(cfg.device)
-        losses = token_losses(model, tokens, dtype)
-        loss = losses[tokens[:, 1:] != corpus.bos_token_id].mean()
+        if cfg.nonlinearity_reg:
+            from evolution.sources.regularizer import regularised_loss
+
+            total, loss, reg_cos = regularised_loss(model, tokens, corpus.bos_token_id, cfg.nonlinearity_reg, dtype)
+        else:
+            losses = token_losses(model, tokens, dtype)
+            total = loss = losses[tokens[:, 1:] != corpus.bos_token_id].mean()
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         lr = opt.param_groups[0]["lr"]
         opt.step()
@@ -323,7 +340,10 @@ def pretrain(cfg: PretrainConfig, corpus, out_dir: str | Path, *, stop_after: in
         step += 1
         elapsed = time.perf_counter() - t0
         tokens_seen = step * cfg.batch_size * seq_len
-        append_jsonl(log_path, {"step": step, "lr": lr, "train_loss": loss.item(), "tokens_seen": tokens_seen})
+        row = {"step": step, "lr": lr, "train_loss": loss.item(), "tokens_seen": tokens_seen}
+        if cfg.nonlinearity_reg:  # train_loss stays the LM loss, comparable between runs
+            row["reg_cos"] = reg_cos.item()
+        append_jsonl(log_path, row)
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tokens_seen / max(elapsed, 1e-9):.0f}")
         if stop_after is not None and step >= stop_after and step < cfg.steps:

@@ -1,0 +1,66 @@
+"""Logit effects of crosscoder features per snapshot: the tokens a feature's decoder direction promotes
+and suppresses when read out through snapshot s's final norm and unembedding (the "top logits" of SAE
+dashboards, Bricken et al. 2023), so one can watch a feature's meaning settle across snapshots.
+
+For feature i and snapshot s with decoder direction d = W_dec[s, i] (raw activation space: the
+crosscoder folds its normalisation scales into W_dec on save):
+
+    effect[s, i] = norm_lin(d) @ W_U[s]          [d_vocab]
+
+where norm_lin is the final norm's action on a *direction* at a fixed token: LayerNorm (GPT-NeoX,
+Pythia) centres and multiplies by its gain, norm_lin(d) = γ ⊙ (d − mean(d)); RMSNorm (llama) only
+multiplies by γ. The 1/σ (1/rms) factor is a positive per-token scalar that changes no ranking and is
+left out; LayerNorm's bias β and W_U's bias add the same to every feature and are left out. So the
+values are logits per unit of normalised residual: compare them within one snapshot, not across.
+For a crosscoder on a hook before the last block this is the direct path only (later blocks are skipped),
+as in SAE dashboards.
+"""
+
+from __future__ import annotations
+
+from jaxtyping import Float
+from torch import Tensor
+
+
+def norm_parameters(model) -> tuple[Tensor | None, bool]:
+    """(gain γ or None, centres?) of the final norm of a TransformerLens model or an HF causal LM."""
+    from evolution.interventions.logit_lens import final_norm_and_unembed
+
+    norm, _ = final_norm_and_unembed(model)
+    gain = getattr(norm, "w", None)
+    if gain is None:
+        gain = getattr(norm, "weight", None)
+    name = type(norm).__name__.lower()
+    centres = "rms" not in name  # LayerNorm / LayerNormPre centre; RMSNorm does not
+    return (None if gain is None else gain.detach().float().cpu()), centres
+
+
+def unembedding(model) -> Float[Tensor, "d_model d_vocab"]:
+    from transformer_lens import HookedTransformer
+
+    if isinstance(model, HookedTransformer):
+        return model.W_U.detach().float().cpu()
+    return model.get_output_embeddings().weight.detach().float().cpu().T
+
+
+def logit_effects_matrix(model, W_dec: Float[Tensor, "d_sae d_model"]) -> Float[Tensor, "d_sae d_vocab"]:
+    """Every feature's logit effect through `model`'s final norm and unembedding (module docstring)."""
+    gain, centres = norm_parameters(model)
+    D = W_dec.detach().float().cpu()
+    if centres:
+        D = D - D.mean(-1, keepdim=True)
+    if gain is not None:
+        D = D * gain
+    return D @ unembedding(model)
+
+
+def top_effects(effects: Float[Tensor, "d_sae d_vocab"], k: int = 5, features: list[int] | None = None
+                ) -> dict[int, dict[str, list]]:
+    """{feature: {"promoted": [[token id, value], ...], "suppressed": [...]}}, k each, largest first."""
+    feats = list(range(effects.shape[0])) if features is None else features
+    E = effects[feats]
+    up_v, up_i = E.topk(k, dim=-1)
+    dn_v, dn_i = (-E).topk(k, dim=-1)
+    return {f: {"promoted": [[int(t), round(float(v), 4)] for t, v in zip(up_i[j], up_v[j], strict=True)],
+                "suppressed": [[int(t), round(float(-v), 4)] for t, v in zip(dn_i[j], dn_v[j], strict=True)]}
+            for j, f in enumerate(feats)}
