@@ -34,7 +34,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import activations as A
 from .config import CrosscoderConfig
 from .io import torch_save
 from .losses import PENALTIES, LossOutput, auxk_loss, l1_penalty, pre_act_loss, tanh_penalty
@@ -146,7 +145,6 @@ class Distributed(Local):
     def __init__(self, mesh: Mesh):
         self.mesh = mesh
         self.is_writer = mesh.rank == 0
-        self._last_shard: Path | None = None
 
     def build_model(self, cfg: CrosscoderConfig, device: torch.device) -> Crosscoder:
         return ShardedCrosscoder(cfg, self.mesh).to(device)
@@ -215,10 +213,10 @@ class Distributed(Local):
             names = {p: f"shard-source{p}-step{state['step']}.pt" for p in range(1, m.source)}
             torch_save(path, {**state, "parallel": m.layout, "shards": names})
         m.barrier()
-        if m.data_rank == 0 and m.source_rank:
-            if self._last_shard is not None and self._last_shard != shard:
-                self._last_shard.unlink(missing_ok=True)
-            self._last_shard = shard
+        if m.data_rank == 0 and m.source_rank:  # older shards of this block are no longer named by state.pt
+            for old in path.parent.glob(f"shard-source{m.source_rank}-step*.pt"):
+                if old != shard:
+                    old.unlink(missing_ok=True)
 
     def full_model(self, model: Crosscoder) -> Crosscoder:
         full = Crosscoder(model.full_cfg)

@@ -208,6 +208,8 @@ def train(
             raise ValueError(f"checkpoint {ckpt_path} was written with a different config (fields: {diff}); "
                              "use a new out_dir or delete the checkpoint")
     step = state["step"] if state else 0
+    if state and "data_position" in state and hasattr(batches, "check_position"):
+        batches.check_position(state["data_position"], step)  # a stream (crosscoders/stream.py) continues there
     it = _iterate(batches, step)
     cfg, it = _resolve_shapes(cfg, it)
 
@@ -304,7 +306,9 @@ def train(
             par.save_checkpoint(ckpt_path, {"step": step, "tokens_seen": tokens_seen, "model": model.state_dict(),
                                             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                                             "since_fired": since_fired, "rng": torch.get_rng_state(),
-                                            "train_config": to_dict(cfg)})
+                                            "train_config": to_dict(cfg),
+                                            **({"data_position": batches.position(step)}
+                                               if hasattr(batches, "position") else {})})
         bar.update(1)
     bar.close()
     model.eval()

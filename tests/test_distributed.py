@@ -24,8 +24,13 @@ TOL = 1e-4  # float32 sums in another order over 20 Adam steps
 
 def make_store(path: Path, n_sources: int = 4) -> Path:
     w = StoreWriter(path, [f"step{i}" for i in range(n_sources)], "blocks.0.hook_resid_post", d_in=8, dtype="float32")
-    for i in range(2):
-        w.add(TRUTH.batch(i, 256)[:, :n_sources], torch.arange(256))
+    g = torch.Generator().manual_seed(0)
+    for i in range(6):
+        # 1536 distinct tokens, more than the 20 x 64 a test reads: a token met twice in one batch (the reader's
+        # buffer spans epochs) ties with itself at BatchTopK's cut, where one process keeps one of the tied
+        # entries (torch.topk's pick) and ranks keep both
+        x = TRUTH.batch(i, 256)[:, :n_sources]
+        w.add(x + 1e-3 * torch.randn(x.shape, generator=g), torch.arange(256))
     w.finish()
     return path
 
