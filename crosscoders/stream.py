@@ -146,9 +146,10 @@ class ShuffleStream:
                 epoch, window = epoch + 1, 0
 
 
-def measure_stream_scales(models: Sequence[ModelLike], tokens: Tensor, hook: str, n_seqs: int, **kw) -> Tensor:
+def measure_stream_scales(models: Sequence[ModelLike], tokens: Tensor, hook: str, n_seqs: int,
+                          **kw) -> tuple[Tensor, int]:
     """Per-source sqrt(d_in) / E|x_s| on the first `n_seqs` sequences, one model in memory at a time (the
-    scale every rank then uses; `harvest.measure_scales`'s definition)."""
+    scales every rank then uses; `harvest.measure_scales`'s definition), and d_in."""
     tokens = torch.as_tensor(tokens)[:n_seqs]
     keep = keep_mask(tokens, kw.pop("exclude_bos", True), kw.pop("bos_token_id", None), kw.pop("pad_token_id", None))
     out = []
@@ -157,4 +158,4 @@ def measure_stream_scales(models: Sequence[ModelLike], tokens: Tensor, hook: str
         x = model_acts(model, tokens, [hook], kw.get("model_batch", 32), "cache", kw.get("autocast", "none"))[hook][keep]
         out.append(math.sqrt(x.shape[-1]) / x.float().norm(dim=-1).mean().clamp(min=1e-12).item())
         del model
-    return torch.tensor(out, dtype=torch.float32)
+    return torch.tensor(out, dtype=torch.float32), int(x.shape[-1])

@@ -24,6 +24,7 @@ from evolution.features.analyze import AnalyzeConfig
 from evolution.geometry.stage import GeometryConfig
 from evolution.phases.snapshot_eval import EvaluateConfig
 from evolution.phases.stage import PhasesConfig
+from evolution.scale import ParallelConfig
 from evolution.sources.corpus import CorpusConfig
 from evolution.sources.pretrain import PretrainConfig
 from evolution.stages import Stage, run_stages
@@ -58,6 +59,15 @@ class HarvestConfig:
     """Device the snapshots run on."""
     autocast: Literal["auto", "none", "bf16"] = "auto"
     """Precision of the snapshots' forward passes: "auto" = bf16 only where measured faster on the device."""
+    mode: Literal["store", "stream"] = "store"
+    """store: harvest the activations to disk, then train; stream: no store, the snapshots compute each window of
+    activations as training consumes it (zero disk; all this rank's snapshots in memory; evolution/scale.py)."""
+    stream_buffer_seqs: int = 256
+    """stream: sequences per shuffle window and stream shard; their tokens are mixed and drawn without replacement
+    (memory: stream_buffer_seqs x seq_len x n_sources x d_in x 4 bytes per shard)."""
+    stream_shards: int = 1
+    """stream: disjoint token ranges the stream reads in parallel, each batch_size / stream_shards rows of every
+    batch; a multiple of the data-parallel size. Runs with the same value give the same batches on any number of ranks."""
 
 
 @dataclass
@@ -86,6 +96,8 @@ class RunConfig:
     """[evaluate]: every snapshot's held-out loss and KL to the unigram / bigram distributions, per token."""
     phases: PhasesConfig = field(default_factory=PhasesConfig)
     """[phases]: combination of the phase signals."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """[parallel]: torch.distributed ranks for the crosscoder stage (evolution/scale.py)."""
 
     @property
     def run_dir(self) -> Path:
@@ -179,6 +191,10 @@ def harvest_stage(cfg: RunConfig) -> None:
     from crosscoders.harvest import harvest
     from evolution.sources.corpus import Corpus
 
+    if cfg.harvest.mode == "stream":  # no store: the scales of the first window (evolution/scale.py)
+        from evolution.scale import stream_harvest_stage
+
+        return stream_harvest_stage(cfg)
     run, h = cfg.run_dir, cfg.harvest
     corpus = Corpus.load(run / "corpus")
     steps = snapshot_steps(cfg)
@@ -199,6 +215,10 @@ def crosscoder_stage(cfg: RunConfig) -> None:
     from crosscoders.train import check_epochs, evaluate, train
 
     run, h = cfg.run_dir, cfg.harvest
+    if h.mode == "stream" or cfg.parallel.nproc_per_node > 1:  # zero-disk and/or torchrun ranks
+        from evolution.scale import crosscoder_stage_scaled
+
+        return crosscoder_stage_scaled(cfg)
     store = ActivationStore(run / "activations" / h.hook)
     store.verify()
     tcfg = cfg.train

@@ -55,9 +55,10 @@ def test_a_window_is_every_kept_token_once_shuffled_across_sequences(models, tok
 
 
 def test_scales_and_data_shards(models, tokens):
-    sc = measure_stream_scales(models, tokens, HOOK, 6)
+    sc, d_in = measure_stream_scales(models, tokens, HOOK, 6)
     x = torch.stack([model_acts(m, tokens[:6], [HOOK])[HOOK][keep_mask(tokens[:6])] for m in models], 1)
     torch.testing.assert_close(sc, 4.0 / x.norm(dim=-1).mean(0))  # sqrt(16) / E|x_s|
+    assert d_in == 16
     both = ShuffleStream(models, tokens, HOOK, 5, buffer_seqs=3, data_size=2, data_ranks=[0, 1], scales=sc)
     r0 = ShuffleStream(models, tokens, HOOK, 5, buffer_seqs=3, data_size=2, data_ranks=[0], scales=sc)
     r1 = ShuffleStream(models[1:], tokens, HOOK, 5, buffer_seqs=3, data_size=2, data_ranks=[1], scales=sc[1:])
@@ -90,7 +91,7 @@ class _KilledAfter:
 
 
 def test_killed_stream_run_resumes_to_the_same_weights(models, tokens, tmp_path):
-    sc = measure_stream_scales(models, tokens, HOOK, 6)
+    sc, d_in = measure_stream_scales(models, tokens, HOOK, 6)
     cfg = TrainConfig(steps=14, batch_size=11, lr=3e-3, checkpoint_every=4, progress=False,
                       crosscoder=CrosscoderConfig(n_sources=3, d_in=16, d_sae=24, activation="relu"))
     stream = ShuffleStream(models, tokens, HOOK, 11, buffer_seqs=6, seed=2, scales=sc)
