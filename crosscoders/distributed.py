@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .config import CrosscoderConfig
-from .io import torch_save
+from .io import torch_save, write_json
 from .losses import PENALTIES, LossOutput, auxk_loss, l1_penalty, pre_act_loss, tanh_penalty
 from .mesh import Mesh, MeshError
 from .model import Crosscoder
@@ -139,12 +139,39 @@ def sharded_loss(model: ShardedCrosscoder, x: Tensor, sparsity_coef: float, dead
     return LossOutput(total, mse, pen, aux, mse_per_source.detach(), f, x_hat, min_kept)
 
 
+def _state_bytes(state: dict) -> int:
+    """Bytes of a checkpoint's model and optimizer tensors (parameters, buffers, Adam moments)."""
+    def walk(o):
+        if isinstance(o, Tensor):
+            yield o.numel() * o.element_size() if o.ndim else 0  # Adam's scalar step counters: not state
+        elif isinstance(o, dict):
+            for v in o.values():
+                yield from walk(v)
+        elif isinstance(o, (list, tuple)):
+            for v in o:
+                yield from walk(v)
+    return sum(walk(state["model"])) + sum(walk(state["optimizer"]))
+
+
+def state_bytes(cfg: dict | CrosscoderConfig, source_parallel: int = 1) -> int:
+    """Parameter + Adam-moment bytes (fp32) on one rank: 3 x 4 x (2 n_sources d_in d_sae + n_sources d_in) / P
+    + the replicated b_enc, threshold and norm_scale block. Gradients (one more copy of the parameters) and
+    activations come on top."""
+    c = cfg if isinstance(cfg, dict) else dataclasses.asdict(cfg)
+    S, D, H = c["n_sources"] // source_parallel, c["d_in"], c["d_sae"]
+    sharded = 2 * S * D * H + S * D
+    replicated = H + (H if c["activation"] == "jumprelu" else 0)  # b_enc; threshold is a parameter for jumprelu
+    buffers = S + (0 if c["activation"] == "jumprelu" else H)  # norm_scale; threshold as a buffer otherwise
+    return 4 * (3 * (sharded + replicated) + buffers)
+
+
 class Distributed(Local):
     """`train`'s hooks for one rank of a Mesh (see the module docstring for the rules)."""
 
     def __init__(self, mesh: Mesh):
         self.mesh = mesh
         self.is_writer = mesh.rank == 0
+        self._reported = False
 
     def build_model(self, cfg: CrosscoderConfig, device: torch.device) -> Crosscoder:
         return ShardedCrosscoder(cfg, self.mesh).to(device)
@@ -208,6 +235,14 @@ class Distributed(Local):
         shard = path.parent / f"shard-source{m.source_rank}-step{state['step']}.pt"
         if m.data_rank == 0 and m.source_rank:
             torch_save(shard, {"model": state["model"], "optimizer": state["optimizer"]})
+        if not self._reported:  # what each rank holds, measured once: out_dir/parallel.json
+            self._reported = True
+            sizes: list = [None] * m.world
+            dist.all_gather_object(sizes, _state_bytes(state))
+            if self.is_writer:
+                write_json(path.parent.parent / "parallel.json",
+                           {**m.layout, "state_bytes_per_rank": sizes,
+                            "state_bytes_formula": state_bytes(state["train_config"]["crosscoder"], m.source)})
         m.barrier()
         if self.is_writer:
             names = {p: f"shard-source{p}-step{state['step']}.pt" for p in range(1, m.source)}
