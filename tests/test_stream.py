@@ -111,3 +111,12 @@ def test_killed_stream_run_resumes_to_the_same_weights(models, tokens, tmp_path)
         train(cfg, _KilledAfter(stream, 10), tmp_path / "cut2", norm_scale=sc)
     with pytest.raises(StreamError, match="token-stream position"):
         train(cfg, ShuffleStream(models, tokens, HOOK, 11, buffer_seqs=4, seed=2, scales=sc), tmp_path / "cut2")
+
+
+def test_stream_benchmark_quick(tmp_path):
+    from benchmarks.stream_bench import main
+
+    r = main(["--quick", "true", "--name", "s", "--results-dir", str(tmp_path)])
+    assert (tmp_path / "s.json").exists() and r["steps"] == 4 and set(r["seconds"]) == {
+        "bare_forward", "train_memory", "train_stream"}
+    assert 0 < r["ratio"] < 10
