@@ -19,7 +19,7 @@ import nbformat
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # the cell sources live in notebooks/cells/
 
-from cells import feature_timelines, phase_map, pythia_gpu, quickstart  # noqa: E402
+from cells import feature_timelines, phase_map, pythia_gpu, quickstart, scaling  # noqa: E402
 from cells.common import Cell  # noqa: E402
 
 NOTEBOOKS: dict[str, list[Cell]] = {
@@ -27,6 +27,7 @@ NOTEBOOKS: dict[str, list[Cell]] = {
     "02_feature_timelines.ipynb": feature_timelines.CELLS,
     "03_phase_map.ipynb": phase_map.CELLS,
     "04_pythia_gpu.ipynb": pythia_gpu.CELLS,
+    "05_scaling.ipynb": scaling.CELLS,
 }
 
 
