@@ -150,7 +150,9 @@ def _hours(cfg, sh: Shape, cc: dict, n_gpus: int, P: int, out: dict, fwd_per_tok
     comm = t.steps * ((2 * 2 * 4 * B * t.crosscoder.d_sae if P > 1 else 0) +
                       (2 * state_bytes(cc, P) / 3 if D > 1 else 0)) / (a["interconnect_GBps"] * 1e9)
     bytes_el = {"bfloat16": 2, "float16": 2, "float32": 4}[h.dtype]
-    t_disk = (out["activation_disk_GB"]["store"] / a["disk_write_GBps"] + out["tokens_seen"] * sh.n_sources *
+    # every rank reads whole global batches of the store (crosscoders.distributed.shard_batches slices them after
+    # the read), so the disk serves n_gpus times the bytes one process reads
+    t_disk = (out["activation_disk_GB"]["store"] / a["disk_write_GBps"] + n_gpus * out["tokens_seen"] * sh.n_sources *
               sh.d_model * bytes_el / 1e9 / a["disk_read_GBps"]) if h.mode == "store" else 0.0
     t_dl = out["download_GB"] * 1e3 / a["hub_download_MBps"]
     parts = {"download": t_dl, "forwards": t_fwd, "store_io": t_disk, "crosscoder_matmuls": t_cc,
@@ -203,11 +205,14 @@ def plan_cli(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--gpu", default="H100", help=f"GPU model: {', '.join(GPUS)}")
     ap.add_argument("--source-parallel", type=int, default=None, help="force this many source ranks")
     ap.add_argument("--steps", type=int, default=None, help="plan for this many crosscoder steps instead of the recipe's")
+    ap.add_argument("--n-seqs", type=int, default=None, help="plan for this many training sequences ([harvest] n_seqs)")
     ap.add_argument("--json", action="store_true", help="print JSON lines instead of text")
     ns = ap.parse_args(argv)
     cfg = load_recipe(ns.recipe)
     if ns.steps:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=ns.steps))
+    if ns.n_seqs:
+        cfg = dataclasses.replace(cfg, harvest=dataclasses.replace(cfg.harvest, n_seqs=ns.n_seqs))
     plans = [plan(cfg, int(n), ns.gpu, ns.source_parallel) for n in ns.gpus.split(",")]
     for p in plans:
         print(json.dumps(p) if ns.json else format_plan(p))
