@@ -195,6 +195,10 @@ def harvest_stage(cfg: RunConfig) -> None:
         from evolution.scale import stream_harvest_stage
 
         return stream_harvest_stage(cfg)
+    if cfg.parallel.nproc_per_node > 1:  # each torchrun rank harvests its snapshots into one store
+        from evolution.scale import launch
+
+        return launch(cfg, "harvest")
     run, h = cfg.run_dir, cfg.harvest
     corpus = Corpus.load(run / "corpus")
     steps = snapshot_steps(cfg)

@@ -4,7 +4,8 @@
     [parallel] nproc_per_node = 8              # the crosscoder stage runs as `torchrun --nproc_per_node=8`
     [parallel] source_parallel = 4             # 4 ranks split the snapshots, 2 split the batch
 
-`feature-evolution run RECIPE` does the rest: in stream mode the harvest stage only measures the
+`feature-evolution run RECIPE` does the rest: in store mode with N > 1 the harvest stage runs on N ranks too,
+each harvesting its share of the snapshots into one store (evolution/dist_harvest.py); in stream mode the harvest stage only measures the
 normalisation scales on the first window (and writes them in `activations/<hook>/manifest.json`, format
 "stream", which also names the hook and sources for the later stages); the crosscoder stage starts
 `python -m torch.distributed.run --standalone --nproc_per_node=N -m evolution.scale RUN_DIR` when N > 1
@@ -130,17 +131,17 @@ def _stream(cfg, tcfg, mesh, block: slice, scales: torch.Tensor):
                          model_batch=h.batch_size, bos_token_id=corpus.bos_token_id, autocast=h.autocast)
 
 
-def launch(cfg) -> None:
-    """`torchrun --standalone --nproc_per_node=N -m evolution.scale RUN_DIR`, its output on this terminal."""
+def launch(cfg, verb: str = "train") -> None:
+    """`torchrun --standalone --nproc_per_node=N -m evolution.scale {train|harvest} RUN_DIR`, output on this terminal."""
     n = cfg.parallel.nproc_per_node
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-           "-m", "evolution.scale", str(cfg.run_dir)]
+           "-m", "evolution.scale", verb, str(cfg.run_dir)]
     print("crosscoder: " + " ".join(cmd[1:]), file=sys.stderr, flush=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
                                                          os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     rc = subprocess.run(cmd, env=env).returncode
     if rc != 0:
-        raise UserError(f"the {n} crosscoder ranks failed (torchrun exit code {rc}; each rank's message is above); "
+        raise UserError(f"the {n} {verb} ranks failed (torchrun exit code {rc}; each rank's message is above); "
                         "rerun the stage to resume from the last checkpoint every rank completed")
 
 
@@ -193,23 +194,31 @@ def write_eval(cfg, model) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """torchrun's entry: `torchrun --nproc_per_node=N -m evolution.scale RUN_DIR` (RUN_DIR/run.json is the recipe)."""
+    """torchrun's entry: `torchrun --nproc_per_node=N -m evolution.scale {train|harvest} RUN_DIR` (RUN_DIR/run.json is
+    the recipe): the crosscoder stage's training, or (store mode) the harvest split by snapshot."""
     from crosscoders.dataclass_cli import from_dict
     from crosscoders.mesh import Mesh
     from evolution.pipeline import RunConfig
 
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        raise UserError("usage: torchrun --nproc_per_node=N -m evolution.scale RUN_DIR")
-    run_dir = Path(argv[0])
+    if len(argv) != 2 or argv[0] not in ("train", "harvest"):
+        raise UserError("usage: torchrun --nproc_per_node=N -m evolution.scale {train|harvest} RUN_DIR")
+    verb, run_dir = argv[0], Path(argv[1])
     if not (run_dir / "run.json").exists():
         raise UserError(f"{run_dir}: no run.json; run `feature-evolution run RECIPE` (it starts this) first")
     cfg = from_dict(RunConfig, json.loads((run_dir / "run.json").read_text()))
     cfg = dataclasses.replace(cfg, root=str(run_dir.parent), name=run_dir.name)
     p = cfg.parallel
-    mesh = Mesh.init(p.source_parallel, device=cfg.train.device, backend=None if p.backend == "auto" else p.backend)
+    device = cfg.train.device if verb == "train" else cfg.harvest.device
+    mesh = Mesh.init(p.source_parallel if verb == "train" else 1, device=device,
+                     backend=None if p.backend == "auto" else p.backend)
     try:
-        train_rank(cfg, mesh)
+        if verb == "train":
+            train_rank(cfg, mesh)
+        else:
+            from evolution.dist_harvest import harvest_share
+
+            harvest_share(cfg, mesh)
     finally:
         import torch.distributed as dist
 

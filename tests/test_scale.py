@@ -68,8 +68,13 @@ def test_two_streaming_ranks_equal_one_process(snapshots, source_parallel):
 def test_store_mode_on_two_ranks_equals_one_process(snapshots):
     # jumprelu: the tiny store's 496 tokens repeat within a batch (the reader's buffer spans epochs), and a
     # token tied with itself at BatchTopK's cut is kept once by one process, twice by the ranks
-    _, one = _run(snapshots, "store1", mode="store", activation="jumprelu")
-    _, two = _run(snapshots, "store2", nproc=2, source_parallel=2, mode="store", activation="jumprelu")
+    c1, one = _run(snapshots, "store1", mode="store", activation="jumprelu")
+    c2, two = _run(snapshots, "store2", nproc=2, source_parallel=2, mode="store", activation="jumprelu")
+    # the harvest on 2 ranks (2 snapshots each) wrote the store one process writes, shard for shard
+    for sub in ("activations", "activations_eval"):
+        m1, m2 = (json.loads((c.run_dir / sub / c.harvest.hook / "manifest.json").read_text()) for c in (c1, c2))
+        assert m1 == m2 and m1["complete"] and len(m1["sources"]) == 4
+    assert not list((c2.run_dir / "activations").glob(".*source*"))  # the one-source parts are gone
     d = _diff(one, two)
     print(f"store via recipe: max |w_1 - w_2| source_parallel=2: {d:.3g}")
     assert d < TOL
