@@ -134,8 +134,8 @@ def plan(cfg, n_gpus: int, gpu: str = "H100", source_parallel: int | None = None
 
 
 def _hours(cfg, sh: Shape, cc: dict, n_gpus: int, P: int, out: dict, fwd_per_tok: float, gpu: str) -> dict:
-    """Hours per part: the crosscoder and (stream mode) the forwards divide over all ranks; the store-mode harvest
-    is one process here; collectives per step: the pre-activation all-reduce in each source group (forward and
+    """Hours per part: the crosscoder and the forwards divide over the ranks (the store-mode harvest over at most
+    n_sources of them, one snapshot each); collectives per step: the pre-activation all-reduce in each source group (forward and
     backward) and the gradient all-reduce in each data group (ring: twice the gradient's bytes)."""
     from crosscoders.distributed import state_bytes
 
@@ -146,7 +146,9 @@ def _hours(cfg, sh: Shape, cc: dict, n_gpus: int, P: int, out: dict, fwd_per_tok
     t_cc = out["crosscoder_FLOP"] / (peak * a["crosscoder_mfu"] * n_gpus)
     code = B * t.crosscoder.d_sae * (sh.n_sources // P if t.crosscoder.gate == "per_source" else 1)
     t_code = t.steps * a["code_passes_per_step"] * 4 * code / (tbps * 1e12)
-    t_fwd = out["forward_token_passes"] * fwd_per_tok / (peak * a["forward_mfu"] * (n_gpus if h.mode == "stream" else 1))
+    # stream: every rank runs its snapshots on its tokens; store: the harvest splits the snapshots over the ranks
+    t_fwd = out["forward_token_passes"] * fwd_per_tok / (peak * a["forward_mfu"] * (
+        n_gpus if h.mode == "stream" else min(n_gpus, sh.n_sources)))
     comm = t.steps * ((2 * 2 * 4 * B * t.crosscoder.d_sae if P > 1 else 0) +
                       (2 * state_bytes(cc, P) / 3 if D > 1 else 0)) / (a["interconnect_GBps"] * 1e9)
     bytes_el = {"bfloat16": 2, "float16": 2, "float32": 4}[h.dtype]
@@ -154,6 +156,8 @@ def _hours(cfg, sh: Shape, cc: dict, n_gpus: int, P: int, out: dict, fwd_per_tok
     # the read), so the disk serves n_gpus times the bytes one process reads
     t_disk = (out["activation_disk_GB"]["store"] / a["disk_write_GBps"] + n_gpus * out["tokens_seen"] * sh.n_sources *
               sh.d_model * bytes_el / 1e9 / a["disk_read_GBps"]) if h.mode == "store" else 0.0
+    if h.mode == "store" and n_gpus > 1:  # the distributed harvest writes one-source parts, then reads and merges them
+        t_disk += out["activation_disk_GB"]["store"] * (1 / a["disk_write_GBps"] + 1 / a["disk_read_GBps"])
     t_dl = out["download_GB"] * 1e3 / a["hub_download_MBps"]
     parts = {"download": t_dl, "forwards": t_fwd, "store_io": t_disk, "crosscoder_matmuls": t_cc,
              "crosscoder_elementwise": t_code, "collectives": comm}
