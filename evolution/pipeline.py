@@ -281,6 +281,15 @@ def evaluate_cli(argv: list[str] | None = None) -> None:
     evaluate_stage(cfg)
 
 
+def _harvest_key(h: HarvestConfig) -> str:
+    """What the harvest stage's key hashes: the config's repr, without the stream fields in store mode, so that
+    runs harvested before `mode` existed keep their cached stages (stages.py hashes a dataclass in a dict by repr)."""
+    if h.mode == "store":
+        return str(h).replace(f", mode='store', stream_buffer_seqs={h.stream_buffer_seqs}, "
+                              f"stream_shards={h.stream_shards})", ")")
+    return str(h)
+
+
 def _remover(*paths: Path):
     """A stage's `clean`: delete partial results written under an earlier config."""
     return lambda: [shutil.rmtree(p, ignore_errors=True) for p in paths]
@@ -305,7 +314,7 @@ def stages_for(cfg: RunConfig, force: tuple[str, ...] = ()) -> list[Stage]:
     elif not hub:
         snaps_in = ["corpus"]
     st += [
-        Stage("harvest", lambda: harvest_stage(cfg), {"harvest": cfg.harvest, "snapshots": cfg.snapshots},
+        Stage("harvest", lambda: harvest_stage(cfg), {"harvest": _harvest_key(cfg.harvest), "snapshots": cfg.snapshots},
               inputs=snaps_in, outputs=[f"activations/{cfg.harvest.hook}/manifest.json"],
               clean=_remover(run / "activations" / cfg.harvest.hook, run / "activations_eval" / cfg.harvest.hook),
               describe=f"{run}/activations/{cfg.harvest.hook}/ (shards + manifest.json)"),

@@ -78,3 +78,11 @@ def test_store_mode_on_two_ranks_equals_one_process(snapshots):
     d = _diff(one, two)
     print(f"store via recipe: max |w_1 - w_2| source_parallel=2: {d:.3g}")
     assert d < TOL
+
+
+def test_harvest_key_leaves_store_runs_cached():
+    from evolution.pipeline import HarvestConfig, _harvest_key
+
+    store, stream = _harvest_key(HarvestConfig()), _harvest_key(HarvestConfig(mode="stream", stream_shards=8))
+    assert "stream" not in store and store.endswith("autocast='auto')")  # the key runs had before `mode` existed
+    assert "mode='stream'" in stream and "stream_shards=8" in stream
