@@ -18,7 +18,6 @@ weights as an uninterrupted run (tests/test_train.py).
 from __future__ import annotations
 
 import argparse
-import copy
 import itertools
 import json
 import math
@@ -33,9 +32,9 @@ from torch import Tensor
 
 from .config import SPARSITY_COEF, CrosscoderConfig, TrainConfig
 from .dataclass_cli import add_arguments, from_dict, to_dict
-from .io import append_jsonl, read_jsonl, torch_save, write_json, write_text
-from .losses import crosscoder_loss
+from .io import append_jsonl, read_jsonl, write_json, write_text
 from .model import Crosscoder
+from .parallel import Local
 from .precision import autocast_context, describe, resolve_autocast
 from .progress import progress_bar
 
@@ -185,9 +184,12 @@ def train(
     out_dir: str | Path,
     norm_scale: Tensor | None = None,
     eval_batch: Tensor | None = None,
+    parallel: Local | None = None,
 ) -> Crosscoder:
     """Train (or resume training of) a crosscoder; save it to `out_dir` (cfg.json + weights.safetensors,
-    `norm_scale` folded in) and return the saved model (it works on raw activations)."""
+    `norm_scale` folded in) and return the saved model (it works on raw activations).
+    `parallel`: this rank's share of a torch.distributed run (crosscoders/distributed.py); None = one process."""
+    par = parallel or Local()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / CHECKPOINT
@@ -197,6 +199,7 @@ def train(
             state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         except Exception as e:
             raise ValueError(f"cannot read checkpoint {ckpt_path}: {e}; delete it to start afresh") from e
+        state = par.resume_state(state, ckpt_path)
         saved = from_dict(TrainConfig, state["train_config"])
         cfg = from_dict(TrainConfig, {**to_dict(cfg), "crosscoder": to_dict(saved.crosscoder)}) \
             if not (cfg.crosscoder.n_sources and cfg.crosscoder.d_in) else cfg
@@ -205,11 +208,13 @@ def train(
             raise ValueError(f"checkpoint {ckpt_path} was written with a different config (fields: {diff}); "
                              "use a new out_dir or delete the checkpoint")
     step = state["step"] if state else 0
+    if state and "data_position" in state and hasattr(batches, "check_position"):
+        batches.check_position(state["data_position"], step)  # a stream (crosscoders/stream.py) continues there
     it = _iterate(batches, step)
     cfg, it = _resolve_shapes(cfg, it)
 
     dev = torch.device(cfg.device)
-    model = Crosscoder(cfg.crosscoder).to(dev)
+    model = par.build_model(cfg.crosscoder, dev)
     opt_cls = torch.optim.AdamW if cfg.weight_decay > 0 else torch.optim.Adam
     # fused: one kernel over all parameters; on CPU the step at 8 × 256 × 16384 took 112 ms against 633 ms
     # (benchmarks/README.md). Same update rule; a fused run resumes exactly into a fused run.
@@ -227,19 +232,23 @@ def train(
         torch.set_rng_state(state["rng"])
         # Drop log rows written after the checkpoint: they are about to be redone.
         rows = [r for r in read_jsonl(out / LOG) if r.get("step", 0) <= step]
-        write_text(out / LOG, "".join(json.dumps(r) + "\n" for r in rows))
-    else:
+        if par.is_writer:
+            write_text(out / LOG, "".join(json.dumps(r) + "\n" for r in rows))
+    elif par.is_writer:
         (out / LOG).unlink(missing_ok=True)
-    write_json(out / "train_config.json", to_dict(cfg))
+    par.barrier()  # no rank appends to the log before the writer has reset it
+    if par.is_writer:
+        write_json(out / "train_config.json", to_dict(cfg))
 
     precision = resolve_autocast(cfg.autocast, dev)
-    write_json(out / "precision.json", describe(cfg.autocast, precision, dev))  # what "auto" chose here
-    if cfg.progress:
+    if par.is_writer:
+        write_json(out / "precision.json", describe(cfg.autocast, precision, dev))  # what "auto" chose here
+    if cfg.progress and par.is_writer:
         print(f"crosscoder: computing in {'bf16' if precision == 'bf16' else 'fp32'} (autocast={cfg.autocast!r})",
               file=sys.stderr)
     amp = autocast_context(precision, dev)
     model.train()
-    bar = progress_bar(total=cfg.steps, initial=step, disable=not cfg.progress, desc="crosscoder", unit="step")
+    bar = progress_bar(total=cfg.steps, initial=step, disable=not (cfg.progress and par.is_writer), desc="crosscoder", unit="step")
     t0, tok0 = time.perf_counter(), tokens_seen
     while step < cfg.steps:
         try:
@@ -251,24 +260,25 @@ def train(
         _check_batch(model, x, step)
         if step == 0 and cfg.b_dec_init == "mean":
             with torch.no_grad():
-                model.b_dec.copy_(x.mean(0))
+                model.b_dec.copy_(par.batch_mean(x))
         coef = sparsity_coef(cfg) * sparsity_factor(cfg, step)
         dead = since_fired >= cfg.dead_tokens
         with amp:
-            loss = crosscoder_loss(model, x, coef, dead, cfg.auxk_coef, cfg.k_aux, cfg.pre_act_coef,
-                                   sparsity=cfg.sparsity, frequency_scale=cfg.frequency_scale)
+            loss = par.loss(model, x, coef, dead, cfg.auxk_coef, cfg.k_aux, cfg.pre_act_coef,
+                            sparsity=cfg.sparsity, frequency_scale=cfg.frequency_scale)
         if not torch.isfinite(loss.total):
             raise FloatingPointError(f"loss became {loss.total.item()} at step {step} (finite inputs); "
                                      "try a lower lr or autocast=none")
         opt.zero_grad(set_to_none=True)
         loss.total.backward()
+        par.sync_grads(model)
         if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            par.clip_grad_norm_(model, cfg.grad_clip)
         opt.step()
         sched.step()
         with torch.no_grad():
-            fired = active_latents(loss.f).any(0)
-            since_fired += x.shape[0]
+            fired = par.any_(active_latents(loss.f).any(0))
+            since_fired += par.global_rows(x.shape[0])
             since_fired[fired] = 0
             if cfg.crosscoder.activation == "batchtopk" and loss.min_kept is not None:
                 # Inference threshold: running mean of the smallest kept activation (Bussmann et al. 2024).
@@ -277,8 +287,8 @@ def train(
             if cfg.crosscoder.activation == "jumprelu":
                 model.threshold.clamp_(min=0)  # a negative gate would pass negative pre-activations
         step += 1
-        tokens_seen += x.shape[0]
-        if step % cfg.log_every == 0 or step == cfg.steps:
+        tokens_seen += par.global_rows(x.shape[0])
+        if par.is_writer and (step % cfg.log_every == 0 or step == cfg.steps):
             xc = x - x.mean(0)
             fvu = (loss.mse_per_source / xc.pow(2).sum(-1).mean(0).clamp(min=1e-12)).tolist()
             row = {"step": step, "tokens_seen": tokens_seen, "lr": sched.get_last_lr()[0],
@@ -293,19 +303,23 @@ def train(
             append_jsonl(out / LOG, {"step": step, "eval": evaluate(model, [eval_batch])})
             model.train()
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            torch_save(ckpt_path, {"step": step, "tokens_seen": tokens_seen, "model": model.state_dict(),
-                                   "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                                   "since_fired": since_fired, "rng": torch.get_rng_state(),
-                                   "train_config": to_dict(cfg)})
+            par.save_checkpoint(ckpt_path, {"step": step, "tokens_seen": tokens_seen, "model": model.state_dict(),
+                                            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                                            "since_fired": since_fired, "rng": torch.get_rng_state(),
+                                            "train_config": to_dict(cfg),
+                                            **({"data_position": batches.position(step)}
+                                               if hasattr(batches, "position") else {})})
         bar.update(1)
     bar.close()
     model.eval()
     if eval_batch is not None:
         append_jsonl(out / LOG, {"step": step, "eval": evaluate(model, [eval_batch.to(dev)]), "final": True})
-    final = copy.deepcopy(model).cpu()
+    final = par.full_model(model)
     if norm_scale is not None:
         final.fold_norm_scale(norm_scale)
-    final.save(out)
+    if par.is_writer:
+        final.save(out)
+    par.barrier()
     return final
 
 

@@ -6,6 +6,7 @@ every verb's work lives in its own module.
     feature-evolution analyze runs/demo            # one stage of an existing run (re-run, forced)
     feature-evolution pretrain --run-dir runs/x --steps 500 ...   # stage verbs with their own flags
     feature-evolution compare runs/demo runs/demo-regularised     # two runs side by side
+    feature-evolution plan runs/x.toml --gpus 1,8  # cost: downloads, forwards, disk, FLOPs, memory, hours
 """
 
 from __future__ import annotations
@@ -62,6 +63,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
+    if argv and argv[0] == "plan":  # a recipe's cost, running nothing (evolution/plan.py)
+        from evolution.plan import plan_cli
+
+        plan_cli(argv[1:])
+        return 0
     verbs = ["demo", "run", "compare", *STAGE_VERBS]
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in verbs:
         print(__doc__.strip() + "\n\nverbs: " + ", ".join(verbs) + "\n--debug (any verb): show tracebacks of user errors",

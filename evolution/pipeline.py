@@ -12,112 +12,12 @@ import dataclasses
 import json
 import shutil
 import sys
-import tomllib
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
-from crosscoders.config import TrainConfig
-from crosscoders.dataclass_cli import from_dict, to_dict
+from crosscoders.dataclass_cli import to_dict
 from crosscoders.io import write_json
-from evolution.features.analyze import AnalyzeConfig
-from evolution.geometry.stage import GeometryConfig
-from evolution.interventions.stage import InterventionsConfig
-from evolution.numbers.stage import NumbersConfig
-from evolution.phases.snapshot_eval import EvaluateConfig
-from evolution.phases.stage import PhasesConfig
-from evolution.sources.corpus import CorpusConfig
-from evolution.sources.pretrain import PretrainConfig
+from evolution.recipe import HarvestConfig, RunConfig, SnapshotsConfig, load_recipe  # noqa: F401 (re-exported)
 from evolution.stages import Stage, run_stages
-
-
-@dataclass
-class SnapshotsConfig:
-    """Where the snapshots come from and which of them the study uses."""
-
-    source: str = "pretrain"
-    """"pretrain" (train a mini-Pythia in this run), "local:<dir>" (a directory of step{N} HF checkpoints:
-    GPT-NeoX, GPT-2 or Llama-style), or "hf:EleutherAI/pythia-70m" (Pythia's checkpoints from the hub, through
-    transformer-lens). Every stage reads them through evolution.sources.snapshot_source.SnapshotSource."""
-    steps: list[int] | None = None
-    """Steps to use (None: every saved step; for the hub, Ge et al. 2025's 32 steps)."""
-    cache_dir: str | None = None
-    """hf: sources: the Hugging Face hub cache to read revisions from (None: the default, HF_HUB_CACHE)."""
-    local_files_only: bool = False
-    """hf: sources: use only revisions already in the cache (offline), never the network."""
-
-
-@dataclass
-class HarvestConfig:
-    """Which activations the crosscoder is trained on."""
-
-    hook: str = "blocks.1.hook_resid_post"
-    """transformer-lens hook name (Ge et al. 2025: blocks.6.hook_resid_post of Pythia-160M)."""
-    n_seqs: int = 1024
-    """Corpus rows harvested for training (tokens = n_seqs × (seq_len − 1), BOS excluded)."""
-    n_eval_seqs: int = 64
-    """Held-out corpus rows harvested for the crosscoder's per-snapshot evaluation (FVU, L0, dead)."""
-    batch_size: int = 64
-    """Sequences per forward pass."""
-    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
-    """Storage dtype of the activation store."""
-    device: str = "cpu"
-    """Device the snapshots run on."""
-    autocast: Literal["auto", "none", "bf16"] = "auto"
-    """Precision of the snapshots' forward passes: "auto" = bf16 only where measured faster on the device."""
-
-
-@dataclass
-class RunConfig:
-    """A whole study: one TOML recipe, one run directory `root/name/`."""
-
-    name: str = "demo"
-    """Run name: results go to `root/name/`."""
-    root: str = "runs"
-    """Directory holding run directories."""
-    corpus: CorpusConfig = field(default_factory=CorpusConfig)
-    """[corpus]: the token stream."""
-    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
-    """[pretrain]: mini-Pythia training (only with snapshots.source = "pretrain")."""
-    snapshots: SnapshotsConfig = field(default_factory=SnapshotsConfig)
-    """[snapshots]: where the checkpoints come from."""
-    harvest: HarvestConfig = field(default_factory=HarvestConfig)
-    """[harvest]: hook and amount of activations."""
-    train: TrainConfig = field(default_factory=TrainConfig)
-    """[train] and [train.crosscoder]: the crosscoder and its training."""
-    analyze: AnalyzeConfig = field(default_factory=AnalyzeConfig)
-    """[analyze]: timelines, probes, browser."""
-    geometry: GeometryConfig = field(default_factory=GeometryConfig)
-    """[geometry]: linearity, anisotropy, intrinsic dimension per layer and snapshot."""
-    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
-    """[evaluate]: every snapshot's held-out loss and KL to the unigram / bigram distributions, per token."""
-    phases: PhasesConfig = field(default_factory=PhasesConfig)
-    """[phases]: combination of the phase signals."""
-    numbers: NumbersConfig = field(default_factory=NumbersConfig)
-    """[numbers]: the number helix across snapshots (Kantamneni & Tegmark 2025); on when the corpus has numbers."""
-    interventions: InterventionsConfig = field(default_factory=InterventionsConfig)
-    """[interventions]: linear replacement / removal of blocks, pruning, logit lens, feature logit effects
-    per snapshot (off unless `enabled = true`)."""
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.root) / self.name
-
-
-def load_recipe(path: str | Path, **overrides) -> RunConfig:
-    """Read a TOML recipe into a RunConfig (unknown keys are an error naming the table)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"recipe {path} not found; recipes live in runs/*.toml")
-    with open(path, "rb") as f:
-        data = tomllib.load(f)
-    data.setdefault("name", path.stem)
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    try:
-        return from_dict(RunConfig, data)
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from e
-
 
 # ------------------------------------------------------------------------------------------ stages
 
@@ -195,6 +95,14 @@ def harvest_stage(cfg: RunConfig) -> None:
     from crosscoders.harvest import harvest
     from evolution.sources.corpus import Corpus
 
+    if cfg.harvest.mode == "stream":  # no store: the scales of the first window (evolution/scale.py)
+        from evolution.scale import stream_harvest_stage
+
+        return stream_harvest_stage(cfg)
+    if cfg.parallel.nproc_per_node > 1:  # each torchrun rank harvests its snapshots into one store
+        from evolution.scale import launch
+
+        return launch(cfg, "harvest")
     run, h = cfg.run_dir, cfg.harvest
     corpus = Corpus.load(run / "corpus")
     src = snapshot_source(cfg)
@@ -220,6 +128,10 @@ def crosscoder_stage(cfg: RunConfig) -> None:
     from crosscoders.train import check_epochs, evaluate, train
 
     run, h = cfg.run_dir, cfg.harvest
+    if h.mode == "stream" or cfg.parallel.nproc_per_node > 1:  # zero-disk and/or torchrun ranks
+        from evolution.scale import crosscoder_stage_scaled
+
+        return crosscoder_stage_scaled(cfg)
     store = ActivationStore(run / "activations" / h.hook)
     store.verify()
     tcfg = cfg.train
@@ -285,6 +197,15 @@ def interventions_stage(cfg: RunConfig) -> None:
     interventions(cfg.run_dir, steps, _loaders(cfg, steps), cfg.interventions)
 
 
+def _harvest_key(h: HarvestConfig) -> str:
+    """What the harvest stage's key hashes: the config's repr, without the stream fields in store mode, so that
+    runs harvested before `mode` existed keep their cached stages (stages.py hashes a dataclass in a dict by repr)."""
+    if h.mode == "store":
+        return str(h).replace(f", mode='store', stream_buffer_seqs={h.stream_buffer_seqs}, "
+                              f"stream_shards={h.stream_shards})", ")")
+    return str(h)
+
+
 def _remover(*paths: Path):
     """A stage's `clean`: delete partial results written under an earlier config."""
     return lambda: [shutil.rmtree(p, ignore_errors=True) for p in paths]
@@ -314,7 +235,7 @@ def stages_for(cfg: RunConfig, force: tuple[str, ...] = ()) -> list[Stage]:
                         inputs=snaps_in, outputs=["numbers.json"],
                         describe=f"{run}/numbers.json, {run}/figures/numbers.png"))
     st += [
-        Stage("harvest", lambda: harvest_stage(cfg), {"harvest": cfg.harvest, "snapshots": cfg.snapshots},
+        Stage("harvest", lambda: harvest_stage(cfg), {"harvest": _harvest_key(cfg.harvest), "snapshots": cfg.snapshots},
               inputs=snaps_in, outputs=[f"activations/{cfg.harvest.hook}/manifest.json"],
               clean=_remover(run / "activations" / cfg.harvest.hook, run / "activations_eval" / cfg.harvest.hook),
               describe=f"{run}/activations/{cfg.harvest.hook}/ (shards + manifest.json)"),

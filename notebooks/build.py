@@ -19,7 +19,7 @@ import nbformat
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # the cell sources live in notebooks/cells/
 
-from cells import feature_timelines, interventions, numbers, phase_map, pythia_gpu, quickstart, real_checkpoints  # noqa: E402
+from cells import feature_timelines, interventions, numbers, phase_map, pythia_gpu, quickstart, real_checkpoints, scaling  # noqa: E402,E501
 from cells.common import Cell  # noqa: E402
 
 NOTEBOOKS: dict[str, list[Cell]] = {
@@ -30,6 +30,7 @@ NOTEBOOKS: dict[str, list[Cell]] = {
     "05_real_checkpoints.ipynb": real_checkpoints.CELLS,
     "06_numbers.ipynb": numbers.CELLS,
     "07_interventions.ipynb": interventions.CELLS,
+    "08_scaling.ipynb": scaling.CELLS,
 }
 
 

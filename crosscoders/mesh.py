@@ -1,0 +1,138 @@
+"""The process mesh of a distributed crosscoder run: data parallel x source (snapshot) parallel.
+
+`torchrun --nproc_per_node=W ...` starts W ranks; `Mesh.init(source_parallel=P)` lays them out as a
+D x P grid (D = W / P), rank = d * P + p: the P ranks of one *source group* hold disjoint snapshots of the
+same tokens, the D ranks of one *data group* hold the same snapshots of disjoint tokens. Source groups are
+contiguous ranks, so on a multi-GPU node their all-reduces (one per step for the pre-activation) stay on
+the fastest links. Backend: NCCL where the device is CUDA, gloo on the CPU (PyTorch's own; no process
+pool of ours). Collectives with autograd (`all_reduce_sum`) carry the gradient across ranks: the
+backward of a sum over ranks is the sum over ranks of the upstream gradients.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .errors import UserError
+
+
+class MeshError(UserError, ValueError):
+    """A distributed layout that cannot work (sizes that do not divide, a resume on another layout)."""
+
+
+class _AllReduceSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, t: Tensor, group: Any) -> Tensor:  # type: ignore[override]
+        ctx.group = group
+        out = t.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+@dataclass
+class Mesh:
+    """This rank's place in the D x P grid, and the process groups of its row and column."""
+
+    rank: int
+    world: int
+    data: int
+    """D: ranks that split the batch (tokens)."""
+    source: int
+    """P: ranks that split the sources (snapshots)."""
+    data_rank: int
+    source_rank: int
+    data_group: Any = None
+    source_group: Any = None
+    device: str = "cpu"
+
+    @classmethod
+    def init(cls, source_parallel: int = 1, device: str = "cpu", backend: str | None = None,
+             timeout_s: float = 600.0) -> Mesh:
+        """Join the torch.distributed job started by torchrun (env:// rendezvous) and build the groups."""
+        if not dist.is_initialized():
+            if "RANK" not in os.environ:
+                raise MeshError("no torch.distributed job: launch with `torchrun --nproc_per_node=N -m ...`")
+            backend = backend or ("nccl" if str(device).startswith("cuda") else "gloo")
+            if str(device).startswith("cuda"):
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        world, rank = dist.get_world_size(), dist.get_rank()
+        P = int(source_parallel)
+        if P < 1 or world % P:
+            raise MeshError(f"source_parallel={P} does not divide the world size {world} "
+                            f"(torchrun --nproc_per_node): choose a divisor of {world}")
+        D = world // P
+        d, p = divmod(rank, P)
+        mesh = cls(rank, world, D, P, d, p, device=device)
+        # every rank must create every group, in the same order (torch.distributed.new_group)
+        for dd in range(D):
+            g = dist.new_group([dd * P + pp for pp in range(P)])
+            if dd == d:
+                mesh.source_group = g
+        for pp in range(P):
+            g = dist.new_group([dd * P + pp for dd in range(D)])
+            if pp == p:
+                mesh.data_group = g
+        return mesh
+
+    @property
+    def layout(self) -> dict:
+        return {"world": self.world, "data": self.data, "source": self.source}
+
+    def source_slice(self, n_sources: int) -> slice:
+        """This rank's snapshots: a contiguous block of n_sources / P (n_sources must divide: padding would
+        train dummy snapshots whose decoder norms enter the shared gate)."""
+        if n_sources % self.source:
+            raise MeshError(f"{n_sources} sources do not split over source_parallel={self.source} ranks: "
+                            f"choose a source_parallel that divides {n_sources}")
+        n = n_sources // self.source
+        return slice(self.source_rank * n, (self.source_rank + 1) * n)
+
+    # ---------------------------------------------------------------- collectives (no-ops on size-1 groups)
+    def sum_sources(self, t: Tensor) -> Tensor:
+        """Sum over the source group, with autograd."""
+        return _AllReduceSum.apply(t, self.source_group) if self.source > 1 else t
+
+    def sum_world(self, t: Tensor) -> Tensor:
+        """Sum over every rank, with autograd."""
+        return _AllReduceSum.apply(t, None) if self.world > 1 else t
+
+    def reduce_(self, t: Tensor, group: str, op: Any = dist.ReduceOp.SUM) -> Tensor:
+        """In-place all-reduce without autograd over "data", "source" or "world"."""
+        size = {"data": self.data, "source": self.source, "world": self.world}[group]
+        if size > 1:
+            dist.all_reduce(t, op=op, group={"data": self.data_group, "source": self.source_group}.get(group))
+        return t
+
+    def gather_data(self, t: Tensor) -> Tensor:
+        """Concatenate equal-sized tensors of the data group along dim 0."""
+        if self.data == 1:
+            return t
+        parts = [torch.empty_like(t) for _ in range(self.data)]
+        dist.all_gather(parts, t.contiguous(), group=self.data_group)
+        return torch.cat(parts)
+
+    def gather_sources(self, t: Tensor) -> Tensor:
+        """Concatenate each source rank's block of a per-source tensor along dim 0 (source order)."""
+        if self.source == 1:
+            return t
+        parts = [torch.empty_like(t) for _ in range(self.source)]
+        dist.all_gather(parts, t.contiguous(), group=self.source_group)
+        return torch.cat(parts)
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
