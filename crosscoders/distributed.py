@@ -96,6 +96,21 @@ def _tanh_quad_global(f: Tensor, n: Tensor, c: float, s: float, mesh: Mesh) -> T
     return (p * (1 + p / s)).sum()
 
 
+def _l1_l2_sharded(model: ShardedCrosscoder, f: Tensor) -> Tensor:
+    """This rank's share of `losses.l1_l2_penalty`: sum_i f_i ||n_i||_2 with the squared norms summed over the
+    source group. Shared code: the same on every source rank, so each takes 1/P. Per-source code: the max
+    over all sources, owned by the rank(s) holding it (ties split evenly, as torch.amax's gradient does)."""
+    mesh, P = model.mesh, model.mesh.source
+    norm = mesh.sum_sources(model.decoder_norms().float().pow(2).sum(-1)).sqrt()  # [d_sae], ||n_i|| over all sources
+    if f.ndim == 2:
+        return (f * norm).sum(-1).mean() / P
+    local = f.amax(-2)  # [batch, d_sae]
+    top = mesh.reduce_(local.detach().clone(), "source", dist.ReduceOp.MAX)
+    owner = (local.detach() == top).float()
+    ties = mesh.reduce_(owner.clone(), "source")
+    return (local * owner / ties * norm).sum(-1).mean()
+
+
 def sharded_loss(model: ShardedCrosscoder, x: Tensor, sparsity_coef: float, dead: Tensor | None = None,
                  auxk_coef: float = 1 / 32, k_aux: int = 0, pre_act_coef: float = 0.0, sparse: bool | None = None,
                  sparsity: str = "auto", frequency_scale: float = 0.01) -> LossOutput:
@@ -117,12 +132,14 @@ def sharded_loss(model: ShardedCrosscoder, x: Tensor, sparsity_coef: float, dead
     zero = mse.new_zeros(())
     if sparsity != "auto" and sparsity not in PENALTIES:
         raise ValueError(f"unknown sparsity penalty {sparsity!r}; choose one of auto, {', '.join(PENALTIES)}")
-    penalty = {"relu": "l1", "jumprelu": "tanh"}.get(cfg.activation) if sparsity == "auto" else sparsity
+    penalty = {"relu": "l1_l2", "jumprelu": "tanh"}.get(cfg.activation) if sparsity == "auto" else sparsity
     pen, aux = zero, zero
     if cfg.activation != "batchtopk":
         ff, nn_ = f.float(), dec_norm.float()
         if penalty == "tanh_quad":
             pen = _tanh_quad_global(ff, nn_, cfg.tanh_scale, frequency_scale, mesh) / P
+        elif penalty == "l1_l2":
+            pen = _l1_l2_sharded(model, ff)
         elif not model.per_source:  # the shared code is the same on every rank of the source group
             pen = PENALTIES[penalty](ff, nn_, cfg.tanh_scale, frequency_scale) / P
         elif penalty == "l1":  # a sum over sources: this rank's sources
