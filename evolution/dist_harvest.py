@@ -42,7 +42,7 @@ def merge(out: Path, parts: list[Path], sources: list[str], hook: str) -> Activa
 
 def harvest_share(cfg, mesh) -> None:
     """This rank's snapshots of the training and held-out stores, then (rank 0) the merge."""
-    from evolution.pipeline import _loaders
+    from evolution.pipeline import _loaders, harvest_metadata, snapshot_source
     from evolution.scale import _steps_sources
     from evolution.sources.corpus import Corpus
 
@@ -51,6 +51,7 @@ def harvest_share(cfg, mesh) -> None:
     steps, sources = _steps_sources(cfg)
     if mesh.world > len(steps):
         raise UserError(f"{mesh.world} ranks for {len(steps)} snapshots: use at most {len(steps)} for the harvest")
+    metadata = harvest_metadata(cfg, snapshot_source(cfg, steps), corpus)  # the single-process manifest's
     loaders = _loaders(cfg, steps)
     ev = corpus.eval_tokens if corpus.eval_tokens is not None else corpus.tokens[-h.n_eval_seqs:]
     jobs = [(corpus.tokens[: h.n_seqs], run / "activations" / h.hook), (ev[: h.n_eval_seqs], run / "activations_eval" / h.hook)]
@@ -68,7 +69,7 @@ def harvest_share(cfg, mesh) -> None:
                 shard_seqs = max(1, (64 << 20) // (tokens.shape[1] * len(steps) * d_in * (4 if h.dtype == "float32" else 2)))
                 harvest([model], tokens, h.hook, part_dir(out, j), sources=[sources[j]], batch_size=h.batch_size,
                         dtype=h.dtype, shard_seqs=shard_seqs, bos_token_id=corpus.bos_token_id, strategy="chunk",
-                        autocast=h.autocast, progress=mesh.rank == 0)
+                        autocast=h.autocast, progress=mesh.rank == 0, metadata=metadata)
                 del model
         mesh.barrier()
         if mesh.rank == 0 and not done:

@@ -91,6 +91,15 @@ def loss_outputs(run: Path) -> None:
         write_json(run / "pretrain" / "learned_steps.json", learned_steps(read_jsonl(run / "pretrain" / "log.jsonl"), refs))
 
 
+def harvest_metadata(cfg: RunConfig, src, corpus) -> dict:
+    """The store manifest's `metadata`: the token stream's and the snapshots' identity, after checking that
+    the corpus fits the snapshots (before any model runs). One definition for every harvest path."""
+    src.check_corpus(corpus)
+    meta = json.loads((cfg.run_dir / "corpus" / "meta.json").read_text())
+    stream = {k: meta.get(k) for k in ("tokenizer_hash", "tokenizer_from", "text_source", "vocab_size")}
+    return {"token_stream": stream, "snapshots": src.describe()}
+
+
 def harvest_stage(cfg: RunConfig) -> None:
     from crosscoders.harvest import harvest
     from evolution.sources.corpus import Corpus
@@ -109,13 +118,9 @@ def harvest_stage(cfg: RunConfig) -> None:
     steps = src.steps
     if len(steps) < 2:
         raise ValueError(f"a crosscoder across snapshots needs ≥ 2 snapshots, found steps {steps}")
-    src.check_corpus(corpus)  # before any model runs
-    meta = json.loads((run / "corpus" / "meta.json").read_text())
-    stream = {k: meta.get(k) for k in ("tokenizer_hash", "tokenizer_from", "text_source", "vocab_size")}
     sources = [f"step{s}" for s in steps]
     common = dict(hook=h.hook, sources=sources, batch_size=h.batch_size, dtype=h.dtype, autocast=h.autocast,
-                  bos_token_id=corpus.bos_token_id, strategy="snapshot",
-                  metadata={"token_stream": stream, "snapshots": src.describe()})
+                  bos_token_id=corpus.bos_token_id, strategy="snapshot", metadata=harvest_metadata(cfg, src, corpus))
     harvest(src.loaders(), corpus.tokens[: h.n_seqs], out_dir=run / "activations" / h.hook, **common)
     eval_tokens = corpus.eval_tokens if corpus.eval_tokens is not None else corpus.tokens[-h.n_eval_seqs:]
     harvest(src.loaders(), eval_tokens[: h.n_eval_seqs], out_dir=run / "activations_eval" / h.hook, **common)
