@@ -32,6 +32,7 @@ from crosscoders.io import write_json
 from crosscoders.progress import progress_bar
 from evolution.geometry.intrinsic_dim import intrinsic_dims
 from evolution.geometry.layer_metrics import anisotropy, linearity_pair, linearity_score
+from evolution.sources.residual import decoder_layers, hf_residual
 
 PAIR_METRICS = ("linearity", "linearity_no_residual", "linearity_heldout", "linearity_no_residual_heldout",
                 "token_nonlinearity_p90", "token_nonlinearity_max")
@@ -83,37 +84,6 @@ def sample_positions(n_seq: int, seq_len: int, n_tokens: int, exclude_bos: bool,
     return torch.stack([flat // (seq_len - first), flat % (seq_len - first) + first], 1)
 
 
-def _decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The ModuleList of transformer blocks of a Hugging Face model (llama: model.layers, neox: layers)."""
-    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    for _, mod in model.named_modules():
-        if isinstance(mod, torch.nn.ModuleList) and len(mod) > 0 and (n is None or len(mod) == n):
-            return mod
-    raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
-
-
-def _hf_resid(model: torch.nn.Module, tokens: Int[Tensor, "b s"]) -> list[Float[Tensor, "b s d"]]:
-    """Input of block 0 and output of every block, via hooks (HF's `hidden_states[-1]` is after the
-    final norm in some architectures, so it is not used)."""
-    layers = _decoder_layers(model)
-    acts: list[Tensor] = []
-
-    def pre(_mod, args, kwargs):
-        acts.append(args[0] if args else kwargs["hidden_states"])
-
-    def post(_mod, _args, out):
-        acts.append(out[0] if isinstance(out, tuple) else out)
-
-    handles = [layers[0].register_forward_pre_hook(pre, with_kwargs=True)]
-    handles += [layer.register_forward_hook(post) for layer in layers]
-    try:
-        model(input_ids=tokens)
-    finally:
-        for h in handles:
-            h.remove()
-    return acts
-
-
 def collect_resid(
     model: torch.nn.Module,
     tokens: Int[Tensor, "n_seq seq_len"],
@@ -124,7 +94,7 @@ def collect_resid(
     from transformer_lens import HookedTransformer
 
     hooked = isinstance(model, HookedTransformer)
-    n_layers = model.cfg.n_layers if hooked else len(_decoder_layers(model))
+    n_layers = model.cfg.n_layers if hooked else len(decoder_layers(model))
     names = [f"blocks.{i}.hook_resid_pre" for i in range(n_layers)] + [f"blocks.{n_layers - 1}.hook_resid_post"]
     device = next(model.parameters()).device
     seqs = positions[:, 0].unique()
@@ -137,7 +107,7 @@ def collect_resid(
                 _, cache = model.run_with_cache(batch, names_filter=lambda n: n in names)
                 acts = [cache[n] for n in names]
             else:
-                acts = _hf_resid(model, batch)
+                acts = hf_residual(model, batch)[1]
             rows = positions[torch.isin(positions[:, 0], batch_seqs)]
             local = torch.searchsorted(batch_seqs, rows[:, 0].contiguous())
             out.append(torch.stack([a[local, rows[:, 1]].float().cpu() for a in acts]))

@@ -73,9 +73,9 @@ def decoder_blocks(model: torch.nn.Module) -> Sequence[torch.nn.Module]:
 
     if isinstance(model, HookedTransformer):
         return model.blocks
-    from evolution.geometry.stage import _decoder_layers
+    from evolution.sources.residual import decoder_layers
 
-    return _decoder_layers(model)
+    return decoder_layers(model)
 
 
 @contextmanager

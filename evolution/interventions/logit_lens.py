@@ -37,7 +37,7 @@ def logit_lens(model, tokens: Int[Tensor, "n s"], batch_size: int = 8, bos_token
     """`{"layers", "loss": [per layer], "top1_agreement": [per layer]}` over every target of `tokens`."""
     from transformer_lens import HookedTransformer
 
-    from evolution.geometry.stage import _hf_resid
+    from evolution.sources.residual import hf_residual
 
     norm, unembed = final_norm_and_unembed(model)
     hooked = isinstance(model, HookedTransformer)
@@ -53,7 +53,7 @@ def logit_lens(model, tokens: Int[Tensor, "n s"], batch_size: int = 8, bos_token
                 _, cache = model.run_with_cache(batch, names_filter=lambda x, names=names: x in names)
                 resid = [cache[x] for x in names]
             else:
-                resid = _hf_resid(model, batch)
+                resid = hf_residual(model, batch)[1]
             tgt = batch[:, 1:]
             keep = (tgt != bos_token_id) if bos_token_id is not None else torch.ones_like(tgt, dtype=torch.bool)
             logits = [unembed(norm(r)).double()[:, :-1] for r in resid]

@@ -22,38 +22,17 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
-
-def _layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    inner = getattr(model, "gpt_neox", None) or getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if layers is None:
-        raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
-    return layers
+from evolution.sources.residual import hf_residual
 
 
 def consecutive_cosine(model: torch.nn.Module, tokens: Int[Tensor, "batch seq"]
                        ) -> tuple[Float[Tensor, "batch seq V"], Float[Tensor, ""]]:
     """(logits, mean cosine between consecutive residual-stream points over layers and tokens t ≥ 1) of an
     HF causal LM, from one forward pass (hooks on the decoder layers)."""
-    layers = _layers(model)
-    acts: list[Tensor] = []
-
-    def pre(_mod, args, kwargs):
-        acts.append(args[0] if args else kwargs["hidden_states"])
-
-    def post(_mod, _args, out):
-        acts.append(out[0] if isinstance(out, tuple) else out)
-
-    handles = [layers[0].register_forward_pre_hook(pre, with_kwargs=True)]
-    handles += [layer.register_forward_hook(post) for layer in layers]
-    try:
-        logits = model(input_ids=tokens).logits
-    finally:
-        for h in handles:
-            h.remove()
+    out, acts = hf_residual(model, tokens)
     cos = torch.stack([F.cosine_similarity(a[:, 1:].float(), b[:, 1:].float(), dim=-1).mean()
                        for a, b in zip(acts, acts[1:], strict=False)])
-    return logits, cos.mean()
+    return out.logits, cos.mean()
 
 
 def regularised_loss(model: torch.nn.Module, tokens: Int[Tensor, "batch seq"], bos_token_id: int, coef: float,
