@@ -15,20 +15,21 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from crosscoders.dataclass_cli import config_hash, to_dict
 from crosscoders.io import write_json
 from crosscoders.progress import progress_bar
-from evolution.numbers.helix import DEFAULT_PERIODS, HelixConfig, emergence_step, fit_helix
+from evolution.numbers.helix import HelixConfig, emergence_step, fit_helix
 
 NUMBERS_VERSION = 1
 
 
 @dataclass
-class NumbersConfig:
-    """[numbers]: the helix analysis across snapshots (Kantamneni & Tegmark 2025)."""
+class NumbersConfig(HelixConfig):
+    """[numbers]: the helix analysis across snapshots (Kantamneni & Tegmark 2025); the fit's own settings
+    (periods, n_pca, n_folds, n_null, n_random_periods, null_quantile, seed) are `HelixConfig`'s."""
 
     enabled: bool | None = None
     """Run the stage: None = only when the planted corpus has numbers (corpus.planted.p_number > 0)."""
@@ -38,28 +39,10 @@ class NumbersConfig:
     """Prompt templates with one "{a}" (None: `acts.default_templates` for the tokenizer)."""
     pool: str = "single"
     """single (every number one token, else an error) | last | mean: see `evolution.numbers.acts`."""
-    periods: list[float] = field(default_factory=lambda: list(DEFAULT_PERIODS))
-    """Periods of the helix's Fourier features."""
-    n_pca: int = 100
-    """PCA dimensions before the regression (the paper's 100)."""
-    n_folds: int = 5
-    """Folds over the numbers for the held-out R²."""
-    n_null: int = 100
-    """Permutations of the numbers for the nulls."""
-    n_random_periods: int = 20
-    """Draws for the random-periods baseline."""
-    null_quantile: float = 0.99
-    """A value counts as present above this quantile of its shuffled-number null."""
     report_layer: int = 1
     """Residual point shown in the figure's period panels: 1 = after block 0, the paper's h^0 (its §4)."""
     batch_size: int = 64
     """Prompts per forward pass."""
-    seed: int = 0
-    """Seed of folds, permutations and random periods."""
-
-    def helix(self) -> HelixConfig:
-        return HelixConfig(periods=list(self.periods), n_pca=self.n_pca, n_folds=self.n_folds, n_null=self.n_null,
-                           n_random_periods=self.n_random_periods, null_quantile=self.null_quantile, seed=self.seed)
 
 
 def model_numbers(model, tokenizer, cfg: NumbersConfig) -> dict:
@@ -71,7 +54,7 @@ def model_numbers(model, tokenizer, cfg: NumbersConfig) -> dict:
     numbers = list(range(cfg.n_numbers))
     acts, hooks = number_acts(model, tokenizer, numbers, cfg.templates, cfg.pool, cfg.batch_size)
     a = torch.arange(cfg.n_numbers, dtype=torch.float64)
-    return {"hooks": hooks, "fits": [fit_helix(acts[i], a, cfg.helix()).to_dict() for i in range(len(hooks))]}
+    return {"hooks": hooks, "fits": [fit_helix(acts[i], a, cfg).to_dict() for i in range(len(hooks))]}
 
 
 def summarize(records: dict[int, dict], cfg: NumbersConfig, learned: dict | None = None) -> dict:
