@@ -32,6 +32,21 @@ def best_time(fn: Callable[[], object], device: torch.device, repeats: int = 3, 
     return best
 
 
+def interleaved_best(cases: dict, device: torch.device, repeats: int) -> dict:
+    """Fastest time (seconds) of each case over `repeats` rounds, every round running all cases in turn: on a
+    shared machine load drifts, and cases compared with each other should see the same conditions. No
+    warm-up (callers warm up what needs it)."""
+    best = {k: float("inf") for k in cases}
+    for _ in range(repeats):
+        for k, fn in cases.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            best[k] = min(best[k], time.perf_counter() - t0)
+    return best
+
+
 def matmul_peak(dtype: str, device: torch.device, n: int | None = None, repeats: int = 5) -> dict:
     """Dense matmul throughput `[n, n] @ [n, n]` in GFLOP/s (2 n^3 FLOPs), the machine's practical peak
     for `dtype` measured in this run, so fractions of it are comparable across machines and loads."""

@@ -23,7 +23,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 from crosscoders.harvest import harvest, model_acts, stream
 from crosscoders.store import ActivationStore
 
-from .common import PeakMemory, sync
+from .common import PeakMemory, interleaved_best
 
 
 @dataclass
@@ -83,15 +83,8 @@ def harvest_cases(shape: HarvestShape, device: str = "cpu", repeats: int = 2) ->
              "harvest_snapshot": lambda: harvest_once("snapshot"), "stream": lambda: sum(len(b) for b in s)}
     # Interleaved repeats, best of each: on a shared machine load drifts, and every case should see
     # the same conditions as the bare forward pass it is compared with.
-    best = {k: float("inf") for k in cases}
     bare()  # warm-up
-    for _ in range(repeats):
-        for k, fn in cases.items():
-            sync(dev)
-            t0 = time.perf_counter()
-            fn()
-            sync(dev)
-            best[k] = min(best[k], time.perf_counter() - t0)
+    best = interleaved_best(cases, dev, repeats)
     t_bare = best["bare_forward"]
     out: dict = {"shape": vars(shape), "hook": hook, "repeats": repeats, "token_forwards": n_tok}
     for k, t in best.items():

@@ -29,7 +29,7 @@ from crosscoders.config import CrosscoderConfig
 from crosscoders.losses import crosscoder_loss
 from crosscoders.model import Crosscoder
 
-from .common import matmul_peak, sync
+from .common import interleaved_best, matmul_peak, sync
 from .train_bench import Shape
 
 
@@ -121,16 +121,9 @@ def crossover_case(shape: Shape, ks: list[float], repeats: int = 2, device: str 
         def fwd_bwd(use_sparse: bool, model=model) -> None:
             model.zero_grad(set_to_none=True)
             crosscoder_loss(model, x, 0.0, sparse=use_sparse).total.backward()
-        best = {True: float("inf"), False: float("inf")}
         fwd_bwd(True)
         fwd_bwd(False)
-        for _ in range(repeats):
-            for mode in best:
-                sync(dev)
-                t0 = time.perf_counter()
-                fwd_bwd(mode)
-                sync(dev)
-                best[mode] = min(best[mode], time.perf_counter() - t0)
+        best = interleaved_best({True: lambda: fwd_bwd(True), False: lambda: fwd_bwd(False)}, dev, repeats)
         rows.append({"k": k, "k_over_d_sae": k / H, "dense_s": best[False], "sparse_s": best[True],
                      "speedup": best[False] / best[True]})
     return {"shape": vars(shape), "rows": rows}

@@ -32,7 +32,7 @@ from crosscoders.io import write_json
 from crosscoders.stream import ShuffleStream
 from crosscoders.train import train
 
-from .common import machine, sync
+from .common import interleaved_best, machine
 from .harvest_bench import HarvestShape, neox_like
 
 RESULTS = Path(__file__).parent / "results"
@@ -106,16 +106,9 @@ def run(cfg: StreamBenchConfig) -> dict:
     cases = {"bare_forward": bare, "train_memory": lambda: trained(in_memory),
              "train_stream": lambda: trained(ShuffleStream(models, tokens, hook, cfg.batch_size,
                                                            buffer_seqs=cfg.buffer_seqs, scales=None))}
-    best = {k: float("inf") for k in cases}
     for fn in cases.values():  # warm-up
         fn()
-    for _ in range(cfg.repeats):
-        for k, fn in cases.items():
-            sync(dev)
-            t0 = time.perf_counter()
-            fn()
-            sync(dev)
-            best[k] = min(best[k], time.perf_counter() - t0)
+    best = interleaved_best(cases, dev, cfg.repeats)
     n_tok = steps * cfg.batch_size
     result = {"config": to_dict(cfg), "machine": {**machine(), "device": device},
               "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "steps": steps, "tokens": n_tok,
