@@ -13,7 +13,6 @@ Everything is read lazily from the run directory: the crosscoder only when asked
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from functools import cached_property
 from pathlib import Path
@@ -178,13 +177,11 @@ class Run:
         if stored.get("k", 0) >= k and str(step) in stored.get("features", {}).get(str(i), {}):
             e, vocab = stored["features"][str(i)][str(step)], stored["vocab"]
             return {key: [(vocab[str(t)], v) for t, v in e[key][:k]] for key in ("promoted", "suppressed")}
-        from crosscoders.dataclass_cli import from_dict
         from evolution.interventions.logit_effects import logit_effects_matrix, top_effects
-        from evolution.pipeline import RunConfig, _loaders
+        from evolution.pipeline import _loaders
+        from evolution.recipe import load_run_config
 
-        cfg = from_dict(RunConfig, json.loads((self.path / "run.json").read_text()))
-        cfg = dataclasses.replace(cfg, root=str(self.path.parent), name=self.path.name)
-        model = _loaders(cfg, [step])[0]()
+        model = _loaders(load_run_config(self.path), [step])[0]()
         W_dec = self.crosscoder.W_dec[self.steps.index(step), i : i + 1].detach().float()
         e = top_effects(logit_effects_matrix(model, W_dec), k)[0]
         return {key: [(model.tokenizer.decode([t]), v) for t, v in e[key]] for key in ("promoted", "suppressed")}

@@ -4,6 +4,8 @@ The stages that run a `RunConfig` are in `evolution.pipeline` (which re-exports 
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,3 +121,12 @@ def load_recipe(path: str | Path, **overrides) -> RunConfig:
         return from_dict(RunConfig, data)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from e
+
+
+def load_run_config(run_dir: str | Path) -> RunConfig:
+    """The RunConfig a run directory was made with (its run.json), rooted where the directory now is."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "run.json").exists():
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no run.json): run a recipe first")
+    cfg = from_dict(RunConfig, json.loads((run_dir / "run.json").read_text()))
+    return dataclasses.replace(cfg, root=str(run_dir.parent), name=run_dir.name)

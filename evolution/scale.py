@@ -196,9 +196,8 @@ def write_eval(cfg, model) -> None:
 def main(argv: list[str] | None = None) -> None:
     """torchrun's entry: `torchrun --nproc_per_node=N -m evolution.scale {train|harvest} RUN_DIR` (RUN_DIR/run.json is
     the recipe): the crosscoder stage's training, or (store mode) the harvest split by snapshot."""
-    from crosscoders.dataclass_cli import from_dict
     from crosscoders.mesh import Mesh
-    from evolution.pipeline import RunConfig
+    from evolution.recipe import load_run_config
 
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 2 or argv[0] not in ("train", "harvest"):
@@ -206,8 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     verb, run_dir = argv[0], Path(argv[1])
     if not (run_dir / "run.json").exists():
         raise UserError(f"{run_dir}: no run.json; run `feature-evolution run RECIPE` (it starts this) first")
-    cfg = from_dict(RunConfig, json.loads((run_dir / "run.json").read_text()))
-    cfg = dataclasses.replace(cfg, root=str(run_dir.parent), name=run_dir.name)
+    cfg = load_run_config(run_dir)
     p = cfg.parallel
     device = cfg.train.device if verb == "train" else cfg.harvest.device
     mesh = Mesh.init(p.source_parallel if verb == "train" else 1, device=device,

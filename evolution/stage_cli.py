@@ -5,13 +5,13 @@ steps come from the run's run.json, and the stages before it are not re-checked.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 from crosscoders.dataclass_cli import from_dict
 from evolution.interventions.stage import InterventionsConfig
 from evolution.phases.snapshot_eval import EvaluateConfig
-from evolution.pipeline import RunConfig, evaluate_stage, interventions_stage
+from evolution.pipeline import evaluate_stage, interventions_stage
+from evolution.recipe import load_run_config
 
 
 def evaluate_cli(argv: list[str] | None = None) -> None:
@@ -26,8 +26,7 @@ def evaluate_cli(argv: list[str] | None = None) -> None:
     add_arguments(parser, EvaluateConfig)
     ns = vars(parser.parse_args(argv))
     run_dir = Path(ns.pop("run_dir"))
-    cfg = from_dict(RunConfig, json.loads((run_dir / "run.json").read_text()))
-    cfg = dataclasses.replace(cfg, root=str(run_dir.parent), name=run_dir.name, evaluate=from_dict(EvaluateConfig, ns))
+    cfg = dataclasses.replace(load_run_config(run_dir), evaluate=from_dict(EvaluateConfig, ns))
     evaluate_stage(cfg)
 
 
@@ -43,9 +42,5 @@ def interventions_cli(argv: list[str] | None = None) -> None:
     add_arguments(parser, InterventionsConfig)
     ns = vars(parser.parse_args(argv))
     run_dir = Path(ns.pop("run_dir"))
-    if not (run_dir / "run.json").exists():
-        raise FileNotFoundError(f"{run_dir} is not a run directory (no run.json): run a recipe first")
-    cfg = from_dict(RunConfig, json.loads((run_dir / "run.json").read_text()))
-    cfg = dataclasses.replace(cfg, root=str(run_dir.parent), name=run_dir.name,
-                              interventions=from_dict(InterventionsConfig, ns))
+    cfg = dataclasses.replace(load_run_config(run_dir), interventions=from_dict(InterventionsConfig, ns))
     interventions_stage(cfg)
