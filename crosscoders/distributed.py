@@ -36,7 +36,7 @@ from torch import Tensor
 
 from .config import CrosscoderConfig
 from .io import torch_save, write_json
-from .losses import PENALTIES, LossOutput, auxk_loss, l1_penalty, pre_act_loss, tanh_penalty
+from .losses import PENALTIES, LossOutput, auxk_loss, l1_penalty, penalty_name, pre_act_loss, tanh_penalty
 from .mesh import Mesh, MeshError
 from .model import Crosscoder
 from .parallel import Local
@@ -130,9 +130,7 @@ def sharded_loss(model: ShardedCrosscoder, x: Tensor, sparsity_coef: float, dead
     mse_per_source = (x_hat.float() - x.float()).pow(2).sum(-1).mean(0)
     mse = mse_per_source.sum()
     zero = mse.new_zeros(())
-    if sparsity != "auto" and sparsity not in PENALTIES:
-        raise ValueError(f"unknown sparsity penalty {sparsity!r}; choose one of auto, {', '.join(PENALTIES)}")
-    penalty = {"relu": "l1_l2", "jumprelu": "tanh"}.get(cfg.activation) if sparsity == "auto" else sparsity
+    penalty = penalty_name(cfg.activation, sparsity)
     pen, aux = zero, zero
     if cfg.activation != "batchtopk":
         ff, nn_ = f.float(), dec_norm.float()

@@ -85,6 +85,14 @@ PENALTIES = {
 """Sparsity penalties by name, each `(code, gate norms, tanh scale c, frequency scale s) -> scalar`."""
 
 
+def penalty_name(activation: str, sparsity: str) -> str | None:
+    """The penalty a scheme trains with: `sparsity`, or for "auto" the scheme's own (relu: l1_l2, jumprelu:
+    tanh, batchtopk: None). One place for the defaults, used by the single-process and the sharded loss."""
+    if sparsity != "auto" and sparsity not in PENALTIES:
+        raise ValueError(f"unknown sparsity penalty {sparsity!r}; choose one of auto, {', '.join(PENALTIES)}")
+    return {"relu": "l1_l2", "jumprelu": "tanh"}.get(activation) if sparsity == "auto" else sparsity
+
+
 def pre_act_loss(pre: Tensor, dec_norm: Tensor, threshold: Tensor, dead: Bool[Tensor, " d_sae"]) -> Tensor:
     """Anthropic Jan 2025: sum_i ReLU(theta_i - pre_i N_i) over dead latents pulls them back to their gate
     (per-source gate: pre [batch, 1, d_sae] against each source's norms [n_sources, d_sae])."""
@@ -160,9 +168,7 @@ def crosscoder_loss(
     mse = mse_per_source.sum()
     zero = mse.new_zeros(())
     aux = zero
-    if sparsity != "auto" and sparsity not in PENALTIES:
-        raise ValueError(f"unknown sparsity penalty {sparsity!r}; choose one of auto, {', '.join(PENALTIES)}")
-    penalty = {"relu": "l1_l2", "jumprelu": "tanh"}.get(cfg.activation) if sparsity == "auto" else sparsity
+    penalty = penalty_name(cfg.activation, sparsity)
     sparsity = zero  # from here on the penalty's value
     if cfg.activation != "batchtopk" and penalty == "l1_l2":
         sparsity = l1_l2_penalty(f.float(), model.decoder_norms().float())
