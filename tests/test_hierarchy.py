@@ -45,3 +45,16 @@ def test_unmatched_mechanisms_say_why():
                   by="mechanism").set_index("group")
     assert "never learned" in t.loc["bigram", "note"]
     assert t.loc["extra", "n"] == 0 and "no features" in t.loc["extra", "note"]
+
+
+def test_features_present_from_the_start_are_censored_not_counted_as_step_0():
+    """Features whose peak run starts at the first snapshot have no observed rising edge: they are counted in
+    n_from_start and left out of the median (else 'emerged at step 0' would drag the median to the start)."""
+    f = _features()
+    extra = pd.DataFrame([{"emergence_step": 0, "dead": False, "gt_type": "copy", "gt_lift": 3.0, "type": "induction"}] * 100)
+    t = hierarchy(pd.concat([f, extra], ignore_index=True), STEPS, {"copy": 2000}, by="mechanism").set_index("group")
+    assert t.loc["copy", "n"] == 40 and t.loc["copy", "n_from_start"] == 100
+    assert t.loc["copy", "median_step"] == 2000 and t.loc["copy", "matched"]
+    assert "present from the first snapshot" in t.loc["copy", "note"]
+    only = hierarchy(extra, STEPS, {"copy": 2000}, by="mechanism").set_index("group")
+    assert only.loc["copy", "n"] == 0 and "all 100 features" in only.loc["copy", "note"]

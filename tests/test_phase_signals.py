@@ -64,3 +64,19 @@ def test_disagreeing_signals_are_inconclusive():
     assert out["verdict"] == "inconclusive" and out["boundary_step"] is None, out
     assert "agree within their CIs" in out["explanation"] and out["spread"]["min_step"] == 8
     assert not sig["stray"]["used"] and "no CI" in sig["stray"]["reason"]
+
+
+def test_alive_onset_is_the_rising_edge_after_the_statistical_phase_trough():
+    """Init features alive at step 0 die by snapshot 5, new ones are born around 10: the onset is the rise
+    after the trough (not "alive from the first snapshot"), and the decline is reported."""
+    rng = np.random.default_rng(4)
+    n = len(STEPS)
+    init = np.arange(n)[None] < np.clip(np.round(rng.normal(4, 0.7, 300)), 1, n)[:, None]
+    born = planted_alive(onset=10, d=300, seed=5)
+    a = rising_onset(np.concatenate([init, born]), STEPS)
+    assert a["used"] and abs(STEPS.index(a["step"]) - 10) <= 1, a
+    assert a["decline"]["first"] == 300 and a["decline"]["trough_step"] in STEPS[4:10]
+    assert a["ci"][0] <= a["step"] <= a["ci"][1]
+    # the same init features with nothing born after: no onset, with the reason
+    none = rising_onset(init, STEPS)
+    assert not none["used"] and "first snapshot" in none["reason"]

@@ -121,3 +121,22 @@ def test_save_load_roundtrip(tmp_path):
     s = tl.summary()
     assert s["turning_point_step"] == tl.turning_point_step and s["steps"] == STEPS
     assert sum(s["group_counts"].values()) == 30
+
+
+def test_emergence_is_the_rising_edge_of_the_run_holding_the_peak():
+    """A feature present at initialisation that dips in the statistical phase and forms again emerges where it
+    forms again; one present throughout is `present_from_start` (left-censored, no rising edge observed)."""
+    n = len(STEPS)
+    prof = torch.full((3, n), 0.8)
+    prof[0, 3:7] = 0.1                 # init, dip at 3..6, back at 7, peaks at the end
+    prof[0, -1] = 1.0
+    prof[1, 5] = 1.0                   # present from init up to its peak: present_from_start
+    prof[2, :] = 0.05
+    prof[2, 9:] = 1.0                  # never present before 9
+    prof[2, 12] = 1.2
+    d = torch.nn.functional.normalize(torch.randn(3, 8, generator=torch.Generator().manual_seed(1)), dim=-1)
+    tl = compute_timelines_from_W_dec(prof.T[:, :, None] * d[None], STEPS, TimelineConfig(threshold=0.5))
+    assert tl.emergence_index.tolist() == [7, 0, 9]
+    assert tl.to_frame()["present_from_start"].tolist() == [False, True, False]
+    first = compute_timelines_from_W_dec(prof.T[:, :, None] * d[None], STEPS, TimelineConfig(emergence="first"))
+    assert first.emergence_index.tolist() == [0, 0, 9]  # DESIGN.md's original rule, kept as an option

@@ -4,9 +4,13 @@ Ge et al. 2025 (arXiv 2509.17196) report previous-token features forming at ~1k�
 induction features at ~10k–100k, context features last. Here, per group of features:
 
 - **emergence** (defined once, `evolution.features.timelines`): the rising edge of the decoder norm, the
-  first snapshot where ‖W_dec[s, i]‖ ≥ `threshold` × its maximum. Statistics are taken on the snapshot
-  *index* (the schedule is the measuring stick) and reported as steps: median (lower median), IQR, and
-  a 95% percentile bootstrap CI of the median over the group's features (`n_boot` resamples).
+  snapshot where the run of ‖W_dec[s, i]‖ ≥ `threshold` × its maximum that holds the peak begins.
+  A feature whose run begins at the first snapshot has no observed rising edge (left-censored:
+  `present_from_start`); it is counted in `n_from_start` and left out of the emergence statistics, since
+  "emerged at step 0" would be a reading of the schedule's start, not of training. Statistics are taken
+  on the snapshot *index* (the schedule is the measuring stick) of the other features and reported as
+  steps: median (lower median), IQR, and a 95% percentile bootstrap CI of the median over the group's
+  features (`n_boot` resamples).
 - groups `by="type"`: the measured type of `evolution.features.types` (column `type`); `by="mechanism"`:
   the planted mechanism a feature helps predict (`gt_type`, kept when `gt_lift` ≥ `min_lift`).
 - the **mechanism's learned step** (`pretrain/learned_steps.json`, `evolution.phases.loss.learned_steps`:
@@ -38,7 +42,8 @@ def hierarchy(
     features: pd.DataFrame, steps: Sequence[int], learned_steps: Mapping[str, int | None] | None = None,
     by: str = "type", min_lift: float = 1.5, n_boot: int = 1000, seed: int = 0,
 ) -> pd.DataFrame:
-    """One row per group: n, median emergence step, IQR, bootstrap CI, mechanism, learned step, matched, note."""
+    """One row per group: n (features with an observed rising edge), n_from_start (present from the first
+    snapshot, censored), median emergence step, IQR, bootstrap CI, mechanism, learned step, matched, note."""
     learned = dict(learned_steps or {})
     steps = [int(s) for s in steps]
     df = features[~features.get("dead", pd.Series(False, index=features.index)).astype(bool)]
@@ -61,10 +66,12 @@ def hierarchy(
     rng = np.random.default_rng(seed)
     rows = []
     for g in groups:
-        idx = np.array([steps.index(int(s)) for s in df.loc[df[col].astype(str) == g, "emergence_step"]], int)
+        all_idx = np.array([steps.index(int(s)) for s in df.loc[df[col].astype(str) == g, "emergence_step"]], int)
+        idx = all_idx[all_idx > 0]
+        n_start = int((all_idx == 0).sum())
         mech = g if by == "mechanism" else TYPE_MECHANISM.get(g)
         ls = learned.get(mech) if mech else None
-        row = {"group": g, "by": by, "n": len(idx), "mechanism": mech, "learned_step": ls}
+        row = {"group": g, "by": by, "n": len(idx), "n_from_start": n_start, "mechanism": mech, "learned_step": ls}
         if len(idx):
             q = np.percentile(idx, [25, 50, 75], method="lower")
             boot = np.percentile(rng.choice(idx, size=(n_boot, len(idx))), 50, axis=1, method="lower")
@@ -74,7 +81,8 @@ def hierarchy(
         if mech is None:
             row["note"] = "no planted mechanism of its own"
         elif not len(idx):
-            row["note"] = f"no features of {g} (after the filters)"
+            row["note"] = f"all {n_start} features of {g} are present from the first snapshot (no rising edge)" \
+                if n_start else f"no features of {g} (after the filters)"
         elif ls is None:
             row["note"] = f"mechanism {mech} was never learned (no learned step)" if mech in learned else \
                 f"no learned step for {mech} (not a planted corpus, or pretrain/learned_steps.json missing)"
@@ -84,6 +92,9 @@ def hierarchy(
             row["matched"] = abs(row["median_index"] - k) <= 1
             row["note"] = "" if row["matched"] else \
                 f"median emergence {row['median_step']} is {abs(row['median_index'] - k)} intervals from step {steps[k]}"
+        if n_start and len(idx) and n_start >= len(idx):
+            row["note"] = (row.get("note", "") + "; " if row.get("note") else "") + \
+                f"{n_start} of {n_start + len(idx)} features are present from the first snapshot (left out)"
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -114,7 +125,8 @@ def hierarchy_figure(table: pd.DataFrame, features: pd.DataFrame | None = None):
         ax.plot([r["median_step"]], [y], "o", color="k")
         if pd.notna(r.get("learned_step")):
             ax.plot([r["learned_step"]], [y + 0.25], "v", color="C3", ms=8)
-    ax.set_yticks(range(len(t)), [f"{r['by']}: {r['group']} (n={r['n']})" for _, r in t.iterrows()], fontsize=8)
+    ax.set_yticks(range(len(t)), [f"{r['by']}: {r['group']} (n={r['n']}" + (f", +{int(r['n_from_start'])} from start)"
+                                  if r.get("n_from_start", 0) else ")") for _, r in t.iterrows()], fontsize=8)
     ax.set_xscale("symlog", linthresh=1)
     ax.set_xlabel("emergence step (rising edge of the decoder norm)")
     ax.set_title("learning hierarchy: median emergence, IQR (bar), 95% CI (line); ▼ mechanism learned", fontsize=9)
@@ -140,7 +152,9 @@ def hierarchy_summary(run, features: pd.DataFrame, steps: Sequence[int], fig_dir
     `hierarchy.png` in `fig_dir` when given and the table is not empty."""
     learned = read_learned_steps(run)
     table = hierarchy_tables(features, steps, learned)
-    out = {"learned_steps": learned, "emergence": "rising edge of the decoder norm (TimelineConfig.threshold)",
+    out = {"learned_steps": learned, "emergence": "rising edge of the decoder-norm run holding the peak "
+           "(TimelineConfig.threshold); features present from the first snapshot are counted in n_from_start "
+           "and left out (left-censored)",
            "table": [], "order": []}
     if len(table):
         out["table"] = [{k: (None if (not isinstance(v, str) and pd.isna(v)) else (v.item() if hasattr(v, "item") else v))

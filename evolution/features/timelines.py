@@ -7,7 +7,12 @@ how much the feature is present in that snapshot; its direction says what it wri
 
 - `norms[i, s] = ||W_dec[s, i, :]||_2`; `rel_norms = norms / max_s norms` (0 for dead features).
 - **peak index** `argmax_s norms[i, s]` and its step.
-- **emergence**: first snapshot with `rel_norms >= threshold` (default 0.5).
+- **emergence**: the rising edge of the run above `threshold` (default 0.5) that holds the peak, i.e. the
+  snapshot after the last one before the peak with `rel_norms < threshold` (0 when there is none). A
+  feature present at initialisation that fades in the statistical phase and forms again later emerges
+  where it forms again, not at step 0 (on the demo 720 of 1,024 features are above the threshold at
+  step 0 and dip below it by step 128). **present_from_start**: emergence index 0 — no rising edge was observed
+  (left-censored): the feature is present from the first snapshot on, up to its peak.
 - **fade**: the first snapshot after the peak from which on `rel_norms` stays below the threshold up to
   the last snapshot; None when the feature is still above the threshold in the final snapshot.
 - `cos_to_final[i, s]`: cosine between the feature's decoder direction at s and at the final snapshot.
@@ -58,6 +63,10 @@ class TimelineConfig:
 
     threshold: float = 0.5
     """Relative decoder norm (fraction of the feature's max) above which a feature counts as present."""
+    emergence: str = "peak_run"
+    """peak_run: the rising edge of the above-threshold run holding the peak (module docstring); first: the
+    first snapshot above the threshold (DESIGN.md's original rule, which dates every feature present at
+    initialisation to step 0 even when it fades in the statistical phase and forms again later)."""
     dead_norm_frac: float = 0.05
     """A feature is dead when its max norm is below this fraction of the 90th percentile of max norms."""
     early_frac: float = 1 / 3
@@ -172,6 +181,7 @@ class Timelines:
             "peak_index": self.peak_index.tolist(),
             "peak_step": self.peak_step,
             "emergence_step": self._step_or_none(self.emergence_index),
+            "present_from_start": (self.emergence_index == 0).tolist(),
             "fade_step": self._step_or_none(self.fade_index),
             "max_norm": self.max_norm.tolist(),
             "final_rel_norm": self.rel_norms[:, -1].tolist(),
@@ -229,7 +239,8 @@ class Timelines:
         t = load_file(str(path))
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
-        cfg = TimelineConfig(**{k: float(meta[k]) for k in TimelineConfig.__dataclass_fields__ if k in meta})
+        cfg = TimelineConfig(**{k: (meta[k] if k == "emergence" else float(meta[k]))
+                                for k in TimelineConfig.__dataclass_fields__ if k in meta})
         groups = meta.get("groups", "").split(",") if meta.get("groups") else []
         return cls(steps=t["steps"].tolist(), norms=t["norms"], rel_norms=t["rel_norms"],
                    peak_index=t["peak_index"], emergence_index=t["emergence_index"], fade_index=t["fade_index"],
@@ -239,13 +250,21 @@ class Timelines:
 
 
 def emergence_and_fade(
-    rel_norms: Float[Tensor, "d_sae n_sources"], peak_index: Int[Tensor, " d_sae"], threshold: float
+    rel_norms: Float[Tensor, "d_sae n_sources"], peak_index: Int[Tensor, " d_sae"], threshold: float,
+    rule: str = "peak_run",
 ) -> tuple[Int[Tensor, " d_sae"], Int[Tensor, " d_sae"]]:
-    """(first index with rel >= threshold, first index after the peak from which rel stays below; -1 if none)."""
+    """(rising edge of the above-threshold run holding the peak, first index after the peak from which rel
+    stays below; -1 if none)."""
     above = rel_norms >= threshold
     n = rel_norms.shape[1]
     idx = torch.arange(n)
-    emergence = torch.where(above, idx, n).min(dim=1).values
+    if rule == "peak_run":
+        last_below_before_peak = torch.where(~above & (idx[None, :] < peak_index[:, None]), idx, -1).max(dim=1).values
+        emergence = last_below_before_peak + 1
+    elif rule == "first":
+        emergence = torch.where(above, idx, n).min(dim=1).values
+    else:
+        raise ValueError(f"TimelineConfig.emergence must be 'peak_run' or 'first', got {rule!r}")
     # last index at/after the peak that is still above the threshold; the fade is the snapshot after it
     after_peak = idx[None, :] >= peak_index[:, None]
     last_above = torch.where(above & after_peak, idx, -1).max(dim=1).values
@@ -282,7 +301,7 @@ def compute_timelines_from_W_dec(
     dead = max_norm <= torch.clamp(cfg.dead_norm_frac * ref, min=1e-8)
     rel = torch.where(dead[:, None], torch.zeros_like(norms), norms / max_norm.clamp_min(1e-12)[:, None])
     peak = norms.argmax(dim=1)
-    emergence, fade = emergence_and_fade(rel, peak, cfg.threshold)
+    emergence, fade = emergence_and_fade(rel, peak, cfg.threshold, cfg.emergence)
     emergence, fade = emergence.masked_fill(dead, -1), fade.masked_fill(dead, -1)
     c_final = cos_to_final(W_dec)
     if n_sources > 1:

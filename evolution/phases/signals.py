@@ -18,9 +18,17 @@ the edge of the measured steps, or has no CI is *not used*, with the reason.
   the same statistic (minimum re-selected) on token-bootstrap noise alone (curves minus their mean) in
   ≥ 95% of resamples (p ≤ 0.05); `rise_ci` is its 95% bootstrap CI at s*. A flat stretch after the
   minimum gives a positive R by selection alone, which is why R is judged against that null.
-- `rising_onset`: the feature-phase onset, the first snapshot where the number of alive crosscoder
-  features reaches half its maximum (the rising edge rule of `evolution.features.timelines`); effect =
-  max count / count at the first snapshot; null: already at half at the first snapshot.
+- `rising_onset`: the feature-phase onset from the number of alive crosscoder features per snapshot
+  (alive = relative decoder norm at or above the emergence threshold of `evolution.features.timelines`).
+  A crosscoder across snapshots often finds the count high at initialisation (a random embedding already
+  separates tokens), falling through the statistical phase and rising again as features form (the demo:
+  796 → 174 at step 32 → 755). So the onset is the rising edge **after the trough**: with m the snapshot
+  of the minimum count before the maximum that follows it, the first snapshot after m where the count
+  recovers `frac` of the rise (count ≥ c[m] + frac × (max_{s>m} c − c[m])); with no trough (m = 0) this is
+  the rising edge from the start. Effect = rise / number of features; CI over features (bootstrap);
+  null: no rise, i.e. not used when the rise is below `min_rise` of the features, when the count is
+  highest at the first snapshot, or when the bootstrap does not find an onset in ≥ 95% of resamples.
+  `decline` reports the statistical-phase side: the count at the first snapshot and at the trough.
 
 `combine_with_ci`: the largest set of used signals whose CIs (on the log-step axis) share a common
 point; with at least two of them the **boundary** is the geometric median of their steps and its CI
@@ -116,26 +124,47 @@ def stops_tracking(kl: np.ndarray, steps: Sequence[int], n_boot: int = 200, seed
     return out
 
 
-def rising_onset(alive: np.ndarray, steps: Sequence[int], frac: float = 0.5, n_boot: int = 200, seed: int = 0) -> dict:
-    """`alive[feature, snapshot]` (bool): onset = first snapshot where the alive count ≥ frac × its max;
-    CI over features."""
+def _trough_onset(counts: np.ndarray, frac: float) -> tuple[int, int, float]:
+    """(trough index m, onset index (-1 if none), rise) of an alive-count curve (module docstring)."""
+    c = np.asarray(counts, float)
+    if len(c) < 2 or c.max() <= 0:
+        return 0, -1, 0.0
+    # the trough: the minimum before the largest later maximum (each candidate m scored by its rise)
+    later_max = np.maximum.accumulate(c[::-1])[::-1]  # max over s >= m
+    rise = later_max - c
+    m = int(np.argmax(rise))
+    if rise[m] <= 0:
+        return m, -1, 0.0
+    j = m + 1 + int(np.argmax(c[m + 1:] >= c[m] + frac * rise[m]))
+    return m, j, float(rise[m])
+
+
+def rising_onset(alive: np.ndarray, steps: Sequence[int], frac: float = 0.5, n_boot: int = 200, seed: int = 0,
+                 min_rise: float = 0.1) -> dict:
+    """`alive[feature, snapshot]` (bool): the feature-phase onset, the rising edge of the alive count after
+    its trough (module docstring); CI over features."""
     a = np.asarray(alive, bool)
     rng = np.random.default_rng(seed)
-
-    def onset(x: np.ndarray) -> int:
-        c = x.sum(0)
-        return int(np.argmax(c >= frac * c.max())) if c.max() > 0 else -1
-
-    k = onset(a)
     counts = a.sum(0)
-    kb = np.array([onset(a[rng.integers(len(a), size=len(a))]) for _ in range(n_boot)])
+    m, k, rise = _trough_onset(counts, frac)
     out = {"step": int(steps[k]) if k >= 0 else None, "counts": counts.tolist(),
-           "effect": float(counts.max() / max(counts[0], 1)), "effect_name": "max alive count / count at the first snapshot"}
+           "effect": rise / max(len(a), 1), "effect_name": "rise of the alive count after its trough / n features",
+           "decline": {"first": int(counts[0]) if len(counts) else 0, "trough": int(counts[m]) if len(counts) else 0,
+                       "trough_step": int(steps[m]) if len(counts) else None},
+           "rule": "rising edge of the alive-feature count after its trough (half the rise)"}
     if k < 0:
-        return {**out, "used": False, "reason": "no alive features"}
+        reason = "no alive features" if counts.max(initial=0) == 0 else \
+            "the alive count is highest at the first snapshot and never rises again: no onset seen"
+        return {**out, "used": False, "reason": reason}
+    kb = np.array([_trough_onset(a[rng.integers(len(a), size=len(a))].sum(0), frac)[1] for _ in range(n_boot)])
+    found = kb >= 0
+    kb = np.where(found, kb, len(steps) - 1)
     out["ci"] = [int(steps[int(np.percentile(kb, 2.5, method="lower"))]), int(steps[int(np.percentile(kb, 97.5, method="higher"))])]
-    if k == 0:
-        return {**out, "used": False, "reason": "at least half the features are alive from the first snapshot: no onset seen"}
+    out["frac_boot_onset"] = float(found.mean())
+    if out["effect"] < min_rise:
+        return {**out, "used": False, "reason": f"the count rises by {rise:.0f} of {len(a)} features (< {min_rise:.0%}): no onset seen"}
+    if found.mean() < 0.95:
+        return {**out, "used": False, "reason": f"only {found.mean():.0%} of feature resamples show an onset"}
     return {**out, "used": True}
 
 

@@ -24,8 +24,9 @@ Each signal below places the boundary at one step; `phases(run_dir)` combines th
 (e) `crosscoder_turning_point`: `analysis/summary.json`'s `turning_point_step`, the step around which
     most crosscoder features turn direction (Ge et al. 2025 see it near step 1000 of Pythia).
 
-(f) `alive_features_onset`: the feature-phase onset, where the number of alive crosscoder features
-    (decoder norm ≥ half its maximum) reaches half its maximum; CI over features (`phases/signals`).
+(f) `alive_features_onset`: the feature-phase onset, the rising edge of the number of alive crosscoder
+    features (decoder norm ≥ half its maximum) after its statistical-phase trough; CI over features
+    (`phases/signals.rising_onset`).
 
 A peak at the first or last measured snapshot is no rise-then-fall and is not used (recorded with the
 reason). Combination (`phases/signals.combine_with_ci`): a signal without a bootstrap CI or that does

@@ -91,7 +91,7 @@ def _hierarchy_section(run: Path) -> str:
     h = (_json(run / "analysis" / "summary.json") or {}).get("hierarchy") or {}
     if not h.get("table"):
         return "<p>No hierarchy: no typed features or ground-truth mechanisms in this run.</p>"
-    cols = ["by", "group", "n", "median_step", "q25_step", "q75_step", "ci_lo_step", "ci_hi_step", "mechanism",
+    cols = ["by", "group", "n", "n_from_start", "median_step", "q25_step", "q75_step", "ci_lo_step", "ci_hi_step", "mechanism",
             "learned_step", "matched", "note"]
     df = pd.DataFrame(h["table"]).reindex(columns=cols)
     out = [_img(run / "analysis" / "figures" / "hierarchy.png", "learning hierarchy"),
