@@ -12,7 +12,6 @@ every verb's work lives in its own module.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -29,15 +28,16 @@ DEMO_RECIPES = (Path("runs/demo.toml"), Path(__file__).resolve().parents[1] / "r
 
 
 def _config_for(target: str):
-    """A RunConfig from a recipe (.toml) or from a run directory's run.json."""
-    from crosscoders.dataclass_cli import from_dict
-    from evolution.pipeline import RunConfig, load_recipe
+    """A RunConfig from a recipe (.toml) or from a run directory's run.json, re-rooted where the directory
+    is (a copied or renamed run directory works on itself, never on the directory its run.json names)."""
+    from evolution.pipeline import load_recipe
+    from evolution.recipe import load_run_config
 
     p = Path(target)
     if p.suffix == ".toml":
         return load_recipe(p)
     if (p / "run.json").exists():
-        return from_dict(RunConfig, json.loads((p / "run.json").read_text()))
+        return load_run_config(p)
     raise UserError(f"{target}: neither a recipe (.toml) nor a run directory with run.json")
 
 

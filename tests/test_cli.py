@@ -17,6 +17,19 @@ def test_stage_verb_redoes_only_that_stage(tiny_run, capsys):
     assert f"{run}/report.html" in err  # it says where the result went
 
 
+def test_stage_verb_on_a_copied_run_directory_works_on_the_copy(tiny_run, capsys, tmp_path):
+    """run.json names the run it was written for; a stage verb on a copy (another name, another place) must
+    work on the copy, not re-run the study into the directory run.json names."""
+    import shutil
+
+    _, run, _ = tiny_run
+    copy = tmp_path / "renamed-copy"
+    shutil.copytree(run, copy)
+    assert main(["report", str(copy)]) == 0
+    err = capsys.readouterr().err
+    assert "[corpus] up to date" in err and "[report] running" in err and f"{copy}/report.html" in err
+
+
 def test_offline_hub_recipe_and_bad_target_fail_with_a_message(monkeypatch, capsys, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert main(["run", "runs/pythia-160m-ge2025.toml", "--name", "x"]) == 2

@@ -58,3 +58,14 @@ def test_features_present_from_the_start_are_censored_not_counted_as_step_0():
     assert "present from the first snapshot" in t.loc["copy", "note"]
     only = hierarchy(extra, STEPS, {"copy": 2000}, by="mechanism").set_index("group")
     assert only.loc["copy", "n"] == 0 and "all 100 features" in only.loc["copy", "note"]
+
+
+def test_context_mechanisms_need_the_token_matched_lift():
+    """A copy-labelled feature with a high plain lift but a token-matched lift of 1 (a token feature) is not a
+    copy feature; a bigram-labelled one is judged by the plain lift (a current-token feature carries bigrams)."""
+    rows = [{"emergence_step": STEPS[12], "dead": False, "gt_type": "copy", "gt_lift": 3.0, "gt_token_lift": 2.5}] * 10
+    rows += [{"emergence_step": STEPS[3], "dead": False, "gt_type": "copy", "gt_lift": 3.0, "gt_token_lift": 1.0}] * 50
+    rows += [{"emergence_step": STEPS[5], "dead": False, "gt_type": "bigram", "gt_lift": 3.0, "gt_token_lift": 1.0}] * 20
+    t = hierarchy(pd.DataFrame(rows), STEPS, {"copy": 2000, "bigram": 16}, by="mechanism").set_index("group")
+    assert t.loc["copy", "n"] == 10 and t.loc["copy", "median_step"] == 2000 and t.loc["copy", "matched"]
+    assert t.loc["bigram", "n"] == 20 and t.loc["bigram", "matched"]

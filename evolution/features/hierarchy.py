@@ -12,7 +12,11 @@ induction features at ~10k–100k, context features last. Here, per group of fea
   steps: median (lower median), IQR, and a 95% percentile bootstrap CI of the median over the group's
   features (`n_boot` resamples).
 - groups `by="type"`: the measured type of `evolution.features.types` (column `type`); `by="mechanism"`:
-  the planted mechanism a feature helps predict (`gt_type`, kept when `gt_lift` ≥ `min_lift`).
+  the planted mechanism a feature helps predict (`gt_type`), kept when its lift clears `min_lift`: for
+  the mechanisms a current-token feature can carry (unigram, bigram) the lift over the label's base rate
+  (`gt_lift`); for the ones that need more than the current token (copy, topic: `CONTEXT_MECHANISMS`) the
+  lift over the token-matched baseline (`gt_token_lift`, `evolution.features.probes`), so that a token
+  feature whose token often precedes a copied span is not counted as a copy feature.
 - the **mechanism's learned step** (`pretrain/learned_steps.json`, `evolution.phases.loss.learned_steps`:
   first eval step where that mechanism's loss beats every reference that cannot explain it). A group is
   **matched** when its median emergence lies within one snapshot interval of the snapshot at or after
@@ -31,6 +35,8 @@ import pandas as pd
 
 TYPE_MECHANISM = {"current_token": "bigram", "induction": "copy", "context": "topic", "previous_token": None}
 EXPECTED_ORDER = ("unigram", "bigram", "previous_token", "copy")
+CONTEXT_MECHANISMS = ("copy", "topic")
+"""Mechanisms no current-token feature can carry: judged by the token-matched lift."""
 """The order the issue expects on the demo: unigram < bigram < previous-token <= induction/copy."""
 
 
@@ -58,7 +64,10 @@ def hierarchy(
         if col not in df:
             return pd.DataFrame()
         if "gt_lift" in df and min_lift > 0:
-            df = df[df["gt_lift"] >= min_lift]
+            lift = df["gt_lift"]
+            if "gt_token_lift" in df:
+                lift = lift.where(~df["gt_type"].isin(CONTEXT_MECHANISMS), df["gt_token_lift"])
+            df = df[lift >= min_lift]
         df = df[df[col].notna() & (df[col].astype(str) != "")]
     else:
         raise ValueError(f"by must be 'type' or 'mechanism', got {by!r}")

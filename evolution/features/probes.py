@@ -37,6 +37,12 @@ label of **t+1** says which mechanism the feature helps predict: that is `gt_typ
 that label's base rate, since a feature firing everywhere has the majority label's base rate as
 purity). The label of t itself
 (which mechanism produced the token the feature sits on) is reported as `gt_type_current`.
+`gt_token_lift` = purity over the **token-matched** purity: the share of that label expected if the feature
+were a pure function of the current token, Σ_t a_t q(label | token_t) / Σ_t a_t with q the label
+distribution of t+1 given the token at t on the same stream. A current-token feature whose token often
+precedes a copied token gets gt_lift > 1 but gt_token_lift ≈ 1; only a feature that reads more than its
+token (a copy feature that fires where the copy applies) clears it. The hierarchy uses it for the
+mechanisms that depend on more than the current token (`evolution.features.hierarchy`).
 
 Use (the analysis stage):
 
@@ -162,6 +168,12 @@ def stream_scores(
     fold = (torch.arange(n_seq) % 2)[:, None].expand(-1, seq_len)
     if mechanism is not None:
         nxt = torch.cat([mechanism[:, 1:], torch.full_like(mechanism[:, :1], -1)], dim=1)
+        # q[group, label] = P(label of t+1 | token group at t) on the kept positions (token-matched baseline)
+        lab_ok = keep & (nxt >= 0)
+        q = torch.zeros(n_groups + 1, n_labels, dtype=torch.float64)
+        q.index_put_((cur_g[lab_ok], nxt[lab_ok]), torch.ones(int(lab_ok.sum()), dtype=torch.float64), accumulate=True)
+        q = q / q.sum(1, keepdim=True).clamp(min=1)
+        mass_tok = None
 
     moments = cur = prev = topk = None
     mass_next = mass_cur = None
@@ -175,6 +187,7 @@ def stream_scores(
             topk = StreamingTopK(top_k, d_sae) if top_k else None
             if mechanism is not None:
                 mass_next, mass_cur = LabelMass(n_labels, d_sae), LabelMass(n_labels, d_sae)
+                mass_tok = torch.zeros(n_labels, d_sae, dtype=torch.float64)
         ak, fk = flat[k], fold[sl].reshape(-1)[k]
         moments.add(fk, ak)
         cur.add(fk, cur_g[sl].reshape(-1)[k], ak)
@@ -182,6 +195,8 @@ def stream_scores(
         if mechanism is not None:
             mass_next.add(nxt[sl].reshape(-1)[k], ak)
             mass_cur.add(mechanism[sl].reshape(-1)[k], ak)
+            lk = nxt[sl].reshape(-1)[k] >= 0  # the same positions LabelMass counts
+            mass_tok += q[cur_g[sl].reshape(-1)[k][lk]].T @ ak[lk].double().clamp(min=0)
         if topk is not None:
             masked = flat.masked_fill(~k[:, None], float("-inf"))
             topk.add(masked, torch.arange(lo * seq_len, lo * seq_len + flat.shape[0]))
@@ -200,6 +215,11 @@ def stream_scores(
         out["gt_label"], out["gt_purity"] = mass_next.type_and_purity()
         out["gt_label_current"], out["gt_purity_current"] = mass_cur.type_and_purity()
         out["gt_mass"] = mass_next.mass.T.float()  # [d_sae, n_labels]
+        share_tok = mass_tok / mass_tok.sum(0).clamp(min=1e-30)
+        lab = out["gt_label"]
+        expected = share_tok.gather(0, lab.clamp(min=0)[None]).squeeze(0)
+        out["gt_token_lift"] = torch.where(lab >= 0, out["gt_purity"].double() / expected.clamp(min=1e-12),
+                                           torch.nan).float()
         lab = nxt[keep]
         out["gt_base_rate"] = torch.bincount(lab[lab >= 0], minlength=n_labels).float() / max(int((lab >= 0).sum()), 1)
     return out, topk
@@ -329,6 +349,7 @@ def probe_features(
         base = per["gt_base_rate"][-1].numpy()
         label = pick("gt_label").astype(int)
         table["gt_lift"] = np.where(label >= 0, table["gt_purity"] / base[label], np.nan)
+        table["gt_token_lift"] = pick("gt_token_lift")
         table["gt_type_current"] = names[pick("gt_label_current").astype(int)]
         table["gt_purity_current"] = pick("gt_purity_current")
 
