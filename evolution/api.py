@@ -88,8 +88,8 @@ class Run:
 
     def hierarchy(self, by: str = "type", **kw) -> pd.DataFrame:
         """When features of each type (`by="type"`) or planted mechanism (`by="mechanism"`) emerge: n, median,
-        IQR and bootstrap CI of the emergence step, and the mechanism's learned step
-        (`evolution.features.hierarchy`)."""
+        IQR and bootstrap CI of the emergence step (`at="peak"`: of the peak step), features present from the
+        first snapshot counted apart, and the mechanism's learned step (`evolution.features.hierarchy`)."""
         from evolution.features.hierarchy import hierarchy, read_learned_steps
 
         return hierarchy(self.features, self.steps, read_learned_steps(self.path), by=by, **kw)

@@ -69,3 +69,15 @@ def test_context_mechanisms_need_the_token_matched_lift():
     t = hierarchy(pd.DataFrame(rows), STEPS, {"copy": 2000, "bigram": 16}, by="mechanism").set_index("group")
     assert t.loc["copy", "n"] == 10 and t.loc["copy", "median_step"] == 2000 and t.loc["copy", "matched"]
     assert t.loc["bigram", "n"] == 20 and t.loc["bigram", "matched"]
+
+
+def test_peak_readout_uses_the_peak_step_and_censors_first_snapshot_peaks():
+    f = _features().assign(peak_step=lambda d: d["emergence_step"])
+    f.loc[f.index[:10], "peak_step"] = 0  # ten unigram features strongest at the first snapshot
+    f.loc[f["gt_type"] == "copy", "peak_step"] = STEPS[13]
+    t = hierarchy(f, STEPS, {"copy": 2000, "unigram": 4}, by="mechanism", at="peak").set_index("group")
+    assert (t["at"] == "peak").all()
+    assert t.loc["copy", "median_step"] == STEPS[13] and t.loc["copy", "matched"]  # 3000 is one interval from 2000
+    assert t.loc["unigram", "n_from_start"] == 10 and t.loc["unigram", "n"] == 30
+    assert "median peak" in hierarchy(f.assign(peak_step=STEPS[-1]), STEPS, {"unigram": 4}, by="mechanism",
+                                      at="peak").set_index("group").loc["unigram", "note"]

@@ -17,6 +17,10 @@ induction features at ~10k–100k, context features last. Here, per group of fea
   (`gt_lift`); for the ones that need more than the current token (copy, topic: `CONTEXT_MECHANISMS`) the
   lift over the token-matched baseline (`gt_token_lift`, `evolution.features.probes`), so that a token
   feature whose token often precedes a copied span is not counted as a copy feature.
+- `at="peak"` reads the same statistics off the **peak snapshot** (`peak_step`) instead of the rising edge:
+  when most features of every kind rise together at the onset of the feature phase, which kind reaches
+  its full strength first is what still separates them. Features peaking at the first snapshot are
+  counted in `n_from_start` and left out the same way.
 - the **mechanism's learned step** (`pretrain/learned_steps.json`, `evolution.phases.loss.learned_steps`:
   first eval step where that mechanism's loss beats every reference that cannot explain it). A group is
   **matched** when its median emergence lies within one snapshot interval of the snapshot at or after
@@ -46,14 +50,17 @@ def _index_at_or_after(steps: Sequence[int], step: float) -> int:
 
 def hierarchy(
     features: pd.DataFrame, steps: Sequence[int], learned_steps: Mapping[str, int | None] | None = None,
-    by: str = "type", min_lift: float = 1.5, n_boot: int = 1000, seed: int = 0,
+    by: str = "type", min_lift: float = 1.5, n_boot: int = 1000, seed: int = 0, at: str = "emergence",
 ) -> pd.DataFrame:
     """One row per group: n (features with an observed rising edge), n_from_start (present from the first
     snapshot, censored), median emergence step, IQR, bootstrap CI, mechanism, learned step, matched, note."""
     learned = dict(learned_steps or {})
     steps = [int(s) for s in steps]
     df = features[~features.get("dead", pd.Series(False, index=features.index)).astype(bool)]
-    df = df[df["emergence_step"].notna()]
+    if at not in ("emergence", "peak"):
+        raise ValueError(f"at must be 'emergence' or 'peak', got {at!r}")
+    step_col = "emergence_step" if at == "emergence" else "peak_step"
+    df = df[df[step_col].notna()]
     if by == "type":
         col = "type"
         if col not in df:
@@ -75,12 +82,13 @@ def hierarchy(
     rng = np.random.default_rng(seed)
     rows = []
     for g in groups:
-        all_idx = np.array([steps.index(int(s)) for s in df.loc[df[col].astype(str) == g, "emergence_step"]], int)
+        all_idx = np.array([steps.index(int(s)) for s in df.loc[df[col].astype(str) == g, step_col]], int)
         idx = all_idx[all_idx > 0]
         n_start = int((all_idx == 0).sum())
         mech = g if by == "mechanism" else TYPE_MECHANISM.get(g)
         ls = learned.get(mech) if mech else None
-        row = {"group": g, "by": by, "n": len(idx), "n_from_start": n_start, "mechanism": mech, "learned_step": ls}
+        row = {"group": g, "by": by, "at": at, "n": len(idx), "n_from_start": n_start, "mechanism": mech,
+               "learned_step": ls}
         if len(idx):
             q = np.percentile(idx, [25, 50, 75], method="lower")
             boot = np.percentile(rng.choice(idx, size=(n_boot, len(idx))), 50, axis=1, method="lower")
@@ -100,7 +108,7 @@ def hierarchy(
             row["learned_index"] = k
             row["matched"] = abs(row["median_index"] - k) <= 1
             row["note"] = "" if row["matched"] else \
-                f"median emergence {row['median_step']} is {abs(row['median_index'] - k)} intervals from step {steps[k]}"
+                f"median {at} {row['median_step']} is {abs(row['median_index'] - k)} intervals from step {steps[k]}"
         if n_start and len(idx) and n_start >= len(idx):
             row["note"] = (row.get("note", "") + "; " if row.get("note") else "") + \
                 f"{n_start} of {n_start + len(idx)} features are present from the first snapshot (left out)"
@@ -121,7 +129,7 @@ def order_check(table: pd.DataFrame) -> list[dict]:
             for a, b in zip(present, present[1:], strict=False)]
 
 
-def hierarchy_figure(table: pd.DataFrame, features: pd.DataFrame | None = None):
+def hierarchy_figure(table: pd.DataFrame, features: pd.DataFrame | None = None, what: str = "emergence step (rising edge of the decoder norm)"):
     """Median emergence with IQR (thick) and bootstrap CI (thin) per group; ▼ = the mechanism's learned step."""
     from matplotlib.figure import Figure
 
@@ -137,8 +145,8 @@ def hierarchy_figure(table: pd.DataFrame, features: pd.DataFrame | None = None):
     ax.set_yticks(range(len(t)), [f"{r['by']}: {r['group']} (n={r['n']}" + (f", +{int(r['n_from_start'])} from start)"
                                   if r.get("n_from_start", 0) else ")") for _, r in t.iterrows()], fontsize=8)
     ax.set_xscale("symlog", linthresh=1)
-    ax.set_xlabel("emergence step (rising edge of the decoder norm)")
-    ax.set_title("learning hierarchy: median emergence, IQR (bar), 95% CI (line); ▼ mechanism learned", fontsize=9)
+    ax.set_xlabel(what)
+    ax.set_title(f"learning hierarchy: median {what.split(' (')[0]}, IQR (bar), 95% CI (line); ▼ mechanism learned", fontsize=9)
     return fig
 
 
@@ -150,9 +158,10 @@ def read_learned_steps(run) -> dict | None:
     return json.loads(p.read_text()) if p.exists() else None
 
 
-def hierarchy_tables(features: pd.DataFrame, steps: Sequence[int], learned: Mapping | None) -> pd.DataFrame:
+def hierarchy_tables(features: pd.DataFrame, steps: Sequence[int], learned: Mapping | None,
+                     at: str = "emergence") -> pd.DataFrame:
     """The type table and the mechanism table, one frame (column `by`)."""
-    parts = [hierarchy(features, steps, learned, by=b) for b in ("type", "mechanism")]
+    parts = [hierarchy(features, steps, learned, by=b, at=at) for b in ("type", "mechanism")]
     return pd.concat([p for p in parts if len(p)], ignore_index=True) if any(len(p) for p in parts) else pd.DataFrame()
 
 
@@ -161,16 +170,25 @@ def hierarchy_summary(run, features: pd.DataFrame, steps: Sequence[int], fig_dir
     `hierarchy.png` in `fig_dir` when given and the table is not empty."""
     learned = read_learned_steps(run)
     table = hierarchy_tables(features, steps, learned)
+    peak = hierarchy_tables(features, steps, learned, at="peak") if "peak_step" in features else pd.DataFrame()
     out = {"learned_steps": learned, "emergence": "rising edge of the decoder-norm run holding the peak "
            "(TimelineConfig.threshold); features present from the first snapshot are counted in n_from_start "
            "and left out (left-censored)",
-           "table": [], "order": []}
+           "table": [], "order": [], "peak": {"table": [], "order": []}}
+
+    def records(t: pd.DataFrame) -> list[dict]:
+        return [{k: (None if (not isinstance(v, str) and pd.isna(v)) else (v.item() if hasattr(v, "item") else v))
+                 for k, v in r.items()} for r in t.to_dict("records")]
+
+    if len(peak):
+        out["peak"] = {"table": records(peak), "order": order_check(peak)}
     if len(table):
-        out["table"] = [{k: (None if (not isinstance(v, str) and pd.isna(v)) else (v.item() if hasattr(v, "item") else v))
-                         for k, v in r.items()} for r in table.to_dict("records")]
+        out["table"] = records(table)
         out["order"] = order_check(table)
         if fig_dir is not None:
             from evolution.figures import save_figure
 
             save_figure(hierarchy_figure(table), fig_dir / "hierarchy.png")
+            if len(peak):
+                save_figure(hierarchy_figure(peak, what="peak step (largest decoder norm)"), fig_dir / "hierarchy_peak.png")
     return out

@@ -91,16 +91,22 @@ def _hierarchy_section(run: Path) -> str:
     h = (_json(run / "analysis" / "summary.json") or {}).get("hierarchy") or {}
     if not h.get("table"):
         return "<p>No hierarchy: no typed features or ground-truth mechanisms in this run.</p>"
-    cols = ["by", "group", "n", "n_from_start", "median_step", "q25_step", "q75_step", "ci_lo_step", "ci_hi_step", "mechanism",
-            "learned_step", "matched", "note"]
-    df = pd.DataFrame(h["table"]).reindex(columns=cols)
-    out = [_img(run / "analysis" / "figures" / "hierarchy.png", "learning hierarchy"),
-           f"<p>Emergence: {html.escape(h.get('emergence', ''))}; median, IQR and the 95% bootstrap CI of the median "
-           "over features, in steps; a mechanism is matched when its features' median emergence lies within one "
-           "snapshot interval of its learned step.</p>", _table(df.astype(object).where(df.notna(), "—"), left=("note",))]
-    for o in h.get("order", []):
-        out.append(f"<p>{o['before']} before {o['after']}: {'holds' if o['holds'] else 'does not hold'}"
-                   f"{' (CIs separated)' if o['separated'] else ' (CIs overlap)'}</p>")
+    cols = ["by", "group", "n", "n_from_start", "median_step", "q25_step", "q75_step", "ci_lo_step", "ci_hi_step",
+            "mechanism", "learned_step", "matched", "note"]
+    out = [f"<p>Emergence: {html.escape(h.get('emergence', ''))}; median, IQR and the 95% bootstrap CI of the median "
+           "over features, in steps; a mechanism is matched when its features' median lies within one "
+           "snapshot interval of its learned step. Copy and topic features must read more than their current "
+           "token (lift over the token-matched baseline ≥ 1.5).</p>"]
+    for title, fig, part in (("By emergence (rising edge)", "hierarchy.png", h),
+                             ("By peak snapshot", "hierarchy_peak.png", h.get("peak") or {})):
+        if not part.get("table"):
+            continue
+        df = pd.DataFrame(part["table"]).reindex(columns=cols)
+        out += [f"<h3>{title}</h3>", _img(run / "analysis" / "figures" / fig, f"learning hierarchy, {title.lower()}"),
+                _table(df.astype(object).where(df.notna(), "—"), left=("note",))]
+        for o in part.get("order", []):
+            out.append(f"<p>{o['before']} before {o['after']}: {'holds' if o['holds'] else 'does not hold'}"
+                       f"{' (CIs separated)' if o['separated'] else ' (CIs overlap)'}</p>")
     return "".join(out)
 
 
