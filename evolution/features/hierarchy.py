@@ -145,8 +145,11 @@ def hierarchy_figure(table: pd.DataFrame, features: pd.DataFrame | None = None, 
     ax.set_yticks(range(len(t)), [f"{r['by']}: {r['group']} (n={r['n']}" + (f", +{int(r['n_from_start'])} from start)"
                                   if r.get("n_from_start", 0) else ")") for _, r in t.iterrows()], fontsize=8)
     ax.set_xscale("symlog", linthresh=1)
+    hi = [v for c in ("q75_step", "ci_hi_step", "learned_step") if c in t for v in t[c].dropna()]
+    ax.set_xlim(0, 1.6 * max(hi + [1]))  # steps are ≥ 0: no negative half of the symlog axis
     ax.set_xlabel(what)
-    ax.set_title(f"learning hierarchy: median {what.split(' (')[0]}, IQR (bar), 95% CI (line); ▼ mechanism learned", fontsize=9)
+    ax.set_title(f"learning hierarchy: median {what.split(' (')[0]}, IQR (bar), 95% CI (line)\n"
+                 "▼ the mechanism's learned step (loss)", fontsize=9)
     return fig
 
 
