@@ -92,6 +92,7 @@ class Run:
         first snapshot counted apart, and the mechanism's learned step (`evolution.features.hierarchy`)."""
         from evolution.features.hierarchy import hierarchy, read_learned_steps
 
+        kw.setdefault("onsets", read_learned_steps(self.path, "learning_onsets"))
         return hierarchy(self.features, self.steps, read_learned_steps(self.path), by=by, **kw)
 
     def latent_scaling(self) -> dict[str, Tensor]:

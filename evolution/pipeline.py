@@ -82,13 +82,15 @@ def pretrain_stage(cfg: RunConfig) -> None:
 def loss_outputs(run: Path) -> None:
     """`figures/loss.png` and, on the planted corpus, the step each mechanism was learned at."""
     from crosscoders.io import read_jsonl
-    from evolution.phases.loss import learned_steps, save_loss_figure
+    from evolution.phases.loss import learned_steps, learning_onsets, save_loss_figure
 
     save_loss_figure(run)
     meta = json.loads((run / "corpus" / "meta.json").read_text())
     refs = meta.get("mechanism_references")
     if refs:
-        write_json(run / "pretrain" / "learned_steps.json", learned_steps(read_jsonl(run / "pretrain" / "log.jsonl"), refs))
+        log = read_jsonl(run / "pretrain" / "log.jsonl")
+        write_json(run / "pretrain" / "learned_steps.json", learned_steps(log, refs))
+        write_json(run / "pretrain" / "learning_onsets.json", learning_onsets(log))
 
 
 def harvest_metadata(cfg: RunConfig, src, corpus) -> dict:

@@ -81,3 +81,18 @@ def test_peak_readout_uses_the_peak_step_and_censors_first_snapshot_peaks():
     assert t.loc["unigram", "n_from_start"] == 10 and t.loc["unigram", "n"] == 30
     assert "median peak" in hierarchy(f.assign(peak_step=STEPS[-1]), STEPS, {"unigram": 4}, by="mechanism",
                                       at="peak").set_index("group").loc["unigram", "note"]
+
+
+def test_learning_onset_is_the_ten_percent_point_of_the_final_fall():
+    from evolution.phases.loss import learning_onsets
+
+    steps = [0, 10, 20, 40, 80, 160, 320]
+    rows = [{"step": s, "eval_loss_by_mechanism": {"copy": c, "topic": t, "flat": 5.0 + 0.01 * (i % 2)}}
+            for i, (s, c, t) in enumerate(zip(steps, [6.0, 6.0, 5.5, 4.0, 3.0, 2.0, 2.0],
+                                              [6.0, 7.0, 7.0, 6.85, 6.0, 5.0, 5.0], strict=True))]
+    on = learning_onsets(rows)
+    assert on["copy"] == 20        # 6.0 - 0.1 * 4.0 = 5.6: first reached at 20 (5.5)
+    assert on["topic"] == 80       # from its high point 7.0 (after the rise): 7.0 - 0.2 = 6.8; 6.85 at 40 is not yet
+    assert on["flat"] is None      # a 0.01-nat wobble is no learning
+    t = hierarchy(_features(), STEPS, {"copy": 4000}, by="mechanism", onsets={"copy": 1000}).set_index("group")
+    assert not t.loc["copy", "matched"] and t.loc["copy", "matched_onset"] and t.loc["copy", "onset_step"] == 1000

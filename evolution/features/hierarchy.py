@@ -28,6 +28,10 @@ induction features at ~10k–100k, context features last. Here, per group of fea
   Types map to mechanisms by what they compute: current-token → bigram (x_{t+1} read off x_t),
   induction → copy, context → topic; previous-token features are the first half of the induction
   circuit (no mechanism of their own; they should not come after copy).
+- the mechanism's **learning onset** (`pretrain/learning_onsets.json`, `evolution.phases.loss.learning_onsets`:
+  where its loss has fallen 10% of the way from its highest to its lowest point) and `matched_onset`, the
+  same one-interval rule against it: the learned step says when a mechanism beats every model that
+  cannot explain it, the onset when the model starts to use it, and features can only form with the latter.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ def _index_at_or_after(steps: Sequence[int], step: float) -> int:
 def hierarchy(
     features: pd.DataFrame, steps: Sequence[int], learned_steps: Mapping[str, int | None] | None = None,
     by: str = "type", min_lift: float = 1.5, n_boot: int = 1000, seed: int = 0, at: str = "emergence",
+    onsets: Mapping[str, int | None] | None = None,
 ) -> pd.DataFrame:
     """One row per group: n (features with an observed rising edge), n_from_start (present from the first
     snapshot, censored), median emergence step, IQR, bootstrap CI, mechanism, learned step, matched, note."""
@@ -95,6 +100,11 @@ def hierarchy(
             lo, hi = np.percentile(boot, [2.5, 97.5], method="lower")
             row.update(median_step=steps[int(q[1])], q25_step=steps[int(q[0])], q75_step=steps[int(q[2])],
                        ci_lo_step=steps[int(lo)], ci_hi_step=steps[int(hi)], median_index=int(q[1]))
+        onset = (onsets or {}).get(mech) if mech else None
+        if onset is not None:
+            row["onset_step"] = onset
+            if len(idx):
+                row["matched_onset"] = abs(row["median_index"] - _index_at_or_after(steps, onset)) <= 1
         if mech is None:
             row["note"] = "no planted mechanism of its own"
         elif not len(idx):
@@ -130,7 +140,8 @@ def order_check(table: pd.DataFrame) -> list[dict]:
 
 
 def hierarchy_figure(table: pd.DataFrame, features: pd.DataFrame | None = None, what: str = "emergence step (rising edge of the decoder norm)"):
-    """Median emergence with IQR (thick) and bootstrap CI (thin) per group; ▼ = the mechanism's learned step."""
+    """Median emergence with IQR (thick) and bootstrap CI (thin) per group; ▼ = the mechanism's learned step,
+    ▽ = its learning onset."""
     from matplotlib.figure import Figure
 
     t = table[table["median_step"].notna()] if "median_step" in table else table.iloc[:0]
@@ -142,6 +153,8 @@ def hierarchy_figure(table: pd.DataFrame, features: pd.DataFrame | None = None, 
         ax.plot([r["median_step"]], [y], "o", color="k")
         if pd.notna(r.get("learned_step")):
             ax.plot([r["learned_step"]], [y + 0.25], "v", color="C3", ms=8)
+        if pd.notna(r.get("onset_step")):
+            ax.plot([r["onset_step"]], [y + 0.25], "v", mfc="none", color="C3", ms=8)
     ax.set_yticks(range(len(t)), [f"{r['by']}: {r['group']} (n={r['n']}" + (f", +{int(r['n_from_start'])} from start)"
                                   if r.get("n_from_start", 0) else ")") for _, r in t.iterrows()], fontsize=8)
     ax.set_xscale("symlog", linthresh=1)
@@ -149,32 +162,33 @@ def hierarchy_figure(table: pd.DataFrame, features: pd.DataFrame | None = None, 
     ax.set_xlim(0, 1.6 * max(hi + [1]))  # steps are ≥ 0: no negative half of the symlog axis
     ax.set_xlabel(what)
     ax.set_title(f"learning hierarchy: median {what.split(' (')[0]}, IQR (bar), 95% CI (line)\n"
-                 "▼ the mechanism's learned step (loss)", fontsize=9)
+                 "▽ the mechanism's learning onset, ▼ its learned step (loss)", fontsize=9)
     return fig
 
 
-def read_learned_steps(run) -> dict | None:
+def read_learned_steps(run, name: str = "learned_steps") -> dict | None:
+    """`pretrain/<name>.json` of a run (learned_steps or learning_onsets), None when it has none."""
     import json
     from pathlib import Path
 
-    p = Path(run) / "pretrain" / "learned_steps.json"
+    p = Path(run) / "pretrain" / f"{name}.json"
     return json.loads(p.read_text()) if p.exists() else None
 
 
 def hierarchy_tables(features: pd.DataFrame, steps: Sequence[int], learned: Mapping | None,
-                     at: str = "emergence") -> pd.DataFrame:
+                     at: str = "emergence", onsets: Mapping | None = None) -> pd.DataFrame:
     """The type table and the mechanism table, one frame (column `by`)."""
-    parts = [hierarchy(features, steps, learned, by=b, at=at) for b in ("type", "mechanism")]
+    parts = [hierarchy(features, steps, learned, by=b, at=at, onsets=onsets) for b in ("type", "mechanism")]
     return pd.concat([p for p in parts if len(p)], ignore_index=True) if any(len(p) for p in parts) else pd.DataFrame()
 
 
 def hierarchy_summary(run, features: pd.DataFrame, steps: Sequence[int], fig_dir=None) -> dict:
     """summary.json's "hierarchy": the table as records, the order check, the learned steps; the figure
     `hierarchy.png` in `fig_dir` when given and the table is not empty."""
-    learned = read_learned_steps(run)
-    table = hierarchy_tables(features, steps, learned)
-    peak = hierarchy_tables(features, steps, learned, at="peak") if "peak_step" in features else pd.DataFrame()
-    out = {"learned_steps": learned, "emergence": "rising edge of the decoder-norm run holding the peak "
+    learned, onsets = read_learned_steps(run), read_learned_steps(run, "learning_onsets")
+    table = hierarchy_tables(features, steps, learned, onsets=onsets)
+    peak = hierarchy_tables(features, steps, learned, at="peak", onsets=onsets) if "peak_step" in features else pd.DataFrame()
+    out = {"learned_steps": learned, "learning_onsets": onsets, "emergence": "rising edge of the decoder-norm run holding the peak "
            "(TimelineConfig.threshold); features present from the first snapshot are counted in n_from_start "
            "and left out (left-censored)",
            "table": [], "order": [], "peak": {"table": [], "order": []}}

@@ -92,10 +92,11 @@ def _hierarchy_section(run: Path) -> str:
     if not h.get("table"):
         return "<p>No hierarchy: no typed features or ground-truth mechanisms in this run.</p>"
     cols = ["by", "group", "n", "n_from_start", "median_step", "q25_step", "q75_step", "ci_lo_step", "ci_hi_step",
-            "mechanism", "learned_step", "matched", "note"]
+            "mechanism", "learned_step", "matched", "onset_step", "matched_onset", "note"]
     out = [f"<p>Emergence: {html.escape(h.get('emergence', ''))}; median, IQR and the 95% bootstrap CI of the median "
            "over features, in steps; a mechanism is matched when its features' median lies within one "
-           "snapshot interval of its learned step. Copy and topic features must read more than their current "
+           "snapshot interval of its learned step (matched_onset: of its learning onset, where its loss has "
+           "fallen 10% of the way). Copy and topic features must read more than their current "
            "token (lift over the token-matched baseline ≥ 1.5).</p>"]
     for title, fig, part in (("By emergence (rising edge)", "hierarchy.png", h),
                              ("By peak snapshot", "hierarchy_peak.png", h.get("peak") or {})):
