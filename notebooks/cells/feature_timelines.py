@@ -152,13 +152,20 @@ CELLS: list[Cell] = [
     md("""
     ## The learning hierarchy, by planted mechanism
 
-    `run.hierarchy(by="mechanism")`: per planted mechanism, how many features it drives, the median, IQR
-    and bootstrap CI of their emergence step, and the step the model learned that mechanism (its eval
-    loss below the reference, `pretrain/learned_steps.json`). Features should not emerge before the model
-    has learned what they represent. On a run too small for any mechanism's features the table is empty.
+    `run.hierarchy(by="mechanism")`: per planted mechanism, how many features it drives (`n`, and
+    `n_from_start` present from the first snapshot, left out: no rising edge was observed), the median, IQR
+    and bootstrap CI of their emergence step, the step the model learned that mechanism (its eval loss
+    below every reference that cannot explain it, `pretrain/learned_steps.json`) and its learning onset
+    (the loss has fallen 10% of the way, `pretrain/learning_onsets.json`). `matched` / `matched_onset`: the
+    median lies within one snapshot interval of it. `at="peak"` reads the peak snapshot instead. On a run
+    too small for any mechanism's features the table is empty.
     """),
     code("""
-    run.hierarchy(by="mechanism")
+    cols = ["group", "n", "n_from_start", "median_step", "ci_lo_step", "ci_hi_step", "onset_step", "learned_step",
+            "matched_onset", "matched"]
+    for at in ("emergence", "peak"):
+        h = run.hierarchy(by="mechanism", at=at)
+        display(h.reindex(columns=cols) if len(h) else h)
     """),
     md("""
     ## Latent Scaling: does the decoder norm under-read a feature?
