@@ -320,6 +320,9 @@ def phase_map(data: dict, result: dict):
             ps = np.array(data["peak_steps"], float)
             edges = np.unique(np.r_[0, np.geomspace(1, max(ps.max(), 2) * 1.01, 30)])
             ax.hist(ps, bins=edges, color="C4", alpha=0.7, label="feature peak steps")
+        alive = result["signals"].get("alive_features_onset", {})
+        if alive.get("counts") and data.get("alive_steps"):  # the feature-phase onset's own curve
+            ax.plot(data["alive_steps"], alive["counts"], "k.-", lw=1, ms=3, label="alive features (≥ ½ max norm)")
         ax.set_ylabel("# features")
     for name, sig in result["signals"].items():
         if sig.get("step") is not None and _SIGNAL_PANEL.get(name) in axes:
