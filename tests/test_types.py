@@ -4,6 +4,7 @@ noise features clear no null, never-active features get NaN and "inactive"."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from evolution.features.types import (
@@ -95,3 +96,14 @@ def test_type_onset():
     final, onset = type_onset(types, [0, 10, 100, 1000])
     assert final == ["previous_token", "induction", "inactive", "none"]
     assert onset == [10, 100, None, None]
+
+
+def test_type_onset_counts_only_snapshots_where_the_feature_is_present():
+    """Shared gate: the type is the same in every snapshot; presence (norm ≥ half max) dates it."""
+    types = np.array([["induction"] * 4, ["context"] * 4, ["previous_token"] * 4], dtype=object)
+    present = np.array([[False, False, True, True], [True, False, True, True], [False] * 4])
+    final, onset = type_onset(types, [0, 10, 100, 1000], present)
+    assert final == ["induction", "context", "previous_token"]
+    assert onset == [100, 100, None]
+    with pytest.raises(ValueError, match="shape"):
+        type_onset(types, [0, 10, 100, 1000], present[:, :2])

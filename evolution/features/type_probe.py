@@ -92,7 +92,9 @@ def save_type_timeline(result: dict, path: str | Path) -> None:
 def types_for_run(run: Path, crosscoder, steps: list[int], probe_steps: list[int], hook: str | None,
                   max_seqs: int = 256, device: str = "cpu", cfg: TypeConfig | None = None) -> dict | None:
     """`type_timeline` on a run's held-out corpus; writes `analysis/type_scores.safetensors`; returns the
-    feature-table columns (`type`, `type_onset_step`, `type_score_<type>` at the last probed snapshot),
+    feature-table columns (`type`, `type_onset_step` — the first probed snapshot of the final run where the
+    feature has that type and is present, decoder norm ≥ half its max — and `type_score_<type>` at the last
+    probed snapshot),
     or None with the reason printed when the run lacks snapshots, corpus or hook."""
     from evolution.features.types import type_onset
     from evolution.sources.snapshot_source import SnapshotError, SnapshotSource
@@ -114,7 +116,11 @@ def types_for_run(run: Path, crosscoder, steps: list[int], probe_steps: list[int
     res = type_timeline(crosscoder.to(device), source.iter(device=device),
                         tokens[:max_seqs], hook, steps, probe_steps, corpus.bos_token_id, cfg)
     save_type_timeline(res, run / "analysis" / "type_scores.safetensors")
-    final, onset = type_onset(res["types"], res["steps"])
+    # presence per probed snapshot (decoder norm >= half its max): what dates a type under the shared gate
+    norms = crosscoder.decoder_norms().detach().float().cpu()  # [d_sae, n_sources]
+    rel = norms / norms.max(1, keepdim=True).values.clamp(min=1e-12)
+    present = np.stack([(rel[:, steps.index(s)] >= 0.5).numpy() for s in res["steps"]], 1)
+    final, onset = type_onset(res["types"], res["steps"], present)
     cols = {"type": final, "type_onset_step": onset}
     cols.update({f"type_score_{t}": res["score"][t][:, -1].tolist() for t in TYPES})
     return cols

@@ -144,19 +144,33 @@ def assign_types(stats: dict[str, dict[str, Tensor]], cfg: TypeConfig | None = N
             for d, b, o in zip(inactive.tolist(), best.tolist(), ok, strict=True)]
 
 
-def type_onset(types: np.ndarray, steps: list[int]) -> tuple[list[str], list[int | None]]:
+def type_onset(types: np.ndarray, steps: list[int], present: np.ndarray | None = None) -> tuple[list[str], list[int | None]]:
     """From per-snapshot types `[d_sae, n_steps]`: each feature's type (its last typed snapshot's) and the
-    first probed step from which it holds that type without interruption (when it became that type)."""
+    first probed step from which it holds that type without interruption (when it became that type).
+
+    `present[d_sae, n_steps]` (bool, optional): the feature counts as typed in a snapshot only where it is
+    also present there (decoder norm ≥ half its maximum, `evolution.features.timelines`). Under the shared
+    gate the per-snapshot activations f_i·n_s[i] differ between snapshots only by a scale, which no score
+    sees, so the types alone are the same in every snapshot; presence is what dates them."""
+    rows = np.asarray(types, dtype=object)
+    pres = np.ones(rows.shape, bool) if present is None else np.asarray(present, bool)
+    if pres.shape != rows.shape:
+        raise ValueError(f"present has shape {pres.shape}, types {rows.shape}")
     final, onset = [], []
-    for row in np.asarray(types, dtype=object):
+    for row, here in zip(rows, pres, strict=True):
         typed = [i for i, t in enumerate(row) if t not in ("none", "inactive")]
         if not typed:
             final.append("inactive" if all(t == "inactive" for t in row) else "none")
             onset.append(None)
             continue
         t = row[typed[-1]]
-        i = typed[-1]
-        while i > 0 and row[i - 1] == t:
+        held = [i for i in typed if row[i] == t and here[i]]
+        if not held:
+            final.append(str(t))
+            onset.append(None)
+            continue
+        i = held[-1]
+        while i > 0 and row[i - 1] == t and here[i - 1]:
             i -= 1
         final.append(str(t))
         onset.append(int(steps[i]))
