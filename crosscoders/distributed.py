@@ -138,6 +138,9 @@ def sharded_loss(model: ShardedCrosscoder, x: Tensor, sparsity_coef: float, dead
             pen = _tanh_quad_global(ff, nn_, cfg.tanh_scale, frequency_scale, mesh) / P
         elif penalty == "l1_l2":
             pen = _l1_l2_sharded(model, ff)
+        elif penalty == "tanh_joint" and model.per_source:  # the sum over sources spans the source group
+            z = mesh.sum_sources((ff * nn_).sum(-2))  # the same on every rank of the source group
+            pen = torch.tanh(cfg.tanh_scale * z).sum(-1).mean() / P
         elif not model.per_source:  # the shared code is the same on every rank of the source group
             pen = PENALTIES[penalty](ff, nn_, cfg.tanh_scale, frequency_scale) / P
         elif penalty == "l1":  # a sum over sources: this rank's sources
