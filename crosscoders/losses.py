@@ -42,6 +42,8 @@ class LossOutput(NamedTuple):
     """The reconstruction [batch, n_sources, d_in]."""
     min_kept: Tensor | None
     """batchtopk: smallest kept decoder-norm-scaled activation (feeds the inference threshold)."""
+    nested: Tensor | None = None
+    """batchtopk: the nested top-k reconstruction term, coefficient applied (`nested_topk_mse`); else None."""
 
 
 def l1_penalty(f: Tensor, dec_norm: Tensor) -> Tensor:
@@ -143,6 +145,16 @@ def auxk_loss(
     return scale * (recon - residual).pow(2).sum((-1, -2)).mean()
 
 
+def nested_topk_mse(x: Tensor, x_nested: Tensor) -> Tensor:
+    """sum_s |x_s - x_hat_s|^2 (mean over the batch) of the reconstruction from the top `nested_k_frac * k` entries
+    of the BatchTopK code alone. Gao et al. 2024's Multi-TopK (L(k) + L(4k) / 8) and HierarchicalTopK (Balagansky
+    et al. 2025) reconstruct from several budgets of one code; here a smaller one: the strongest latents of a
+    token must explain it without the rest. Where k exceeds the true L0, BatchTopK finds degenerate solutions
+    (Chanin & Garriga-Alonso 2025, *Sparse but Wrong*): one latent firing for either of two features and a
+    second latent correcting it, two slots per feature; the nested term charges them."""
+    return (x_nested.float() - x.float()).pow(2).sum(-1).mean(0).sum()
+
+
 def crosscoder_loss(
     model: Crosscoder,
     x: Float[Tensor, "batch n_sources d_in"],
@@ -154,11 +166,14 @@ def crosscoder_loss(
     sparse: bool | None = None,
     sparsity: str = "auto",
     frequency_scale: float = 0.01,
+    nested_k_frac: float = 0.0,
+    nested_k_coef: float = 1.0,
 ) -> LossOutput:
     """One forward pass in training mode and the loss of `model.cfg.activation`'s scheme.
 
     `sparsity` (relu, jumprelu): "auto" = the scheme's own penalty (relu: l1_l2, jumprelu: tanh), or "l1", "l1_l2",
-    "tanh", "tanh_joint", "tanh_quad" (Ge et al. 2025, with `frequency_scale`); batchtopk has none.
+    "tanh", "tanh_joint", "tanh_quad" (Ge et al. 2025, with `frequency_scale`); batchtopk has none, and with
+    `nested_k_frac` > 0 adds `nested_k_coef` x `nested_topk_mse` of the top `nested_k_frac * k` (0 = off).
 
     `sparse` (batchtopk): decode and backpropagate through the active latents only (crosscoders/sparse.py:
     the same loss and gradients, faster when k / d_sae is small); None = where it pays (`sparse.pays`).
@@ -195,5 +210,10 @@ def crosscoder_loss(
     elif cfg.activation == "batchtopk" and dead is not None and auxk_coef > 0:
         aux = auxk_coef * auxk_loss(model, x.float(), x_hat.float(), pre.float(), dec_norm.float(), dead,
                                     k_aux or max(1, cfg.d_in // 2), sparse)
-    total = mse + sparsity_coef * sparsity + aux
-    return LossOutput(total, mse, sparsity, aux, mse_per_source.detach(), f, x_hat, min_kept)
+    nested = None
+    if cfg.activation == "batchtopk" and nested_k_frac > 0 and nested_k_coef > 0:
+        f_nested = A.batch_topk(pre, dec_norm, nested_k_frac * cfg.k)[0]  # the top of the same scores
+        x_nested = S.decode_code(model, x, pre, f_nested) if sparse else model.decode(f_nested)
+        nested = nested_k_coef * nested_topk_mse(x, x_nested)
+    total = mse + sparsity_coef * sparsity + aux + (zero if nested is None else nested)
+    return LossOutput(total, mse, sparsity, aux, mse_per_source.detach(), f, x_hat, min_kept, nested)

@@ -180,3 +180,23 @@ def test_jumprelu_default_penalty_is_tanh_of_the_output_summed_over_sources():
             z = sum(max(pre[b, i].item(), 0.0) * m.W_dec[s, i].norm().item() for s in range(3))
             ref += math.tanh(c * z) / 5
     torch.testing.assert_close(out.sparsity, torch.tensor(ref), rtol=1e-5, atol=1e-6)
+
+
+def test_nested_topk_term_reconstructs_from_the_strongest_entries_of_the_batch():
+    # batchtopk with nested_k_frac 0.5: the extra term is the squared error of the reconstruction from the
+    # k/2 * batch largest relu(pre) N of the batch alone (N = sum_s |W_dec[s, i]|), coefficient applied
+    m = model("batchtopk", H=12).train()
+    x = torch.randn(16, 2, 6, generator=torch.Generator().manual_seed(3))
+    out = crosscoder_loss(m, x, 1.0, nested_k_frac=0.5, nested_k_coef=0.7, sparse=False)
+    with torch.no_grad():
+        pre = torch.einsum("bsd,sdh->bh", x, m.W_enc) + m.b_enc
+        norm = m.W_dec.norm(dim=-1).sum(0)
+        scores = (pre.relu() * norm).flatten()
+        keep = torch.zeros_like(scores, dtype=torch.bool)
+        keep[scores.sort(descending=True).indices[:16]] = True  # k = 2 -> 1 per token -> 16 entries
+        f = torch.where(keep.view_as(pre), pre.relu(), 0)
+        x_hat = torch.einsum("bh,shd->bsd", f, m.W_dec) + m.b_dec
+        expect = 0.7 * ((x - x_hat) ** 2).sum((1, 2)).mean()
+    torch.testing.assert_close(out.nested, expect)
+    torch.testing.assert_close(out.total, out.mse + out.nested)  # no dead latents given: no AuxK
+    assert crosscoder_loss(m, x, 1.0).nested is None  # the loss function's default: off
