@@ -3,7 +3,8 @@
 Each penalty is a plain function; `crosscoder_loss` picks them by `cfg.activation`:
   relu      : L1 of f weighted by N_i = sum_s |W_dec[s, i]| (Lindsey et al. 2024, eq. for crosscoders)
   jumprelu  : sum_i tanh(c f_i N_i) (Anthropic Jan 2025 update; Ge et al. 2025), optional pre-act loss
-  batchtopk : no penalty (sparsity is the top-k); AuxK on dead latents (Gao et al. 2024; Minder et al. 2025)
+  batchtopk : no penalty (sparsity is the top-k); AuxK on dead latents (Gao et al. 2024; Minder et al. 2025); the
+              reconstruction from the top k / 4 alone (`nested_topk_mse`, TrainConfig.nested_k_frac)
 With the per-source gate (Ge et al. 2025) the code is f[s, i] and each penalty is summed over latents and
 sources with that source's decoder norm, sum_s sum_i pen(f[s, i] |W_dec[s, i]|); with the shared gate
 f_i * sum_s |W_dec[s, i]| is the one term per latent. Exceptions, the schemes' defaults: l1_l2 and tanh_joint
