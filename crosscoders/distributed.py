@@ -36,7 +36,8 @@ from torch import Tensor
 
 from .config import CrosscoderConfig
 from .io import torch_save, write_json
-from .losses import PENALTIES, LossOutput, auxk_loss, l1_penalty, penalty_name, pre_act_loss, tanh_penalty
+from .losses import (PENALTIES, LossOutput, auxk_loss, l1_penalty, nested_topk_mse, penalty_name, pre_act_loss,
+                     tanh_penalty)
 from .mesh import Mesh, MeshError
 from .model import Crosscoder
 from .parallel import Local
@@ -113,7 +114,8 @@ def _l1_l2_sharded(model: ShardedCrosscoder, f: Tensor) -> Tensor:
 
 def sharded_loss(model: ShardedCrosscoder, x: Tensor, sparsity_coef: float, dead: Tensor | None = None,
                  auxk_coef: float = 1 / 32, k_aux: int = 0, pre_act_coef: float = 0.0, sparse: bool | None = None,
-                 sparsity: str = "auto", frequency_scale: float = 0.01) -> LossOutput:
+                 sparsity: str = "auto", frequency_scale: float = 0.01, nested_k_frac: float = 0.0,
+                 nested_k_coef: float = 1.0) -> LossOutput:
     """This rank's share l_r of `losses.crosscoder_loss` (same arguments; dense kernels only): the global
     loss is (1/D) sum_r l_r and its gradient, after `Distributed.sync_grads`, the single-process one."""
     cfg, mesh = model.cfg, model.mesh
@@ -138,6 +140,9 @@ def sharded_loss(model: ShardedCrosscoder, x: Tensor, sparsity_coef: float, dead
             pen = _tanh_quad_global(ff, nn_, cfg.tanh_scale, frequency_scale, mesh) / P
         elif penalty == "l1_l2":
             pen = _l1_l2_sharded(model, ff)
+        elif penalty == "tanh_joint" and model.per_source:  # the sum over sources spans the source group
+            z = mesh.sum_sources((ff * nn_).sum(-2))  # the same on every rank of the source group
+            pen = torch.tanh(cfg.tanh_scale * z).sum(-1).mean() / P
         elif not model.per_source:  # the shared code is the same on every rank of the source group
             pen = PENALTIES[penalty](ff, nn_, cfg.tanh_scale, frequency_scale) / P
         elif penalty == "l1":  # a sum over sources: this rank's sources
@@ -150,8 +155,12 @@ def sharded_loss(model: ShardedCrosscoder, x: Tensor, sparsity_coef: float, dead
     elif cfg.activation == "batchtopk" and dead is not None and auxk_coef > 0:
         aux = auxk_coef * auxk_loss(model, x.float(), x_hat.float(), pre.float(), dec_norm.float(), dead,
                                     k_aux or max(1, cfg.d_in // 2), False)
-    total = mse + sparsity_coef * pen + aux
-    return LossOutput(total, mse, pen, aux, mse_per_source.detach(), f, x_hat, min_kept)
+    nested = None
+    if cfg.activation == "batchtopk" and nested_k_frac > 0 and nested_k_coef > 0:  # this rank's sources, as mse
+        f_nested = global_batch_topk(pre, dec_norm, nested_k_frac * cfg.k, mesh)[0]
+        nested = nested_k_coef * nested_topk_mse(x, model.decode(f_nested))
+    total = mse + sparsity_coef * pen + aux + (zero if nested is None else nested)
+    return LossOutput(total, mse, pen, aux, mse_per_source.detach(), f, x_hat, min_kept, nested)
 
 
 def _state_bytes(state: dict) -> int:

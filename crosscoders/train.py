@@ -265,7 +265,8 @@ def train(
         dead = since_fired >= cfg.dead_tokens
         with amp:
             loss = par.loss(model, x, coef, dead, cfg.auxk_coef, cfg.k_aux, cfg.pre_act_coef,
-                            sparsity=cfg.sparsity, frequency_scale=cfg.frequency_scale)
+                            sparsity=cfg.sparsity, frequency_scale=cfg.frequency_scale,
+                            nested_k_frac=cfg.nested_k_frac, nested_k_coef=cfg.nested_k_coef)
         if not torch.isfinite(loss.total):
             raise FloatingPointError(f"loss became {loss.total.item()} at step {step} (finite inputs); "
                                      "try a lower lr or autocast=none")
@@ -294,6 +295,7 @@ def train(
             row = {"step": step, "tokens_seen": tokens_seen, "lr": sched.get_last_lr()[0],
                    "sparsity_coef": coef, "loss": loss.total.item(), "mse": loss.mse.item(),
                    "sparsity": loss.sparsity.item(), "aux": loss.aux.item(), "fvu": fvu,
+                   **({"nested": loss.nested.item()} if loss.nested is not None else {}),
                    "l0": active_latents(loss.f).sum(-1).float().mean().item(),
                    "dead_frac": (since_fired >= cfg.dead_tokens).float().mean().item(),
                    "tok_per_s": (tokens_seen - tok0) / max(time.perf_counter() - t0, 1e-9)}

@@ -30,8 +30,15 @@ def run(tmp_path_factory):
     torch.manual_seed(0)
     truth = PlantedFeatures(SyntheticConfig(n_sources=len(STEPS), d_in=32, n_features=64, turn_at=TURN_AT, seed=0))
     scale = truth.norm_scale()
+    # nested_k_frac=0: the recipe this fixture was written for. On these planted data the angle to the final
+    # direction falls as fast over the last interval (8000 -> 16000, where it reaches 0 by definition) as over
+    # the planted turn (256 -> 512): about 0.31 against 0.32 rad (norm-weighted mean over latents); with the
+    # nested top-k default (which recovers 1.00 of the features here against 0.95) about 0.34 against 0.30, the
+    # largest rate lands on the last interval, which the analysis flags "not used". The turning-point assertion
+    # tests the analysis, not the recipe.
     cfg = TrainConfig(crosscoder=CrosscoderConfig(d_sae=128, activation="batchtopk", k=4), steps=500,
-                      batch_size=512, lr=3e-3, progress=False, log_every=10_000, checkpoint_every=10_000)
+                      batch_size=512, lr=3e-3, progress=False, log_every=10_000, checkpoint_every=10_000,
+                      nested_k_frac=0.0)
     path = tmp_path_factory.mktemp("run")
     model = train(cfg, truth.batch_source(512, scale), path / "crosscoder", norm_scale=scale)
     write_json(path / "crosscoder" / "eval.json", {"sources": [f"step{s}" for s in STEPS]})

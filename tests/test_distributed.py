@@ -62,6 +62,7 @@ SCHEMES = {
     "relu": ["--activation", "relu"],
     "jumprelu_per_source_tanh_quad": ["--activation", "jumprelu", "--gate", "per_source", "--sparsity", "tanh_quad",
                                       "--sparsity-coef", "0.3"],
+    "jumprelu_per_source_tanh_joint": ["--activation", "jumprelu", "--gate", "per_source"],  # the default penalty
     "batchtopk_auxk": ["--activation", "batchtopk", "--k", "4", "--dead-tokens", "64"],
 }
 

@@ -6,7 +6,8 @@ import torch
 
 from crosscoders import activations as A
 from crosscoders.config import CrosscoderConfig
-from crosscoders.losses import auxk_loss, crosscoder_loss, l1_penalty, tanh_penalty, tanh_quad_penalty
+from crosscoders.losses import (auxk_loss, crosscoder_loss, l1_penalty, tanh_joint_penalty, tanh_penalty,
+                               tanh_quad_penalty)
 from crosscoders.model import Crosscoder
 
 
@@ -148,3 +149,54 @@ def test_tanh_penalty_per_source_is_the_mean_over_sources():
     f = torch.tensor([[[0.0, 10.0], [0.0, 0.0]]])  # [batch 1, sources 2, d_sae 2]: latent 1 open in source 0
     norm = torch.ones(2, 2)
     torch.testing.assert_close(tanh_penalty(f, norm, 4.0), torch.tensor(0.5), atol=1e-6, rtol=0)
+
+
+def test_tanh_joint_penalty_charges_a_latent_once_so_splitting_over_sources_costs():
+    # one latent open in both sources pays ~1 (tanh of its summed output); the same feature split into two
+    # latents, each open in one source, pays ~2; tanh's per-source mean charges both 1 (why features split)
+    norm = torch.ones(2, 2)
+    one = torch.tensor([[[10.0, 0.0], [10.0, 0.0]]])  # [batch 1, sources 2, d_sae 2]
+    split = torch.tensor([[[10.0, 0.0], [0.0, 10.0]]])
+    torch.testing.assert_close(tanh_joint_penalty(one, norm, 4.0), torch.tensor(1.0), atol=1e-6, rtol=0)
+    torch.testing.assert_close(tanh_joint_penalty(split, norm, 4.0), torch.tensor(2.0), atol=1e-6, rtol=0)
+    assert tanh_penalty(one, norm, 4.0).item() == tanh_penalty(split, norm, 4.0).item()
+    # a shared code: the same as tanh
+    f = torch.rand(5, 3, generator=torch.Generator().manual_seed(0))
+    n = torch.tensor([0.5, 1.0, 2.0])
+    torch.testing.assert_close(tanh_joint_penalty(f, n, 4.0), tanh_penalty(f, n, 4.0))
+
+
+def test_jumprelu_default_penalty_is_tanh_of_the_output_summed_over_sources():
+    # per-source jumprelu with sparsity "auto": sum_i tanh(c sum_s f[s, i] |W_dec[s, i]|), written out by hand
+    c = 1.5
+    m = Crosscoder(CrosscoderConfig(n_sources=3, d_in=4, d_sae=6, activation="jumprelu", gate="per_source",
+                                    jumprelu_init_threshold=0.0, tanh_scale=c)).train()
+    x = torch.randn(5, 3, 4, generator=torch.Generator().manual_seed(1))
+    out = crosscoder_loss(m, x, sparsity_coef=0.3)
+    pre = torch.einsum("bsd,sdh->bh", x, m.W_enc) + m.b_enc
+    ref = 0.0
+    for b in range(5):
+        for i in range(6):
+            z = sum(max(pre[b, i].item(), 0.0) * m.W_dec[s, i].norm().item() for s in range(3))
+            ref += math.tanh(c * z) / 5
+    torch.testing.assert_close(out.sparsity, torch.tensor(ref), rtol=1e-5, atol=1e-6)
+
+
+def test_nested_topk_term_reconstructs_from_the_strongest_entries_of_the_batch():
+    # batchtopk with nested_k_frac 0.5: the extra term is the squared error of the reconstruction from the
+    # k/2 * batch largest relu(pre) N of the batch alone (N = sum_s |W_dec[s, i]|), coefficient applied
+    m = model("batchtopk", H=12).train()
+    x = torch.randn(16, 2, 6, generator=torch.Generator().manual_seed(3))
+    out = crosscoder_loss(m, x, 1.0, nested_k_frac=0.5, nested_k_coef=0.7, sparse=False)
+    with torch.no_grad():
+        pre = torch.einsum("bsd,sdh->bh", x, m.W_enc) + m.b_enc
+        norm = m.W_dec.norm(dim=-1).sum(0)
+        scores = (pre.relu() * norm).flatten()
+        keep = torch.zeros_like(scores, dtype=torch.bool)
+        keep[scores.sort(descending=True).indices[:16]] = True  # k = 2 -> 1 per token -> 16 entries
+        f = torch.where(keep.view_as(pre), pre.relu(), 0)
+        x_hat = torch.einsum("bh,shd->bsd", f, m.W_dec) + m.b_dec
+        expect = 0.7 * ((x - x_hat) ** 2).sum((1, 2)).mean()
+    torch.testing.assert_close(out.nested, expect)
+    torch.testing.assert_close(out.total, out.mse + out.nested)  # no dead latents given: no AuxK
+    assert crosscoder_loss(m, x, 1.0).nested is None  # the loss function's default: off

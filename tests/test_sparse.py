@@ -35,7 +35,8 @@ def trained_model(dtype, S_=3, D=8, H=64, k=3.0, seed=0):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("with_auxk", [False, True])
-def test_sparse_loss_and_every_gradient_equal_the_dense_path(dtype, with_auxk):
+@pytest.mark.parametrize("nested", [0.0, 0.5], ids=["k", "k_and_nested"])
+def test_sparse_loss_and_every_gradient_equal_the_dense_path(dtype, with_auxk, nested):
     m = trained_model(dtype)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(40, 3, 8, generator=g, dtype=dtype)
@@ -43,13 +44,14 @@ def test_sparse_loss_and_every_gradient_equal_the_dense_path(dtype, with_auxk):
     if with_auxk:
         dead = torch.zeros(64, dtype=torch.bool)
         dead[torch.randperm(64, generator=g)[:20]] = True
-    dense, g_dense = loss_and_grads(m, x, sparse=False, dead=dead, k_aux=5)
-    sparse, g_sparse = loss_and_grads(m, x, sparse=True, dead=dead, k_aux=5)
+    dense, g_dense = loss_and_grads(m, x, sparse=False, dead=dead, k_aux=5, nested_k_frac=nested)
+    sparse, g_sparse = loss_and_grads(m, x, sparse=True, dead=dead, k_aux=5, nested_k_frac=nested)
+    assert (dense.nested is not None) == (nested > 0)
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-13)
     if with_auxk and dtype == torch.float64:  # the dense AuxK takes pre.float(): its gradient is fp32-exact
         tol = dict(rtol=1e-7, atol=1e-9)
     assert (dense.aux.item() > 0) == with_auxk
-    for name in ("total", "mse", "aux", "min_kept", "mse_per_source", "x_hat", "f"):
+    for name in ("total", "mse", "aux", "min_kept", "mse_per_source", "x_hat", "f") + (("nested",) if nested else ()):
         torch.testing.assert_close(getattr(sparse, name), getattr(dense, name).detach(), **tol, msg=name)
     for k in PARAMS:
         assert g_dense[k].abs().max() > 0, k
