@@ -36,8 +36,16 @@ from torch import Tensor
 
 from .config import CrosscoderConfig
 from .io import torch_save, write_json
-from .losses import (PENALTIES, LossOutput, auxk_loss, l1_penalty, nested_topk_mse, penalty_name, pre_act_loss,
-                     tanh_penalty)
+from .losses import (
+    PENALTIES,
+    LossOutput,
+    auxk_loss,
+    l1_penalty,
+    nested_topk_mse,
+    penalty_name,
+    pre_act_loss,
+    tanh_penalty,
+)
 from .mesh import Mesh, MeshError
 from .model import Crosscoder
 from .parallel import Local

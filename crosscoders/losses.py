@@ -2,7 +2,7 @@
 
 Each penalty is a plain function; `crosscoder_loss` picks them by `cfg.activation`:
   relu      : L1 of f weighted by N_i = sum_s |W_dec[s, i]| (Lindsey et al. 2024, eq. for crosscoders)
-  jumprelu  : sum_i tanh(c f_i N_i) (Anthropic Jan 2025 update; Ge et al. 2025), optional pre-act loss
+  jumprelu  : sum_i tanh(c f_i N_i) (Anthropic Jan 2025 update; Ge et al. 2025; `tanh_joint`), optional pre-act loss
   batchtopk : no penalty (sparsity is the top-k); AuxK on dead latents (Gao et al. 2024; Minder et al. 2025); the
               reconstruction from the top k / 4 alone (`nested_topk_mse`, TrainConfig.nested_k_frac)
 With the per-source gate (Ge et al. 2025) the code is f[s, i] and each penalty is summed over latents and
@@ -79,7 +79,7 @@ def tanh_joint_penalty(f: Tensor, dec_norm: Tensor, c: float) -> Tensor:
     each cover some snapshots costs more than one latent open in all of them. With the per-source mean of
     `tanh_penalty` (OpenMOSS) a latent open in k of S sources pays k / S, the same as k single-source latents:
     on planted data features then split by snapshot (one latent for the faint birth snapshot, another for
-    the rest), and 0.72-0.93 of them were recovered against 0.98-1.00 with this penalty (tests/test_recovery.py)."""
+    the rest), and 0.72-0.93 of them were recovered against 0.97-1.00 with this penalty (tests/test_recovery.py)."""
     z = (f * dec_norm).sum(-2) if f.ndim == 3 else f * dec_norm
     return torch.tanh(c * z).sum(-1).mean()
 
@@ -172,8 +172,8 @@ def crosscoder_loss(
 ) -> LossOutput:
     """One forward pass in training mode and the loss of `model.cfg.activation`'s scheme.
 
-    `sparsity` (relu, jumprelu): "auto" = the scheme's own penalty (relu: l1_l2, jumprelu: tanh), or "l1", "l1_l2",
-    "tanh", "tanh_joint", "tanh_quad" (Ge et al. 2025, with `frequency_scale`); batchtopk has none, and with
+    `sparsity` (relu, jumprelu): "auto" = the scheme's own penalty (relu: l1_l2, jumprelu: tanh_joint), or "l1",
+    "l1_l2", "tanh", "tanh_joint", "tanh_quad" (Ge et al. 2025, with `frequency_scale`); batchtopk has none, and with
     `nested_k_frac` > 0 adds `nested_k_coef` x `nested_topk_mse` of the top `nested_k_frac * k` (0 = off).
 
     `sparse` (batchtopk): decode and backpropagate through the active latents only (crosscoders/sparse.py:

@@ -6,8 +6,14 @@ import torch
 
 from crosscoders import activations as A
 from crosscoders.config import CrosscoderConfig
-from crosscoders.losses import (auxk_loss, crosscoder_loss, l1_penalty, tanh_joint_penalty, tanh_penalty,
-                               tanh_quad_penalty)
+from crosscoders.losses import (
+    auxk_loss,
+    crosscoder_loss,
+    l1_penalty,
+    tanh_joint_penalty,
+    tanh_penalty,
+    tanh_quad_penalty,
+)
 from crosscoders.model import Crosscoder
 
 

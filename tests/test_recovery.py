@@ -111,3 +111,23 @@ def test_per_snapshot_activations_follow_planted_magnitudes(tmp_path, gate):
           f"10th percentile {corrs.quantile(0.1):.3f}")
     assert (cos >= 0.9).float().mean() >= 0.8
     assert corrs.median() >= 0.9 and (corrs >= 0.9).float().mean() >= 0.8
+
+
+def test_per_source_gate_stays_closed_where_a_feature_is_dead(tmp_path):
+    # Ge et al.'s per-source gate is why per-snapshot activations mean something: on the tokens of a recovered
+    # feature its latent fires in the snapshots where the feature is alive and not where it is dead (profile 0).
+    # jumprelu's default penalty (tanh_joint) charges a latent about once however many sources it is open in, so
+    # this checks that it did not buy recovery by opening gates everywhere.
+    model, truth = train_on_planted("jumprelu", "per_source", tmp_path, S=4, D=16, steps=400)
+    cos, idx, _ = per_snapshot_match(model.W_dec, truth)
+    x, mags = truth.sample_with_magnitudes(4096, torch.Generator().manual_seed(7))
+    acts = activations_per_snapshot(model, x)  # [n, S, d_sae]
+    alive_rate, dead_rate = [], []
+    for i in (cos >= 0.9).nonzero().squeeze(1).tolist():
+        fires = (acts[mags[:, :, i].amax(1) > 0][:, :, idx[i]] > 0).float().mean(0)  # [S], on feature i's tokens
+        alive_rate += fires[truth.alive[i]].tolist()
+        dead_rate += fires[truth.profiles[i] == 0].tolist()
+    alive_rate, dead_rate = torch.tensor(alive_rate), torch.tensor(dead_rate)
+    print(f"\nper-source gate on a recovered feature's tokens: fires in {alive_rate.mean():.2f} of alive and "
+          f"{dead_rate.mean():.3f} of dead (feature, snapshot) pairs ({len(alive_rate)} / {len(dead_rate)})")
+    assert len(dead_rate) > 0 and alive_rate.mean() >= 0.8 and dead_rate.mean() <= 0.05
