@@ -74,3 +74,33 @@ def test_edge_and_null():
     tp = turning_point(cos, torch.ones_like(cos), torch.zeros(200, dtype=torch.bool), steps)
     assert not tp["used"] and "noise" in tp["reason"], tp
     assert tp["fraction"] < 0.5  # per-feature turns of 0.1 rad noise: the population rule is what counts
+
+
+def _drift_with_reference(steps, phi_of_step, d_sae=200, d_in=32, seed=0):
+    """cos to the final direction and to the direction `reference_drop` (2) snapshots before it, for a
+    rotation by phi(step) in each feature's own plane."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.nn.functional.normalize(torch.randn(d_sae, d_in, generator=g), dim=-1)
+    v = torch.randn(d_sae, d_in, generator=g)
+    v = torch.nn.functional.normalize(v - (v * u).sum(-1, keepdim=True) * u, dim=-1)
+    phi = torch.tensor([phi_of_step(s) for s in steps], dtype=torch.float)
+    W = torch.cos(phi)[:, None, None] * u + torch.sin(phi)[:, None, None] * v
+    return (torch.einsum("sfd,fd->fs", W, W[-1]), torch.ones(d_sae, len(steps)), torch.zeros(d_sae, dtype=torch.bool),
+            torch.einsum("sfd,fd->fs", W, W[-3]))
+
+
+def test_a_drift_lasting_to_the_end_is_not_a_turning_point():
+    """Directions that rotate steadily per step until the last snapshot: measured against the final direction, the
+    angle falls fastest per log-step just before the end, wherever the schedule ends (the demo's 2,524 moved to
+    2,314 and 2,103 as its last snapshots were dropped). The reference check rejects it; a planted mid-run turn
+    on the same schedule passes it."""
+    steps = [0, 1, 2, 4, 8, 16, 32, 64, 128, 250] + list(range(500, 3001, 250))
+    cos, rel, dead, ref = _drift_with_reference(steps, lambda t: 1.2 * t / 3000)
+    naive = turning_point(cos, rel, dead, steps, cos_to_earlier=None)
+    assert naive["used"] and naive["step"] > 2000, naive  # without the check: a "turning point" near the end
+    tp = turning_point(cos, rel, dead, steps, cos_to_earlier=ref)
+    assert not tp["used"] and "last 3 snapshot intervals" in tp["reason"], tp
+    mid = _drift_with_reference(steps, lambda t: 1.4 / (1 + np.exp(-(np.log10(t + 1) - np.log10(129)) / 0.1)))
+    tp = turning_point(*mid[:3], steps, cos_to_earlier=mid[3])
+    assert tp["used"] and tp["reference_check"]["checkable"] and not tp["reference_check"]["moved"], tp
+    assert 64 <= tp["step"] <= 250

@@ -307,7 +307,13 @@ def compute_timelines_from_W_dec(
     if n_sources > 1:
         weight = torch.minimum(rel[:, :-1], rel[:, 1:])
         turn = (1 - adjacent_cos(W_dec)).clamp_min(0) * weight
-        turning = turning_point(c_final, rel, dead, steps, TurnConfig(min_drop=cfg.min_turn))
+        tcfg = TurnConfig(min_drop=cfg.min_turn)
+        ref = n_sources - 1 - tcfg.reference_drop
+        c_ref = None
+        if ref >= 3:  # cosine to an earlier snapshot's direction, for the turning point's reference check
+            u = F.normalize(W_dec.float(), dim=-1)
+            c_ref = einops.einsum(u, u[ref], "n_sources d_sae d_in, d_sae d_in -> d_sae n_sources")
+        turning = turning_point(c_final, rel, dead, steps, tcfg, cos_to_earlier=c_ref)
         turn_index = torch.tensor(turning["feature_turn_index"], dtype=torch.long)
         turning_index = int(turning["index"])
     else:

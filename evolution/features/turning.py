@@ -23,6 +23,13 @@ in log-step, whatever the model does. The rule here is schedule-invariant by con
   i.e. what the maximum picks out of sampling noise alone; p = share of those ≥ the observed rate.
   **effect size** `peakedness` = largest rate / mean rate over the whole span (1 for a drift uniform in
   log-step, which has no turning point). Used when p ≤ `alpha` and peakedness ≥ `min_peakedness`.
+- **reference check**: θ is measured against the final snapshot, so a direction that keeps drifting to
+  the end makes θ̄ fall fastest just before whichever snapshot is final (on the demo the turn found was
+  2,524 with the schedule ending at 3,000, 2,314 ending at 2,750, 2,103 ending at 2,500: it followed the
+  end). The rule is re-run with the last `reference_drop` snapshots removed and the angle taken to the
+  new last one; when the turn moves by more than one snapshot, it is a property of where the schedule
+  ends, not of the model: not used; a turn within the last `reference_drop` + 1 intervals cannot be
+  checked this way and is not used either (`reference_check` records both).
 - **uncertainty**: bootstrap over features (resample features, recompute θ̄ and its turning step): a
   percentile CI of the turning step.
 - every feature gets the same rule on its own θ[i, :], its window drop weighted by its smaller relative
@@ -50,6 +57,8 @@ class TurnConfig:
     """Level of the noise null (bootstrap)."""
     min_peakedness: float = 2.0
     """Largest rate / mean rate needed for a turning point (1 = uniform drift in log-step)."""
+    reference_drop: int = 2
+    """Snapshots dropped from the end for the reference check (0: no check)."""
     seed: int = 0
 
 
@@ -92,12 +101,14 @@ def _index_at_or_after(x: np.ndarray, x0: np.ndarray | float) -> np.ndarray:
     return np.minimum(np.searchsorted(x, np.asarray(x0) - 1e-12, side="left"), len(x) - 1)
 
 
-def turning_point(cos_to_final, rel_norms, dead, steps, cfg: TurnConfig | None = None) -> dict:
+def turning_point(cos_to_final, rel_norms, dead, steps, cfg: TurnConfig | None = None, cos_to_earlier=None) -> dict:
     """The schedule-invariant turning point with its CI, null and the per-feature turns (module docstring).
 
     `cos_to_final`, `rel_norms`: `[d_sae, n_sources]`; `dead`: `[d_sae]` bool. Returns a JSON-able dict
     with `step`, `index`, `used`, `reason`, `ci` ([lo, hi] steps), `rate` (radians per decade),
-    `p_null`, `fraction`, `fraction_ci`, and the per-feature `feature_turn_index` (-1: no turn)."""
+    `p_null`, `fraction`, `fraction_ci`, and the per-feature `feature_turn_index` (-1: no turn).
+    `cos_to_earlier` `[d_sae, n_sources]`: cosine of each snapshot's direction to snapshot
+    n − 1 − `cfg.reference_drop`'s, for the reference check (skipped when None)."""
     cfg = cfg or TurnConfig()
     cos = np.asarray(cos_to_final, float)
     rel = np.asarray(rel_norms, float)
@@ -139,6 +150,21 @@ def turning_point(cos_to_final, rel_norms, dead, steps, cfg: TurnConfig | None =
         reasons.append(f"the largest rate does not beat sampling noise (p = {p:.3f} > {cfg.alpha})")
     if peaked < cfg.min_peakedness:
         reasons.append(f"no peak in the rate: largest / mean rate = {peaked:.2f} < {cfg.min_peakedness}")
+    k = cfg.reference_drop
+    if cos_to_earlier is not None and k > 0 and n - k >= 4:
+        sub = turning_point(np.asarray(cos_to_earlier, float)[:, : n - k], rel[:, : n - k], dead, list(steps)[: n - k],
+                            TurnConfig(**{**cfg.__dict__, "reference_drop": 0}))
+        interior = c <= x[n - k - 2]
+        moved = sub["step"] is not None and abs(int(sub["index"]) - idx) > 1
+        out["reference_check"] = {"dropped": k, "last_step": int(steps[n - k - 1]), "step": sub["step"],
+                                  "checkable": bool(interior), "moved": bool(interior and moved)}
+        if not interior:
+            reasons.append(f"the turn lies in the last {k + 1} snapshot intervals, where the angle to the final "
+                           "direction falls by construction for any drift that lasts to the end (ending the schedule "
+                           f"at step {steps[n - k - 1]} instead, the turn is found at {sub['step']}): not checkable")
+        elif moved:
+            reasons.append(f"the turn moves with the end of the schedule: ending at step {steps[n - k - 1]} instead of "
+                           f"{steps[-1]}, it is found at {sub['step']} instead of {out['step']}")
     out["used"] = not reasons
     if reasons:
         out["reason"] = "; ".join(reasons)
