@@ -135,3 +135,11 @@ def subspace_crosscoder(W: torch.Tensor, dec_norms: torch.Tensor | None = None, 
         cc.W_dec.copy_(W.T[None] * dec_norms.T[:, :, None])
         cc.b_dec.zero_()
     return cc.eval()
+
+
+def random_stream(n_seq: int = 64, seq_len: int = 40, vocab: int = 16, seed: int = 0) -> torch.Tensor:
+    """Uniform random tokens 1..vocab-1 with BOS at position 0 (the probe tests' token stream)."""
+    g = torch.Generator().manual_seed(seed)
+    toks = torch.randint(1, vocab, (n_seq, seq_len), generator=g)
+    toks[:, 0] = BOS
+    return toks

@@ -43,13 +43,18 @@ import pandas as pd
 
 TYPE_MECHANISM = {"current_token": "bigram", "induction": "copy", "context": "topic", "previous_token": None}
 EXPECTED_ORDER = ("unigram", "bigram", "previous_token", "copy")
+"""The order the issue expects on the demo: unigram < bigram < previous-token <= induction/copy."""
 CONTEXT_MECHANISMS = ("copy", "topic")
 """Mechanisms no current-token feature can carry: judged by the token-matched lift."""
-"""The order the issue expects on the demo: unigram < bigram < previous-token <= induction/copy."""
 
 
 def _index_at_or_after(steps: Sequence[int], step: float) -> int:
     return int(min(np.searchsorted(np.asarray(steps), step, side="left"), len(steps) - 1))
+
+
+def _within_one(median_index: int, steps: Sequence[int], step: float) -> bool:
+    """A group matches a step when its median lies within one snapshot interval of the snapshot at or after it."""
+    return abs(median_index - _index_at_or_after(steps, step)) <= 1
 
 
 def hierarchy(
@@ -104,7 +109,7 @@ def hierarchy(
         if onset is not None:
             row["onset_step"] = onset
             if len(idx):
-                row["matched_onset"] = abs(row["median_index"] - _index_at_or_after(steps, onset)) <= 1
+                row["matched_onset"] = _within_one(row["median_index"], steps, onset)
         if mech is None:
             row["note"] = "no planted mechanism of its own"
         elif not len(idx):
@@ -116,7 +121,7 @@ def hierarchy(
         else:
             k = _index_at_or_after(steps, ls)
             row["learned_index"] = k
-            row["matched"] = abs(row["median_index"] - k) <= 1
+            row["matched"] = _within_one(row["median_index"], steps, ls)
             row["note"] = "" if row["matched"] else \
                 f"median {at} {row['median_step']} is {abs(row['median_index'] - k)} intervals from step {steps[k]}"
         if n_start and len(idx) and n_start >= len(idx):

@@ -216,9 +216,9 @@ def stream_scores(
         out["gt_label_current"], out["gt_purity_current"] = mass_cur.type_and_purity()
         out["gt_mass"] = mass_next.mass.T.float()  # [d_sae, n_labels]
         share_tok = mass_tok / mass_tok.sum(0).clamp(min=1e-30)
-        lab = out["gt_label"]
-        expected = share_tok.gather(0, lab.clamp(min=0)[None]).squeeze(0)
-        out["gt_token_lift"] = torch.where(lab >= 0, out["gt_purity"].double() / expected.clamp(min=1e-12),
+        label = out["gt_label"]
+        expected = share_tok.gather(0, label.clamp(min=0)[None]).squeeze(0)
+        out["gt_token_lift"] = torch.where(label >= 0, out["gt_purity"].double() / expected.clamp(min=1e-12),
                                            torch.nan).float()
         lab = nxt[keep]
         out["gt_base_rate"] = torch.bincount(lab[lab >= 0], minlength=n_labels).float() / max(int((lab >= 0).sum()), 1)

@@ -10,8 +10,8 @@ how much the feature is present in that snapshot; its direction says what it wri
 - **emergence**: the rising edge of the run above `threshold` (default 0.5) that holds the peak, i.e. the
   snapshot after the last one before the peak with `rel_norms < threshold` (0 when there is none). A
   feature present at initialisation that fades in the statistical phase and forms again later emerges
-  where it forms again, not at step 0 (on the demo 720 of 1,024 features are above the threshold at
-  step 0 and dip below it by step 128). **present_from_start**: emergence index 0 — no rising edge was observed
+  where it forms again, not at step 0 (on the demo 803 of 1,024 features are above the threshold at
+  step 0, and 660 of them dip below it by step 128). **present_from_start**: emergence index 0 — no rising edge was observed
   (left-censored): the feature is present from the first snapshot on, up to its peak.
 - **fade**: the first snapshot after the peak from which on `rel_norms` stays below the threshold up to
   the last snapshot; None when the feature is still above the threshold in the final snapshot.
@@ -79,9 +79,10 @@ def decoder_norms(W_dec: Float[Tensor, "n_sources d_sae d_in"]) -> Float[Tensor,
     return einops.rearrange(W_dec.float().norm(dim=-1), "n_sources d_sae -> d_sae n_sources")
 
 
-def cos_to_final(W_dec: Float[Tensor, "n_sources d_sae d_in"]) -> Float[Tensor, "d_sae n_sources"]:
+def cos_to_final(W_dec: Float[Tensor, "n_sources d_sae d_in"], ref: int = -1) -> Float[Tensor, "d_sae n_sources"]:
+    """Cosine of each snapshot's decoder direction to snapshot `ref`'s (default the final one)."""
     u = F.normalize(W_dec.float(), dim=-1)
-    return einops.einsum(u, u[-1], "n_sources d_sae d_in, d_sae d_in -> d_sae n_sources")
+    return einops.einsum(u, u[ref], "n_sources d_sae d_in, d_sae d_in -> d_sae n_sources")
 
 
 def adjacent_cos(W_dec: Float[Tensor, "n_sources d_sae d_in"]) -> Float[Tensor, "d_sae n_intervals"]:
@@ -308,11 +309,8 @@ def compute_timelines_from_W_dec(
         weight = torch.minimum(rel[:, :-1], rel[:, 1:])
         turn = (1 - adjacent_cos(W_dec)).clamp_min(0) * weight
         tcfg = TurnConfig(min_drop=cfg.min_turn)
-        ref = n_sources - 1 - tcfg.reference_drop
-        c_ref = None
-        if ref >= 3:  # cosine to an earlier snapshot's direction, for the turning point's reference check
-            u = F.normalize(W_dec.float(), dim=-1)
-            c_ref = einops.einsum(u, u[ref], "n_sources d_sae d_in, d_sae d_in -> d_sae n_sources")
+        ref = n_sources - 1 - tcfg.reference_drop  # an earlier snapshot, for the turning point's reference check
+        c_ref = cos_to_final(W_dec, ref) if ref >= 3 else None
         turning = turning_point(c_final, rel, dead, steps, tcfg, cos_to_earlier=c_ref)
         turn_index = torch.tensor(turning["feature_turn_index"], dtype=torch.long)
         turning_index = int(turning["index"])

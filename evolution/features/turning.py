@@ -97,6 +97,13 @@ def _population_curve(theta: np.ndarray, rel: np.ndarray) -> np.ndarray:
     return (rel * theta).sum(0) / np.maximum(rel.sum(0), 1e-12)
 
 
+def _population_turn(theta: np.ndarray, r: np.ndarray, x: np.ndarray, window: float):
+    """(θ̄, window centres, window drops, turning centre c) of angles `theta` weighted by `r` on the log-steps `x`."""
+    curve = _population_curve(theta, r)
+    centres, drops = window_rates(x, curve[None], window)
+    return curve, centres, drops, float(_turn_centre(centres, drops)[0])
+
+
 def _index_at_or_after(x: np.ndarray, x0: np.ndarray | float) -> np.ndarray:
     return np.minimum(np.searchsorted(x, np.asarray(x0) - 1e-12, side="left"), len(x) - 1)
 
@@ -126,10 +133,8 @@ def turning_point(cos_to_final, rel_norms, dead, steps, cfg: TurnConfig | None =
     theta = np.arccos(np.clip(cos[alive], -1, 1))
     r = rel[alive]
     m = len(theta)
-    curve = _population_curve(theta, r)
-    centres, drops = window_rates(x, curve[None], cfg.window)
+    curve, centres, drops, c = _population_turn(theta, r, x, cfg.window)
     width = (x[-1] - x[0]) - (centres[-1] - centres[0])
-    c = float(_turn_centre(centres, drops)[0])
     rate = float(drops.max() / width)
     idx = int(_index_at_or_after(x, c))
     rng = np.random.default_rng(cfg.seed)
@@ -152,10 +157,11 @@ def turning_point(cos_to_final, rel_norms, dead, steps, cfg: TurnConfig | None =
         reasons.append(f"no peak in the rate: largest / mean rate = {peaked:.2f} < {cfg.min_peakedness}")
     k = cfg.reference_drop
     if cos_to_earlier is not None and k > 0 and n - k >= 4:
-        sub = turning_point(np.asarray(cos_to_earlier, float)[:, : n - k], rel[:, : n - k], dead, list(steps)[: n - k],
-                            TurnConfig(**{**cfg.__dict__, "reference_drop": 0}))
+        theta_ref = np.arccos(np.clip(np.asarray(cos_to_earlier, float)[alive][:, : n - k], -1, 1))
+        c_ref = _population_turn(theta_ref, r[:, : n - k], x[: n - k], cfg.window)[3]
+        sub = {"step": int(round(10**c_ref - 1)), "index": int(_index_at_or_after(x[: n - k], c_ref))}
         interior = c <= x[n - k - 2]
-        moved = sub["step"] is not None and abs(int(sub["index"]) - idx) > 1
+        moved = abs(sub["index"] - idx) > 1
         out["reference_check"] = {"dropped": k, "last_step": int(steps[n - k - 1]), "step": sub["step"],
                                   "checkable": bool(interior), "moved": bool(interior and moved)}
         if not interior:
