@@ -14,33 +14,30 @@ from evolution.pipeline import evaluate_stage, interventions_stage
 from evolution.recipe import load_run_config
 
 
-def evaluate_cli(argv: list[str] | None = None) -> None:
-    """`feature-evolution evaluate RUN --batch-size 8 ...`: the evaluate stage alone on a run directory
-    (snapshot source and steps from its run.json), without re-checking the stages before it."""
+def _stage_on_run(argv: list[str] | None, description: str, table: str, config_cls, stage) -> None:
+    """Parse `RUN --flags` (the flags are `config_cls`'s fields), put that config under the run config's
+    `table`, and run `stage` on it."""
     import argparse
 
     from crosscoders.dataclass_cli import add_arguments
 
-    parser = argparse.ArgumentParser(description="per-snapshot held-out loss and KL to the unigram/bigram distributions")
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("run_dir")
-    add_arguments(parser, EvaluateConfig)
+    add_arguments(parser, config_cls)
     ns = vars(parser.parse_args(argv))
     run_dir = Path(ns.pop("run_dir"))
-    cfg = dataclasses.replace(load_run_config(run_dir), evaluate=from_dict(EvaluateConfig, ns))
-    evaluate_stage(cfg)
+    stage(dataclasses.replace(load_run_config(run_dir), **{table: from_dict(config_cls, ns)}))
+
+
+def evaluate_cli(argv: list[str] | None = None) -> None:
+    """`feature-evolution evaluate RUN --batch-size 8 ...`: the evaluate stage alone on a run directory
+    (snapshot source and steps from its run.json), without re-checking the stages before it."""
+    _stage_on_run(argv, "per-snapshot held-out loss and KL to the unigram/bigram distributions", "evaluate",
+                  EvaluateConfig, evaluate_stage)
 
 
 def interventions_cli(argv: list[str] | None = None) -> None:
     """`feature-evolution interventions RUN --n-eval-seqs 32 ...`: the interventions stage alone on a run
     directory (snapshot source and steps from its run.json), whether or not its recipe enables it."""
-    import argparse
-
-    from crosscoders.dataclass_cli import add_arguments
-
-    parser = argparse.ArgumentParser(description="linear replacement, pruning, logit lens, feature logit effects")
-    parser.add_argument("run_dir")
-    add_arguments(parser, InterventionsConfig)
-    ns = vars(parser.parse_args(argv))
-    run_dir = Path(ns.pop("run_dir"))
-    cfg = dataclasses.replace(load_run_config(run_dir), interventions=from_dict(InterventionsConfig, ns))
-    interventions_stage(cfg)
+    _stage_on_run(argv, "linear replacement, pruning, logit lens, feature logit effects", "interventions",
+                  InterventionsConfig, interventions_stage)
