@@ -18,10 +18,11 @@ BatchTopK selection (the k B largest scores over the global batch), the tanh-qua
 sum over every rank), b_dec's initial mean, the dead-latent counters (a latent fired if it fired on any
 rank) and the gradient norm that is clipped.
 
-Every rank's loss l_r is chosen so that the global loss is (1/D) sum_r l_r: a term every rank of a source
-group computes identically (the shared-gate penalty, tanh-quad) enters l_r divided by P; the replicated
-parameters' gradients are then summed over the source group; all gradients are averaged over the data
-group. tests/test_distributed.py checks that 2 and 4 gloo ranks end in single-process training's weights.
+The loss is `losses.crosscoder_loss(..., mesh=mesh)`, the single-process loss whose collectives act on
+this mesh: every rank's loss l_r is chosen so that the global loss is (1/D) sum_r l_r (a term every rank of
+a source group computes identically enters l_r divided by P); the replicated parameters' gradients are then
+summed over the source group; all gradients are averaged over the data group. This module only shards
+the parameters, their gradients and the checkpoints. tests/test_distributed.py checks that 2 and 4 gloo ranks end in single-process training's weights.
 """
 
 from __future__ import annotations
@@ -36,16 +37,6 @@ from torch import Tensor
 
 from .config import CrosscoderConfig
 from .io import torch_save, write_json
-from .losses import (
-    PENALTIES,
-    LossOutput,
-    auxk_loss,
-    l1_penalty,
-    nested_topk_mse,
-    penalty_name,
-    pre_act_loss,
-    tanh_penalty,
-)
 from .mesh import Mesh, MeshError
 from .model import Crosscoder
 from .parallel import Local
@@ -76,99 +67,6 @@ class ShardedCrosscoder(Crosscoder):
     def gate_norms(self) -> Tensor:
         n = self.decoder_norms()
         return n.T if self.per_source else self.mesh.sum_sources(n.sum(-1))
-
-
-def global_batch_topk(pre: Tensor, dec_norm: Tensor, k: float, mesh: Mesh) -> tuple[Tensor, Tensor]:
-    """`activations.batch_topk` over the global batch: keep the k B_global largest relu(pre) N over all
-    data ranks (each rank sends its own top k B_global scores; the k B_global-th largest of their union is
-    the global cut). Ties at the cut keep every tied entry (measure zero for float scores)."""
-    with torch.no_grad():
-        scores = (pre * dec_norm).clamp_(min=0)
-        n_keep = max(1, min(scores.numel() * mesh.data, int(round(k * pre.shape[0] * mesh.data))))
-        local = torch.topk(scores.flatten(), min(n_keep, scores.numel()), sorted=False).values
-        cut = torch.topk(mesh.gather_data(local), n_keep, sorted=False).values.min()
-        keep = scores >= cut if cut > 0 else scores > 0
-        if cut > 0:
-            min_kept = cut
-        else:  # fewer positive scores than k B: the smallest positive one anywhere
-            pos = scores[scores > 0]
-            m = (pos.min() if pos.numel() else scores.new_tensor(float("inf"))).reshape(1)
-            min_kept = mesh.reduce_(m, "data", dist.ReduceOp.MIN)[0]
-            min_kept = min_kept if torch.isfinite(min_kept) else scores.new_zeros(())
-    return torch.relu(pre) * keep.to(pre.dtype), min_kept
-
-
-def _tanh_quad_global(f: Tensor, n: Tensor, c: float, s: float, mesh: Mesh) -> Tensor:
-    """Ge et al.'s sum_i p_i (1 + p_i / s) with p_i the firing frequency over the global batch (and sources)."""
-    t = torch.tanh(c * f * n).reshape(-1, f.shape[-1])
-    p = mesh.sum_world(t.sum(0)) / (t.shape[0] * mesh.world)
-    return (p * (1 + p / s)).sum()
-
-
-def _l1_l2_sharded(model: ShardedCrosscoder, f: Tensor) -> Tensor:
-    """This rank's share of `losses.l1_l2_penalty`: sum_i f_i ||n_i||_2 with the squared norms summed over the
-    source group. Shared code: the same on every source rank, so each takes 1/P. Per-source code: the max
-    over all sources, owned by the rank(s) holding it (ties split evenly, as torch.amax's gradient does)."""
-    mesh, P = model.mesh, model.mesh.source
-    norm = mesh.sum_sources(model.decoder_norms().float().pow(2).sum(-1)).sqrt()  # [d_sae], ||n_i|| over all sources
-    if f.ndim == 2:
-        return (f * norm).sum(-1).mean() / P
-    local = f.amax(-2)  # [batch, d_sae]
-    top = mesh.reduce_(local.detach().clone(), "source", dist.ReduceOp.MAX)
-    owner = (local.detach() == top).float()
-    ties = mesh.reduce_(owner.clone(), "source")
-    return (local * owner / ties * norm).sum(-1).mean()
-
-
-def sharded_loss(model: ShardedCrosscoder, x: Tensor, sparsity_coef: float, dead: Tensor | None = None,
-                 auxk_coef: float = 1 / 32, k_aux: int = 0, pre_act_coef: float = 0.0, sparse: bool | None = None,
-                 sparsity: str = "auto", frequency_scale: float = 0.01, nested_k_frac: float = 0.0,
-                 nested_k_coef: float = 1.0) -> LossOutput:
-    """This rank's share l_r of `losses.crosscoder_loss` (same arguments; dense kernels only): the global
-    loss is (1/D) sum_r l_r and its gradient, after `Distributed.sync_grads`, the single-process one."""
-    cfg, mesh = model.cfg, model.mesh
-    P, share = mesh.source, cfg.n_sources / model.full_cfg.n_sources
-    model.check_input(x)
-    pre = model.pre_acts(x)
-    dec_norm = model.gate_norms()
-    min_kept = None
-    if cfg.activation == "batchtopk":
-        f, min_kept = global_batch_topk(pre, dec_norm, cfg.k, mesh)
-    else:
-        f = model.activate(pre)
-    x_hat = model.decode(f)
-    mse_per_source = (x_hat.float() - x.float()).pow(2).sum(-1).mean(0)
-    mse = mse_per_source.sum()
-    zero = mse.new_zeros(())
-    penalty = penalty_name(cfg.activation, sparsity)
-    pen, aux = zero, zero
-    if cfg.activation != "batchtopk":
-        ff, nn_ = f.float(), dec_norm.float()
-        if penalty == "tanh_quad":
-            pen = _tanh_quad_global(ff, nn_, cfg.tanh_scale, frequency_scale, mesh) / P
-        elif penalty == "l1_l2":
-            pen = _l1_l2_sharded(model, ff)
-        elif penalty == "tanh_joint" and model.per_source:  # the sum over sources spans the source group
-            z = mesh.sum_sources((ff * nn_).sum(-2))  # the same on every rank of the source group
-            pen = torch.tanh(cfg.tanh_scale * z).sum(-1).mean() / P
-        elif not model.per_source:  # the shared code is the same on every rank of the source group
-            pen = PENALTIES[penalty](ff, nn_, cfg.tanh_scale, frequency_scale) / P
-        elif penalty == "l1":  # a sum over sources: this rank's sources
-            pen = l1_penalty(ff, nn_)
-        else:  # tanh: a mean over sources: this rank's sum / n_sources
-            pen = tanh_penalty(ff, nn_, cfg.tanh_scale) * share
-    if cfg.activation == "jumprelu" and pre_act_coef > 0 and dead is not None:
-        gap = pre_act_loss(model.gate_input(pre).float(), dec_norm.float(), model.threshold.clamp(min=0), dead)
-        aux = pre_act_coef * (gap if model.per_source else gap / P)
-    elif cfg.activation == "batchtopk" and dead is not None and auxk_coef > 0:
-        aux = auxk_coef * auxk_loss(model, x.float(), x_hat.float(), pre.float(), dec_norm.float(), dead,
-                                    k_aux or max(1, cfg.d_in // 2), False)
-    nested = None
-    if cfg.activation == "batchtopk" and nested_k_frac > 0 and nested_k_coef > 0:  # this rank's sources, as mse
-        f_nested = global_batch_topk(pre, dec_norm, nested_k_frac * cfg.k, mesh)[0]
-        nested = nested_k_coef * nested_topk_mse(x, model.decode(f_nested))
-    total = mse + sparsity_coef * pen + aux + (zero if nested is None else nested)
-    return LossOutput(total, mse, pen, aux, mse_per_source.detach(), f, x_hat, min_kept, nested)
 
 
 def _state_bytes(state: dict) -> int:
@@ -223,9 +121,6 @@ class Distributed(Local):
                 raise MeshError(f"checkpoint {path} names shard {shard.name}, which cannot be read: {e}") from e
             state = {**state, "model": part["model"], "optimizer": part["optimizer"]}
         return state
-
-    def loss(self, *args, **kwargs) -> LossOutput:
-        return sharded_loss(*args, **kwargs)
 
     def batch_mean(self, x: Tensor) -> Tensor:
         return self.mesh.reduce_(x.sum(0), "data") / (x.shape[0] * self.mesh.data)

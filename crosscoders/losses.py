@@ -17,12 +17,14 @@ import contextlib
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 from einops import einsum
 from jaxtyping import Bool, Float
 from torch import Tensor
 
 from . import activations as A
 from . import sparse as S
+from .mesh import Mesh
 from .model import Crosscoder
 
 
@@ -92,22 +94,84 @@ def tanh_quad_penalty(f: Tensor, dec_norm: Tensor, c: float, frequency_scale: fl
     return (p * (1 + p / frequency_scale)).sum()
 
 
-PENALTIES = {
-    "l1": lambda f, n, c, s: l1_penalty(f, n),
-    "l1_l2": None,  # needs the per-source decoder norms, computed in crosscoder_loss
-    "tanh": lambda f, n, c, s: tanh_penalty(f, n, c),
-    "tanh_joint": lambda f, n, c, s: tanh_joint_penalty(f, n, c),
-    "tanh_quad": tanh_quad_penalty,
-}
-"""Sparsity penalties by name, each `(code, gate norms, tanh scale c, frequency scale s) -> scalar`."""
+def _shared_share(value: Tensor, mesh: Mesh) -> Tensor:
+    """A term every rank of a source group computes identically enters each rank's loss divided by P, so
+    that the replicated parameters' gradients, summed over the source group, are the global ones."""
+    return value / mesh.source
+
+
+def _l1(f: Tensor, n: Tensor, model: Crosscoder, c: float, s: float, mesh: Mesh) -> Tensor:
+    """`l1_penalty`; with the per-source gate a sum over sources (this rank's sources)."""
+    return l1_penalty(f, n) if f.ndim == 3 else _shared_share(l1_penalty(f, n), mesh)
+
+
+def _l1_l2(f: Tensor, n: Tensor, model: Crosscoder, c: float, s: float, mesh: Mesh) -> Tensor:
+    """`l1_l2_penalty` with the squared decoder norms summed over the source group. Per-source code: the
+    largest code over all sources, owned by the rank(s) holding it (ties split evenly, as torch.amax's
+    gradient does); on one rank every entry is its own owner and this is `l1_l2_penalty`."""
+    norm = mesh.sum_sources(model.decoder_norms().float().pow(2).sum(-1)).sqrt()  # [d_sae], over all sources
+    if f.ndim == 2:
+        return _shared_share((f * norm).sum(-1).mean(), mesh)
+    local = f.amax(-2)
+    if mesh.source == 1:
+        return (local * norm).sum(-1).mean()
+    top = mesh.reduce_(local.detach().clone(), "source", dist.ReduceOp.MAX)
+    owner = (local.detach() == top).float()
+    ties = mesh.reduce_(owner.clone(), "source")
+    return (local * owner / ties * norm).sum(-1).mean()
+
+
+def _tanh(f: Tensor, n: Tensor, model: Crosscoder, c: float, s: float, mesh: Mesh) -> Tensor:
+    """`tanh_penalty`: a mean over sources, so this rank's mean over its equal block enters divided by P."""
+    return _shared_share(tanh_penalty(f, n, c), mesh)
+
+
+def _tanh_joint(f: Tensor, n: Tensor, model: Crosscoder, c: float, s: float, mesh: Mesh) -> Tensor:
+    """`tanh_joint_penalty` with the sum over sources spanning the source group."""
+    z = mesh.sum_sources((f * n).sum(-2)) if f.ndim == 3 else f * n
+    return _shared_share(torch.tanh(c * z).sum(-1).mean(), mesh)
+
+
+def _tanh_quad(f: Tensor, n: Tensor, model: Crosscoder, c: float, s: float, mesh: Mesh) -> Tensor:
+    """`tanh_quad_penalty` with p_i the firing frequency over the global batch (and every source)."""
+    t = torch.tanh(c * f * n).reshape(-1, f.shape[-1])
+    p = mesh.sum_world(t.sum(0)) / (t.shape[0] * mesh.world)
+    return _shared_share((p * (1 + p / s)).sum(), mesh)
+
+
+PENALTIES = {"l1": _l1, "l1_l2": _l1_l2, "tanh": _tanh, "tanh_joint": _tanh_joint, "tanh_quad": _tanh_quad}
+"""Sparsity penalties by name, each `(code, gate norms, model, tanh scale c, frequency scale s, mesh) -> this
+rank's share`; on one rank (`Mesh.single()`) each is the plain function above it."""
 
 
 def penalty_name(activation: str, sparsity: str) -> str | None:
     """The penalty a scheme trains with: `sparsity`, or for "auto" the scheme's own (relu: l1_l2, jumprelu:
-    tanh_joint, batchtopk: None). One place for the defaults, used by the single-process and the sharded loss."""
+    tanh_joint, batchtopk: None). One place for the defaults."""
     if sparsity != "auto" and sparsity not in PENALTIES:
         raise ValueError(f"unknown sparsity penalty {sparsity!r}; choose one of auto, {', '.join(PENALTIES)}")
     return {"relu": "l1_l2", "jumprelu": "tanh_joint"}.get(activation) if sparsity == "auto" else sparsity
+
+
+def batch_topk(pre: Tensor, dec_norm: Tensor, k: float, mesh: Mesh) -> tuple[Tensor, Tensor]:
+    """`activations.batch_topk` over the global batch: on one data rank exactly that; on D data ranks keep the
+    k B_global largest relu(pre) N over all of them (each rank sends its own top k B_global scores; the
+    k B_global-th largest of their union is the global cut; ties at the cut keep every tied entry)."""
+    if mesh.data == 1:
+        return A.batch_topk(pre, dec_norm, k)
+    with torch.no_grad():
+        scores = (pre * dec_norm).clamp_(min=0)
+        n_keep = max(1, min(scores.numel() * mesh.data, int(round(k * pre.shape[0] * mesh.data))))
+        local = torch.topk(scores.flatten(), min(n_keep, scores.numel()), sorted=False).values
+        cut = torch.topk(mesh.gather_data(local), n_keep, sorted=False).values.min()
+        keep = scores >= cut if cut > 0 else scores > 0
+        if cut > 0:
+            min_kept = cut
+        else:  # fewer positive scores than k B: the smallest positive one anywhere
+            pos = scores[scores > 0]
+            m = (pos.min() if pos.numel() else scores.new_tensor(float("inf"))).reshape(1)
+            min_kept = mesh.reduce_(m, "data", dist.ReduceOp.MIN)[0]
+            min_kept = min_kept if torch.isfinite(min_kept) else scores.new_zeros(())
+    return torch.relu(pre) * keep.to(pre.dtype), min_kept
 
 
 def pre_act_loss(pre: Tensor, dec_norm: Tensor, threshold: Tensor, dead: Bool[Tensor, " d_sae"]) -> Tensor:
@@ -169,6 +233,7 @@ def crosscoder_loss(
     frequency_scale: float = 0.01,
     nested_k_frac: float = 0.0,
     nested_k_coef: float = 1.0,
+    mesh: Mesh | None = None,
 ) -> LossOutput:
     """One forward pass in training mode and the loss of `model.cfg.activation`'s scheme.
 
@@ -178,18 +243,28 @@ def crosscoder_loss(
 
     `sparse` (batchtopk): decode and backpropagate through the active latents only (crosscoders/sparse.py:
     the same loss and gradients, faster when k / d_sae is small); None = where it pays (`sparse.pays`).
-    The returned code `f` then carries no gradient."""
+    The returned code `f` then carries no gradient.
+
+    `mesh`: this rank's place in a distributed run (crosscoders/mesh.py; `model` its `ShardedCrosscoder`, whose
+    pre-activations and shared-gate norms already sum over the source group). The result is this rank's share
+    l_r, chosen so that the global loss is (1/D) sum_r l_r: sums over sources (mse, the per-source l1) stay
+    local; terms every rank of a source group computes identically enter divided by P; the BatchTopK cut and
+    tanh-quad's frequencies are taken over the global batch. None = one process, where every collective is a
+    no-op and each term is the plain one (tests/test_distributed.py: 2 and 4 gloo ranks end in the
+    single-process weights)."""
     cfg = model.cfg
+    mesh = mesh or Mesh.single()
     model.check_input(x)
     if sparse is None:
         sparse = S.pays(cfg.k, cfg.d_sae, x.device)
-    sparse = sparse and cfg.activation == "batchtopk" and not model.per_source
+    # the sparse kernels decode this process's whole code: one rank only
+    sparse = sparse and cfg.activation == "batchtopk" and not model.per_source and mesh.world == 1
     with torch.no_grad() if sparse else contextlib.nullcontext():
         pre = model.pre_acts(x)
         dec_norm = model.gate_norms()  # [d_sae] shared, [n_sources, d_sae] per-source
     min_kept = None
     if cfg.activation == "batchtopk":
-        f, min_kept = A.batch_topk(pre, dec_norm, cfg.k)
+        f, min_kept = batch_topk(pre, dec_norm, cfg.k, mesh)
     else:
         f = model.activate(pre)
     x_hat = S.decode_code(model, x, pre, f) if sparse else model.decode(f)
@@ -200,20 +275,19 @@ def crosscoder_loss(
     aux = zero
     penalty = penalty_name(cfg.activation, sparsity)
     sparsity = zero  # from here on the penalty's value
-    if cfg.activation != "batchtopk" and penalty == "l1_l2":
-        sparsity = l1_l2_penalty(f.float(), model.decoder_norms().float())
-    elif cfg.activation != "batchtopk":
-        sparsity = PENALTIES[penalty](f.float(), dec_norm.float(), cfg.tanh_scale, frequency_scale)
+    if cfg.activation != "batchtopk":
+        sparsity = PENALTIES[penalty](f.float(), dec_norm.float(), model, cfg.tanh_scale, frequency_scale, mesh)
     if cfg.activation == "jumprelu":
         if pre_act_coef > 0 and dead is not None:
             th = model.threshold.clamp(min=0)
-            aux = pre_act_coef * pre_act_loss(model.gate_input(pre).float(), dec_norm.float(), th, dead)
+            gap = pre_act_loss(model.gate_input(pre).float(), dec_norm.float(), th, dead)
+            aux = pre_act_coef * (gap if model.per_source else _shared_share(gap, mesh))
     elif cfg.activation == "batchtopk" and dead is not None and auxk_coef > 0:
         aux = auxk_coef * auxk_loss(model, x.float(), x_hat.float(), pre.float(), dec_norm.float(), dead,
                                     k_aux or max(1, cfg.d_in // 2), sparse)
     nested = None
     if cfg.activation == "batchtopk" and nested_k_frac > 0 and nested_k_coef > 0:
-        f_nested = A.batch_topk(pre, dec_norm, nested_k_frac * cfg.k)[0]  # the top of the same scores
+        f_nested = batch_topk(pre, dec_norm, nested_k_frac * cfg.k, mesh)[0]  # the top of the same scores
         x_nested = S.decode_code(model, x, pre, f_nested) if sparse else model.decode(f_nested)
         nested = nested_k_coef * nested_topk_mse(x, x_nested)
     total = mse + sparsity_coef * sparsity + aux + (zero if nested is None else nested)

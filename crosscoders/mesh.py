@@ -59,6 +59,11 @@ class Mesh:
     device: str = "cpu"
 
     @classmethod
+    def single(cls, device: str = "cpu") -> Mesh:
+        """One process: a 1 x 1 grid, every collective a no-op (the loss and the loop take this by default)."""
+        return cls(0, 1, 1, 1, 0, 0, device=device)
+
+    @classmethod
     def init(cls, source_parallel: int = 1, device: str = "cpu", backend: str | None = None,
              timeout_s: float = 600.0) -> Mesh:
         """Join the torch.distributed job started by torchrun (env:// rendezvous) and build the groups."""

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .config import CrosscoderConfig
 from .io import torch_save
-from .losses import crosscoder_loss
+from .mesh import Mesh
 from .model import Crosscoder
 
 
@@ -24,6 +24,8 @@ class Local:
 
     is_writer = True
     """Whether this process writes logs, checkpoints and the final model."""
+    mesh = Mesh.single()
+    """The collectives the loss uses (`losses.crosscoder_loss(mesh=)`): no-ops here."""
 
     def build_model(self, cfg: CrosscoderConfig, device: torch.device) -> Crosscoder:
         return Crosscoder(cfg).to(device)
@@ -37,9 +39,6 @@ class Local:
                              f"`torchrun --nproc_per_node={layout['world']}` and the same source_parallel, "
                              "or use a new out_dir")
         return state
-
-    def loss(self, *args, **kwargs):
-        return crosscoder_loss(*args, **kwargs)
 
     def batch_mean(self, x: Tensor) -> Tensor:
         """Mean over the (global) batch: [batch, n_sources, d_in] -> [n_sources, d_in]."""

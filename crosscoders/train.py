@@ -21,6 +21,7 @@ import argparse
 import itertools
 import json
 import math
+import os
 import sys
 import time
 import warnings
@@ -32,7 +33,9 @@ from torch import Tensor
 
 from .config import SPARSITY_COEF, CrosscoderConfig, TrainConfig
 from .dataclass_cli import add_arguments, from_dict, to_dict
+from .errors import UserError
 from .io import append_jsonl, read_jsonl, write_json, write_text
+from .losses import crosscoder_loss
 from .model import Crosscoder
 from .parallel import Local
 from .precision import autocast_context, describe, resolve_autocast
@@ -264,9 +267,9 @@ def train(
         coef = sparsity_coef(cfg) * sparsity_factor(cfg, step)
         dead = since_fired >= cfg.dead_tokens
         with amp:
-            loss = par.loss(model, x, coef, dead, cfg.auxk_coef, cfg.k_aux, cfg.pre_act_coef,
-                            sparsity=cfg.sparsity, frequency_scale=cfg.frequency_scale,
-                            nested_k_frac=cfg.nested_k_frac, nested_k_coef=cfg.nested_k_coef)
+            loss = crosscoder_loss(model, x, coef, dead, cfg.auxk_coef, cfg.k_aux, cfg.pre_act_coef,
+                                   sparsity=cfg.sparsity, frequency_scale=cfg.frequency_scale,
+                                   nested_k_frac=cfg.nested_k_frac, nested_k_coef=cfg.nested_k_coef, mesh=par.mesh)
         if not torch.isfinite(loss.total):
             raise FloatingPointError(f"loss became {loss.total.item()} at step {step} (finite inputs); "
                                      "try a lower lr or autocast=none")
@@ -325,20 +328,40 @@ def train(
     return final
 
 
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m crosscoders.train",
+        description="Train a crosscoder on an activation store: in this process, or as one rank of "
+                    "`torchrun --nproc_per_node=N -m crosscoders.train ...` (data x source parallel).")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for user errors (bad store, shapes)")
+    p.add_argument("--store", required=True, help="activation store directory (manifest.json + shards)")
+    p.add_argument("--out", required=True, help="output directory (model, log, checkpoint)")
+    p.add_argument("--seed-data", type=int, default=0, help="seed of the store's shuffled reader")
+    p.add_argument("--eval-tokens", type=int, default=0,
+                   help="tokens of the store evaluated on after training (one process only)")
+    dist_group = p.add_argument_group("under torchrun (crosscoders/distributed.py)")
+    dist_group.add_argument("--source-parallel", type=int, default=1,
+                            help="ranks that split the snapshots (P); the other factor of the world size splits the batch")
+    dist_group.add_argument("--stop-at-step", type=int, default=0,
+                            help="end this job after that step (a checkpoint step: set checkpoint_every to divide it), "
+                                 "to go on later from the checkpoint, e.g. in scheduler slots shorter than the run (0 = never)")
+    dist_group.add_argument("--backend", default=None, help="torch.distributed backend (default: nccl on cuda, gloo on cpu)")
+    add_arguments(p.add_argument_group("training (TrainConfig)"), TrainConfig)
+    add_arguments(p.add_argument_group("model (CrosscoderConfig)"), CrosscoderConfig)
+    return p
+
+
 def main(argv: list[str] | None = None) -> Crosscoder:
-    """`python -m crosscoders.train --store DIR --out DIR [TrainConfig and CrosscoderConfig flags]`."""
-    parser = argparse.ArgumentParser(description="Train a crosscoder on an activation store.")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors (bad store, shapes)")
-    parser.add_argument("--store", required=True, help="activation store directory (manifest.json + shards)")
-    parser.add_argument("--out", required=True, help="output directory (model, log, checkpoint)")
-    parser.add_argument("--seed-data", type=int, default=0, help="seed of the store's shuffled reader")
-    parser.add_argument("--eval-tokens", type=int, default=0, help="tokens held out of the stream for a final eval")
-    add_arguments(parser.add_argument_group("training (TrainConfig)"), TrainConfig)
-    add_arguments(parser.add_argument_group("model (CrosscoderConfig)"), CrosscoderConfig)
-    ns = vars(parser.parse_args(argv))
+    """`python -m crosscoders.train --store DIR --out DIR [TrainConfig and CrosscoderConfig flags]`; the same
+    command under `torchrun` trains data x source parallel: each rank reads its rows and snapshots of every
+    global batch of the store (`distributed.shard_batches`), rank 0 writes the log, checkpoints and model.
+    A rank that dies makes the others fail at their next collective (gloo / NCCL raise, torchrun names the
+    rank); no checkpoint is committed after the last one every rank reached."""
+    ns = vars(parser().parse_args(argv))
     ns.pop("debug")
     store_dir, out_dir = ns.pop("store"), ns.pop("out")
     seed_data, eval_tokens = ns.pop("seed_data"), ns.pop("eval_tokens")
+    source_parallel, backend, stop = ns.pop("source_parallel"), ns.pop("backend"), ns.pop("stop_at_step")
     cc_fields = set(CrosscoderConfig.__dataclass_fields__)
     cc = json.loads(ns.pop("crosscoder")) if "crosscoder" in ns else {}
     cc.update({k: ns.pop(k) for k in list(ns) if k in cc_fields})
@@ -347,21 +370,42 @@ def main(argv: list[str] | None = None) -> Crosscoder:
 
     store = ActivationStore(store_dir)
     scales = torch.as_tensor(store.scales, dtype=torch.float32)
-    d_in = int(store.manifest["d_in"])
     cc.setdefault("n_sources", len(scales))
-    cc.setdefault("d_in", d_in)
+    cc.setdefault("d_in", int(store.manifest["d_in"]))
     cfg = from_dict(TrainConfig, {**ns, "crosscoder": cc})
     store.check_matches(cfg.crosscoder.n_sources, cfg.crosscoder.d_in)
-    check_epochs(cfg, store.n_tokens)
+    parallel, mesh = None, None
+    if "RANK" in os.environ or source_parallel > 1:  # one rank of a torchrun job
+        from .distributed import Distributed
+        from .mesh import Mesh
+
+        mesh = Mesh.init(source_parallel, device=cfg.device, backend=backend)
+        mesh.source_slice(cfg.crosscoder.n_sources)  # refuse a split that does not divide before any work
+        parallel = Distributed(mesh)
+        if eval_tokens:
+            raise UserError("--eval-tokens is evaluated in one process: evaluate the saved model afterwards")
+    if mesh is None or mesh.rank == 0:
+        check_epochs(cfg, store.n_tokens)
     eval_batch = None
     if eval_tokens:
         eval_batch = next(iter(store.batches(eval_tokens, seed=seed_data + 1, normalize=True)))
 
     def source(start: int) -> Iterator[Tensor]:
         # The store's reader is deterministic for a seed: skip what the checkpoint already consumed.
-        return store.batches(cfg.batch_size, seed=seed_data, normalize=True, start_batch=start)
+        glob = store.batches(cfg.batch_size, seed=seed_data, normalize=True, start_batch=start)
+        if mesh is not None:
+            from .distributed import shard_batches
 
-    return train(cfg, source, out_dir, norm_scale=scales, eval_batch=eval_batch)
+            glob = shard_batches(mesh, glob, cfg.crosscoder.n_sources)  # this rank's block of each global batch
+        return itertools.islice(glob, max(stop - start, 0)) if stop else glob
+
+    try:
+        return train(cfg, source, out_dir, norm_scale=scales, eval_batch=eval_batch, parallel=parallel)
+    finally:
+        if mesh is not None:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
