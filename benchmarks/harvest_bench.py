@@ -3,8 +3,8 @@
 Bare forward: `model(tokens, stop_at_layer=L+1)` under no_grad over the same batches, for every model:
 the least work any harvest must do. Harvest: `crosscoders.harvest.harvest` end to end (forward passes,
 BOS exclusion, dtype cast, shards with sha256, manifest, normalisation scales) into a fresh store, for
-both strategies; also the two ways of capturing the hook ("hooks" vs "cache"), the disk-free `stream`,
-and the store reader's throughput.
+both strategies; also the two ways of capturing the hook ("hooks" vs "cache"), and the store reader's
+throughput (the disk-free stream has its own benchmark, stream_bench.py).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from crosscoders.harvest import harvest, model_acts, stream
+from crosscoders.harvest import harvest, model_acts
 from crosscoders.store import ActivationStore
 
 from .common import PeakMemory, interleaved_best
@@ -77,10 +77,9 @@ def harvest_cases(shape: HarvestShape, device: str = "cpu", repeats: int = 2) ->
         harvest(loaders, tokens, hook, Path(tmp.name) / f"{strategy}{next(runs)}", batch_size=shape.batch_size,
                 strategy=strategy, progress=False)  # default ~64 MiB shards
 
-    s = stream(models, tokens, hook, 1024, n_epochs=1, model_batch=shape.batch_size)
     cases = {"bare_forward": bare, "capture_hooks": lambda: capture("hooks"),
              "capture_cache": lambda: capture("cache"), "harvest_chunk": lambda: harvest_once("chunk"),
-             "harvest_snapshot": lambda: harvest_once("snapshot"), "stream": lambda: sum(len(b) for b in s)}
+             "harvest_snapshot": lambda: harvest_once("snapshot")}
     # Interleaved repeats, best of each: on a shared machine load drifts, and every case should see
     # the same conditions as the bare forward pass it is compared with.
     bare()  # warm-up

@@ -1,7 +1,8 @@
 """Run one token stream through every snapshot, at one or more hooks, into an activation store.
 
     harvest(models, tokens, "blocks.3.hook_resid_post", out_dir)  ->  ActivationStore
-    stream(models, tokens, "blocks.3.hook_resid_post", 4096)      ->  iterable of [batch, n_sources, d_in]
+
+(Training straight from the models, with no store, is `crosscoders.stream.ShuffleStream`.)
 
 `models` is a sequence of transformer-lens `HookedTransformer`s, or of zero-argument callables that
 load one (e.g. `functools.partial(load_local_snapshot, path)`), so that only one model is in memory.
@@ -16,7 +17,8 @@ model by model. The token stream is cut into chunks of `shard_seqs` sequences, o
     and write per-source temporary parts `<store>/.parts/`; then a merge pass stacks the parts of each
     chunk into its shard and deletes them. Peak memory: one model plus one shard; peak extra disk
     about one store.
-Both give byte-identical stores. Resumable: the store's manifest lists complete shards (the writer is
+Both give byte-identical stores. Processes (torchrun ranks) share a "snapshot" harvest: each writes the
+parts of its own snapshots, one of them merges (`own`, `merge`, `wait`). Resumable: the store's manifest lists complete shards (the writer is
 atomic) and parts are written atomically, so a rerun skips every finished chunk and every finished
 part. Positions excluded by default: position 0 of each sequence (BOS) and any `bos_token_id` /
 `pad_token_id` token (pad on the right: the model is causal, so right padding does not change the
@@ -25,10 +27,11 @@ real tokens' activations).
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import shutil
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -39,7 +42,7 @@ from torch import Tensor, nn
 from .io import save_safetensors
 from .precision import autocast_context, resolve_autocast
 from .progress import progress_bar
-from .store import ActivationStore, StoreWriter, tokens_sha256
+from .store import DTYPES, MANIFEST, ActivationStore, StoreWriter, tokens_sha256
 
 ModelLike = nn.Module | Callable[[], nn.Module]
 PARTS = ".parts"
@@ -134,18 +137,33 @@ def _store_dirs(hooks: Sequence[str], out_dir: Path, single: bool) -> dict[str, 
     return {hooks[0]: out_dir} if single else {h: out_dir / h for h in hooks}
 
 
+def _stored_chunks(d: Path, seq_len: int, shard_seqs: int) -> tuple[int, bool]:
+    """(first chunk without a shard, complete) of the store at `d` as its manifest says (0, False if none)."""
+    if not (d / MANIFEST).exists():
+        return 0, False
+    m = json.loads((d / MANIFEST).read_text())
+    last = max((s["last_position"] for s in m["shards"]), default=-1)
+    return (0 if not m["shards"] else (last // seq_len) // shard_seqs + 1), bool(m.get("complete"))
+
+
 def harvest(models: Sequence[ModelLike], tokens: Int[Tensor, "n_seq seq_len"], hook: str | Sequence[str],
             out_dir: str | Path, sources: Sequence[str] | None = None, batch_size: int = 32,
             exclude_bos: bool = True, resume: bool = True, *, dtype: str = "bfloat16",
             shard_seqs: int | None = None, bos_token_id: int | None = None, pad_token_id: int | None = None,
             strategy: str = "auto", method: str = "cache", metadata: dict | None = None,
-            progress: bool = True, autocast: str = "auto") -> ActivationStore | dict[str, ActivationStore]:
+            progress: bool = True, autocast: str = "auto", own: Sequence[int] | None = None,
+            merge: bool = True, wait: Callable[[], None] = lambda: None) -> ActivationStore | dict[str, ActivationStore] | None:
     """Harvest `hook` of every model on `tokens` into a store at `out_dir` (one hook), or into
     `out_dir/<hook>/` for each of several hooks (one forward pass per model and chunk serves them all).
 
     `batch_size`: sequences per forward pass. `shard_seqs`: sequences per shard (default: ~64 MiB
     shards). `sources`: names in the manifest (default source0, source1, ...). `autocast`: precision of the
-    forward passes ("auto": bf16 only where measured faster, crosscoders/precision.py)."""
+    forward passes ("auto": bf16 only where measured faster, crosscoders/precision.py).
+
+    Several processes share one harvest (strategy "snapshot"): each computes the parts of the sources `own`
+    names (default: all), `wait` is a barrier over them, and the one with `merge` stacks every part into the
+    shards, the same merge one process does, so the store is byte for byte the single-process one. The
+    merging process creates the store before the first `wait`; the others return None."""
     single = isinstance(hook, str)
     hooks = [hook] if single else list(hook)
     tokens = torch.as_tensor(tokens)
@@ -155,13 +173,18 @@ def harvest(models: Sequence[ModelLike], tokens: Int[Tensor, "n_seq seq_len"], h
     sources = [str(s) for s in sources] if sources is not None else [f"source{j}" for j in range(len(models))]
     if len(sources) != len(models):
         raise ValueError(f"{len(sources)} source names for {len(models)} models")
+    own = list(range(len(models))) if own is None else sorted(own)
     if strategy == "auto":
         strategy = "chunk" if all(isinstance(m, nn.Module) for m in models) else "snapshot"
     if strategy not in ("chunk", "snapshot"):
         raise ValueError(f"strategy must be 'auto', 'chunk' or 'snapshot', got {strategy!r}")
-    first = _load(models[0])
-    d_in = int(first.cfg.d_model)
+    if strategy == "chunk" and (own != list(range(len(models))) or not merge):
+        raise ValueError("a harvest shared between processes (own, merge) uses strategy 'snapshot'")
+    first = _load(models[own[0]]) if own else None
+    d_in = int(first.cfg.d_model) if first is not None else None
     if shard_seqs is None:
+        if d_in is None:
+            raise ValueError("a process that computes no source needs shard_seqs")
         bytes_per_seq = seq_len * len(models) * d_in * (4 if dtype == "float32" else 2)
         shard_seqs = max(1, (64 << 20) // bytes_per_seq)
     keep = keep_mask(tokens, exclude_bos, bos_token_id, pad_token_id)
@@ -170,14 +193,18 @@ def harvest(models: Sequence[ModelLike], tokens: Int[Tensor, "n_seq seq_len"], h
     meta = {**(metadata or {}), "exclude_bos": exclude_bos, "bos_token_id": bos_token_id,
             "pad_token_id": pad_token_id, "shard_seqs": shard_seqs}
     dirs = _store_dirs(hooks, Path(out_dir), single)
-    if not resume:
-        for d in dirs.values():
-            shutil.rmtree(d / PARTS, ignore_errors=True)
-    writers = {h: StoreWriter(dirs[h], sources, h, d_in, dtype, meta, stream_id, resume=resume) for h in hooks}
+    writers = {}
+    if merge:
+        if not resume:
+            for d in dirs.values():
+                shutil.rmtree(d / PARTS, ignore_errors=True)
+        writers = {h: StoreWriter(dirs[h], sources, h, d_in, dtype, meta, stream_id, resume=resume) for h in hooks}
+    wait()  # the others read what the merging process found (or created) on disk
     # chunk index from which each hook's store still needs shards (a shard always covers a whole chunk)
-    start = {h: 0 if not w.shards else (w.last_position // seq_len) // shard_seqs + 1 for h, w in writers.items()}
+    stored = {h: _stored_chunks(dirs[h], seq_len, shard_seqs) for h in hooks}
+    start = {h: stored[h][0] for h in hooks}
     todo = [c for c in range(len(chunks)) if any(c >= start[h] for h in hooks) and
-            not all(w.complete for w in writers.values())]
+            not all(done for _, done in stored.values())]
 
     def rows(c: int) -> tuple[Tensor, Tensor, Tensor]:
         a, b = chunks[c]
@@ -195,10 +222,10 @@ def harvest(models: Sequence[ModelLike], tokens: Int[Tensor, "n_seq seq_len"], h
         for h, a in acts.items():
             if a.shape[-1] != d_in:
                 raise ValueError(f"source {sources[j]!r} gives {h} of width {a.shape[-1]}, but source "
-                                 f"{sources[0]!r} gives {d_in}: every snapshot must have the same shape")
+                                 f"{sources[own[0]]!r} gives {d_in}: every snapshot must have the same shape")
         return acts
 
-    bar = progress_bar(total=len(todo) * len(models), disable=not progress, desc=f"harvest {strategy}", unit="fwd")
+    bar = progress_bar(total=len(todo) * len(own), disable=not progress, desc=f"harvest {strategy}", unit="fwd")
     if strategy == "chunk":
         for c in todo:
             k = rows(c)[0]
@@ -215,10 +242,11 @@ def harvest(models: Sequence[ModelLike], tokens: Int[Tensor, "n_seq seq_len"], h
         def part(h: str, j: int, c: int) -> Path:
             return dirs[h] / PARTS / f"source{j:03d}-chunk{c:05d}.safetensors"
 
-        for j, m in enumerate(models):
+        store_dtype = DTYPES[dtype]
+        for j in own:
             need = [c for c in todo if any(c >= start[h] and not part(h, j, c).exists() for h in hooks)]
             bar.update(len(todo) - len(need))
-            model = first if j == 0 else (_load(m) if need else None)
+            model = first if j == own[0] else (_load(models[j]) if need else None)
             first = None  # from here on at most one model is alive
             if not need:
                 continue
@@ -226,9 +254,13 @@ def harvest(models: Sequence[ModelLike], tokens: Int[Tensor, "n_seq seq_len"], h
                 k = rows(c)[0]
                 acts = run(model, j, c)
                 for h in hooks:
-                    save_safetensors(part(h, j, c), {"acts": acts[h][k].to(writers[h].torch_dtype)})
+                    save_safetensors(part(h, j, c), {"acts": acts[h][k].to(store_dtype)})
                 bar.update(1)
             del model
+        wait()  # every process's parts are on disk
+        if not merge:
+            bar.close()
+            return None
         for c in progress_bar(todo, disable=not progress, desc="merge", unit="shard"):
             for h in hooks:
                 if c >= start[h]:
@@ -241,59 +273,3 @@ def harvest(models: Sequence[ModelLike], tokens: Int[Tensor, "n_seq seq_len"], h
         stores[h] = w.finish() if not w.complete else ActivationStore(dirs[h])
         shutil.rmtree(dirs[h] / PARTS, ignore_errors=True)
     return stores[hooks[0]] if single else stores
-
-
-class ActivationStream:
-    """Batches `[batch, n_sources, d_in]` computed straight from in-memory models, no disk (`stream`).
-
-    Per epoch the sequence order is permuted (seeded); each chunk of `chunk_seqs` sequences runs through
-    every model and its kept rows are shuffled and cut into batches (the remainder carries over).
-    Iterating again yields the same batches, so `train` can resume on it. `.scales` are measured on the
-    first `scale_tokens` kept rows (before any shuffle)."""
-
-    def __init__(self, models: Sequence[nn.Module], tokens: Tensor, hook: str, batch_size: int, *, seed: int = 0,
-                 shuffle: bool = True, normalize: bool = True, scales: Tensor | None = None,
-                 n_epochs: int | None = None, chunk_seqs: int | None = None, exclude_bos: bool = True,
-                 bos_token_id: int | None = None, pad_token_id: int | None = None, model_batch: int = 32,
-                 dtype: torch.dtype | None = None, scale_tokens: int = 65536, method: str = "cache"):
-        self.models, self.tokens, self.hook, self.batch_size = list(models), torch.as_tensor(tokens), hook, batch_size
-        self.seed, self.shuffle, self.normalize, self.n_epochs = seed, shuffle, normalize, n_epochs
-        self.keep = keep_mask(self.tokens, exclude_bos, bos_token_id, pad_token_id)
-        self.chunk_seqs = chunk_seqs or max(1, (4 * batch_size) // self.tokens.shape[1] + 1)
-        self.model_batch, self.dtype, self.method = model_batch, dtype, method
-        self.scales = scales if scales is not None else measure_scales(
-            self._raw(torch.arange(self.tokens.shape[0])), scale_tokens)
-
-    def _raw(self, order: Tensor) -> Iterator[Tensor]:
-        for a in range(0, len(order), self.chunk_seqs):
-            idx = order[a:a + self.chunk_seqs]
-            k = self.keep[idx]
-            per = [model_acts(m, self.tokens[idx], [self.hook], self.model_batch, self.method)[self.hook][k]
-                   for m in self.models]
-            x = torch.stack(per, 1)
-            yield x.to(self.dtype).float() if self.dtype is not None else x
-
-    def __iter__(self) -> Iterator[Float[Tensor, "batch n_sources d_in"]]:
-        scale = self.scales.float()[None, :, None] if self.normalize else None
-        rest, epoch = None, 0
-        while self.n_epochs is None or epoch < self.n_epochs:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            n = self.tokens.shape[0]
-            order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
-            for x in self._raw(order):
-                if self.shuffle:
-                    x = x[torch.randperm(len(x), generator=g)]
-                rest = x if rest is None else torch.cat([rest, x])
-                while len(rest) >= self.batch_size:
-                    b, rest = rest[: self.batch_size], rest[self.batch_size:]
-                    yield b * scale if scale is not None else b
-            epoch += 1
-        if rest is not None and len(rest):
-            yield rest * scale if scale is not None else rest
-
-
-def stream(models: Sequence[nn.Module], tokens: Int[Tensor, "n_seq seq_len"], hook: str, batch_size: int,
-           **kwargs) -> ActivationStream:
-    """Activation batches straight from the models (all held in memory), for training without disk.
-    `stream(...).scales` are the per-source normalisation scales; see `ActivationStream` for options."""
-    return ActivationStream(models, tokens, hook, batch_size, **kwargs)

@@ -10,6 +10,7 @@ process and device) says it is faster, and an explicit "bf16" where it is slow w
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 import warnings
 from functools import cache
@@ -20,6 +21,11 @@ import torch
 Autocast = Literal["auto", "none", "bf16"]
 # bf16 must be at least this much faster than fp32 for "auto" to choose it (a margin over timing noise).
 MIN_SPEEDUP = 1.2
+AUTO_ENV = "CROSSCODERS_AUTO_PRECISION"
+"""Set to "fp32" or "bf16" to pin what "auto" resolves to, without the probe, in this process and the ones it
+starts (torchrun ranks): the probe's verdict can flip between processes where the speed-up is near
+MIN_SPEEDUP (1.4-2.5x measured on one AMD EPYC with AVX-512-BF16, by thread count), and runs that must agree
+bit for bit across processes need one precision. The tests pin fp32 (tests/conftest.py)."""
 
 
 def _time(fn, repeats: int) -> float:
@@ -61,6 +67,11 @@ def resolve_autocast(mode: str, device: str | torch.device = "cpu") -> Literal["
         raise ValueError(f"autocast must be 'auto', 'none' or 'bf16', got {mode!r}")
     if mode == "none":
         return "none"
+    pinned = os.environ.get(AUTO_ENV)
+    if mode == "auto" and pinned:
+        if pinned not in ("fp32", "bf16"):
+            raise ValueError(f"{AUTO_ENV}={pinned!r}: use fp32 or bf16 (or unset it to measure)")
+        return "bf16" if pinned == "bf16" else "none"
     dev = str(torch.device(device))
     speedup = bf16_speedup(dev)
     if mode == "bf16":
@@ -75,7 +86,9 @@ def resolve_autocast(mode: str, device: str | torch.device = "cpu") -> Literal["
 def describe(mode: str, resolved: str, device: str | torch.device = "cpu") -> dict:
     """What was chosen and why, for logs and run records."""
     out = {"autocast": mode, "precision": "bf16" if resolved == "bf16" else "fp32", "device": str(device)}
-    if mode != "none":
+    if mode == "auto" and os.environ.get(AUTO_ENV):
+        out["pinned_by"] = f"{AUTO_ENV}={os.environ[AUTO_ENV]}"
+    elif mode != "none":
         out["bf16_speedup_measured"] = round(bf16_speedup(str(torch.device(device))), 3)
     return out
 

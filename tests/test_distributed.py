@@ -16,30 +16,13 @@ from crosscoders.distributed import _state_bytes, state_bytes
 from crosscoders.model import Crosscoder
 from crosscoders.store import StoreWriter
 from crosscoders.synthetic import PlantedFeatures, SyntheticConfig
-from crosscoders.train import main as train_main  # one entry, also under torchrun
+from crosscoders.train import main as train_main
 
 ROOT = Path(__file__).resolve().parents[1]
 TRUTH = PlantedFeatures(SyntheticConfig(n_sources=4, d_in=8, n_features=12, seed=5))
-REL_TOL = 0.1
-"""Agreement with one process: max over tensors of max |w_1 - w_n| / max |w_1|. Not 1e-4 absolute: Adam's
-first steps are lr * g / (|g| + eps), so a latent whose gradient is ~1e-9 (float32 sums in another order:
-the per-source JumpReLU's straight-through terms) moves by up to lr on one side and not the other; on an AMD
-EPYC runner 2 source-parallel ranks differed from one process by 1.4e-3 after one step (lr 3e-3) and by 0.034
-after 20 (weights up to ~0.6): 0.003-0.063 of max |w| over the schemes here. A wrong rule fails by far: with
-the shared terms not divided by P, relu and per-source JumpReLU on 2 source ranks ended 0.76 and 1.44 apart."""
-
-
-def rel_diff(a: Crosscoder, b: Crosscoder) -> float:
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    return max(((sa[k].float() - sb[k].float()).abs().max() / sa[k].float().abs().max().clamp(min=1e-6)).item()
-               for k in sa if sa[k].abs().max() > 0)
-
-
-def agrees(one: Crosscoder, other: Crosscoder, what: str) -> None:
-    diff = rel_diff(one, other)
-    print(f"{what}: max |w_1 - w_n| / max |w_1| = {diff:.3g} (absolute {max_diff(one, other):.3g})")
-    assert diff < REL_TOL, f"{what}: {diff:.3g} >= {REL_TOL}"
+TOL = 1e-4  # float32 sums in another order over 20 Adam steps
+# fp32 on every side: `autocast = "auto"` picks bf16 where the CPU has bf16 units (an AMD EPYC with AVX-512-BF16
+# measured 1.4-2.5x), and its rounding, not the parallel rules, then sets the difference (1e-3 to 0.04 here)
 
 
 def make_store(path: Path, n_sources: int = 4) -> Path:
@@ -68,7 +51,7 @@ def torchrun(n: int, args: list[str], timeout: float = 120, check: bool = True) 
 
 def flags(store: Path, out: Path, *extra: str) -> list[str]:
     return ["--store", str(store), "--out", str(out), "--steps", "20", "--batch-size", "64", "--lr", "3e-3",
-            "--d-sae", "32", "--progress", "false", "--checkpoint-every", "5", *extra]
+            "--d-sae", "32", "--progress", "false", "--checkpoint-every", "5", "--autocast", "none", *extra]
 
 
 def max_diff(a: Crosscoder, b: Crosscoder) -> float:
@@ -94,7 +77,11 @@ def test_two_ranks_equal_one_process(tmp_path, scheme, source_parallel):
     single = train_main(flags(store, tmp_path / "one", *extra))
     torchrun(2, flags(store, tmp_path / "two", *extra, "--source-parallel", str(source_parallel)))
     two = Crosscoder.load(tmp_path / "two")
-    agrees(single, two, f"{scheme} source_parallel={source_parallel}")
+    diff = max_diff(single, two)
+    print(f"max |w_1 - w_2| {scheme} source_parallel={source_parallel}: {diff:.3g}")
+    (tmp_path.parent / f"diff-{scheme}-{source_parallel}.json").write_text(json.dumps(diff))
+    assert diff < TOL
+    assert max_diff(single, Crosscoder(single.cfg)) > 100 * TOL  # training moved the weights: not trivially equal
     # memory per rank: parameters + Adam moments, measured on each rank, against the formula and one process
     mem = json.loads((tmp_path / "two" / "parallel.json").read_text())
     one = _state_bytes(torch.load(tmp_path / "one/checkpoint/state.pt", weights_only=True))
@@ -119,7 +106,9 @@ def test_resume_on_another_layout_is_refused_and_a_resume_is_exact(tmp_path):
     with pytest.raises(ValueError, match="2-rank run"):
         train_main(flags(store, tmp_path / "two", *extra))
     torchrun(2, two)  # resumes at step 10
-    agrees(full, Crosscoder.load(tmp_path / "two"), "resumed source-parallel")
+    diff = max_diff(full, Crosscoder.load(tmp_path / "two"))
+    print(f"max |w_1 - w_2| resumed source-parallel: {diff:.3g}")
+    assert diff < TOL
     assert sorted(p.name for p in (tmp_path / "two/checkpoint").iterdir()) == ["shard-source1-step20.pt", "state.pt"]
 
 
@@ -137,8 +126,11 @@ def test_four_ranks_equal_one_process(tmp_path, source_parallel):
     extra = ["--activation", "jumprelu", "--gate", "per_source", "--sparsity", "tanh_quad", "--sparsity-coef", "0.3"]
     single = train_main(flags(store, tmp_path / "one", *extra))
     torchrun(4, flags(store, tmp_path / "four", *extra, "--source-parallel", str(source_parallel)), timeout=300)
-    agrees(single, Crosscoder.load(tmp_path / "four"), f"4 ranks (data {4 // source_parallel} x source {source_parallel})")
+    diff = max_diff(single, Crosscoder.load(tmp_path / "four"))
     mem = json.loads((tmp_path / "four" / "parallel.json").read_text())
+    print(f"4 ranks (data {4 // source_parallel} x source {source_parallel}): max |w_1 - w_4| {diff:.3g}, "
+          f"state bytes per rank {mem['state_bytes_per_rank']} (1 process {state_bytes(single.cfg, 1)})")
+    assert diff < TOL
     assert mem["state_bytes_per_rank"] == [state_bytes(single.cfg, source_parallel)] * 4
 
 
@@ -171,4 +163,6 @@ def test_a_rank_killed_leaves_the_last_complete_checkpoint_and_the_run_resumes(t
     torchrun(2, args, timeout=300)  # resumes from it
     single_args = [a for a in args if a not in ("--source-parallel", "2")]
     single_args[single_args.index("--out") + 1] = str(tmp_path / "one")
-    agrees(train_main(single_args), Crosscoder.load(tmp_path / "two"), "after kill -9 and resume")
+    diff = max_diff(train_main(single_args), Crosscoder.load(tmp_path / "two"))
+    print(f"max |w_1 - w_2| after kill -9 and resume: {diff:.3g}")
+    assert diff < 10 * TOL

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from crosscoders.harvest import harvest, keep_mask, measure_scales, model_acts, stop_layer, stream
+from crosscoders.harvest import harvest, keep_mask, measure_scales, model_acts, stop_layer
 from crosscoders.store import ActivationStore
 
 HOOK = "blocks.0.hook_resid_post"
@@ -122,25 +122,22 @@ def test_resume_after_interruption_is_identical(tmp_path, models, tokens, strate
     assert len(calls) <= 1
 
 
-def test_stream_equals_store(tmp_path, models, tokens):
-    store = harvest(models, tokens, HOOK, tmp_path, dtype="float32", shard_seqs=4, progress=False)
-    acts, _, _ = _read_all(store)
-    s = stream(models, tokens, HOOK, 16, shuffle=False, normalize=False, n_epochs=1, chunk_seqs=3)
-    got = torch.cat(list(s))
-    torch.testing.assert_close(got, acts, rtol=0, atol=0)
-    torch.testing.assert_close(s.scales, store.scales, rtol=1e-5, atol=0)
-    # shuffled and normalised: the same rows (as a multiset), scaled, and deterministic across iterations
-    sh = stream(models, tokens, HOOK, 16, seed=1, n_epochs=1, scales=store.scales)
-    b1, b2 = list(sh), list(sh)
-    assert all(torch.equal(x, y) for x, y in zip(b1, b2, strict=True)) and b1[0].shape == (16, 3, 16)
-    x = torch.cat(b1) / store.scales[None, :, None]
-    key = lambda t: torch.sort(t[:, 0, 0]).values  # noqa: E731
-    torch.testing.assert_close(key(x), key(acts), rtol=1e-5, atol=1e-6)
-    assert not torch.equal(x, acts)
-    # bf16 stream == bf16 store, exactly
-    bstore = harvest(models, tokens, HOOK, tmp_path / "bf", shard_seqs=4, progress=False)
-    bst = stream(models, tokens, HOOK, 1000, shuffle=False, normalize=False, n_epochs=1, dtype=torch.bfloat16)
-    assert torch.equal(next(iter(bst)), _read_all(bstore)[0])
+def test_processes_sharing_a_harvest_write_the_single_process_store(tmp_path, models, tokens):
+    """Two processes (threads here, torchrun ranks in the harvest stage) each compute their own snapshots'
+    parts and one merges: byte for byte the store one process writes."""
+    import threading
+
+    one = harvest(models, tokens, HOOK, tmp_path / "one", shard_seqs=4, strategy="snapshot", progress=False)
+    barrier = threading.Barrier(2)
+    loaders = [lambda m=m: m for m in models]
+    kw = dict(shard_seqs=4, progress=False, wait=barrier.wait)
+    other = threading.Thread(target=harvest, args=(loaders, tokens, HOOK, tmp_path / "two"),
+                             kwargs=dict(own=[1], merge=False, **kw))
+    other.start()
+    two = harvest(loaders, tokens, HOOK, tmp_path / "two", own=[0, 2], merge=True, **kw)
+    other.join()
+    assert two.manifest["shards"] == one.manifest["shards"]  # sha256 of every shard
+    assert not (tmp_path / "two" / ".parts").exists()
 
 
 def test_cache_and_hook_methods_agree(models, tokens):

@@ -8,6 +8,24 @@ import torch
 from crosscoders import precision as P
 
 
+@pytest.fixture(autouse=True)
+def measured(monkeypatch):
+    """These tests are about the probe: without the suite's fp32 pin (tests/conftest.py)."""
+    monkeypatch.delenv(P.AUTO_ENV, raising=False)
+
+
+def test_the_pin_overrides_the_probe(monkeypatch):
+    monkeypatch.setattr(P, "bf16_speedup", lambda device="cpu": 3.5)
+    monkeypatch.setenv(P.AUTO_ENV, "fp32")
+    assert P.resolve_autocast("auto", "cpu") == "none" and P.resolve_autocast("bf16", "cpu") == "bf16"
+    assert P.describe("auto", "none")["pinned_by"] == f"{P.AUTO_ENV}=fp32"
+    monkeypatch.setenv(P.AUTO_ENV, "bf16")
+    assert P.resolve_autocast("auto", "cpu") == "bf16"
+    monkeypatch.setenv(P.AUTO_ENV, "fp16")
+    with pytest.raises(ValueError, match="fp32 or bf16"):
+        P.resolve_autocast("auto", "cpu")
+
+
 def test_probe_measures_a_positive_ratio_and_is_cached():
     r = P.bf16_speedup("cpu")
     assert r > 0 and P.bf16_speedup("cpu") == r
