@@ -154,3 +154,49 @@ def parse_config(cls: type[T], argv: list[str] | None = None, description: str |
 
 def replace(cfg: T, **changes: Any) -> T:
     return from_dict(type(cfg), {**dataclasses.asdict(cfg), **changes})  # type: ignore[arg-type]
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type, title: str | None = None) -> None:
+    """`add_arguments` for `cls` and, in a group each, for its dataclass-typed fields (one level: e.g.
+    TrainConfig's `crosscoder`), whose flags are the nested field names, or `--<field>-<name>` where a
+    name is taken by the outer config. Read the parsed namespace back with `config_from_arguments`."""
+    hints = _resolved_types(cls)
+    nested = {f.name: _base_type(hints[f.name])[0] for f in dataclasses.fields(cls)
+              if dataclasses.is_dataclass(_base_type(hints[f.name])[0])}
+    outer = parser.add_argument_group(title or cls.__name__)
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
+        if f.init and f.name not in nested:
+            _add_one(outer, f, hints[f.name], docs, f.name, "--" + f.name.replace("_", "-"))
+    taken = {f.name for f in dataclasses.fields(cls)}
+    for name, sub in nested.items():
+        group = parser.add_argument_group(f"{name} ({sub.__name__})")
+        sub_docs, sub_hints = field_docs(sub), _resolved_types(sub)
+        for f in dataclasses.fields(sub):
+            if f.init and not dataclasses.is_dataclass(_base_type(sub_hints[f.name])[0]):
+                flag = f"{name}-{f.name}" if f.name in taken else f.name
+                _add_one(group, f, sub_hints[f.name], sub_docs, f"{name}.{f.name}", "--" + flag.replace("_", "-"))
+
+
+def _add_one(group, f: dataclasses.Field, hint: Any, docs: dict[str, str], dest: str, flag: str) -> None:
+    default = f.default if f.default is not dataclasses.MISSING else (
+        f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
+    )
+    base, _ = _base_type(hint)
+    help_text = f"{docs.get(f.name, '')} (default: {default!r})".strip()
+    if typing.get_origin(base) is typing.Literal:
+        help_text += f" choices: {', '.join(map(str, typing.get_args(base)))}"
+    group.add_argument(flag, dest=dest, default=argparse.SUPPRESS, help=help_text.replace("%", "%%"),
+                       metavar=f.name.upper())
+
+
+def config_from_arguments(cfg: T, ns: dict[str, Any]) -> T:
+    """`cfg` with the flags given (the namespace of `add_config_arguments`; absent flags keep `cfg`'s values)."""
+    data = to_dict(cfg)
+    for dest, value in ns.items():
+        outer, _, inner = dest.partition(".")
+        if inner:
+            data[outer][inner] = value
+        else:
+            data[outer] = value
+    return from_dict(type(cfg), data)

@@ -178,11 +178,11 @@ class Run:
         if stored.get("k", 0) >= k and str(step) in stored.get("features", {}).get(str(i), {}):
             e, vocab = stored["features"][str(i)][str(step)], stored["vocab"]
             return {key: [(vocab[str(t)], v) for t, v in e[key][:k]] for key in ("promoted", "suppressed")}
+        from evolution.context import RunContext
         from evolution.interventions.logit_effects import logit_effects_matrix, top_effects
-        from evolution.pipeline import _loaders
         from evolution.recipe import load_run_config
 
-        model = _loaders(load_run_config(self.path), [step])[0]()
+        model = RunContext(load_run_config(self.path)).source.load(step)
         W_dec = self.crosscoder.W_dec[self.steps.index(step), i : i + 1].detach().float()
         e = top_effects(logit_effects_matrix(model, W_dec), k)[0]
         return {key: [(model.tokenizer.decode([t]), v) for t, v in e[key]] for key in ("promoted", "suppressed")}

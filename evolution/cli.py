@@ -1,12 +1,15 @@
-"""`feature-evolution <verb>`: the study's stages from the shell. This module only parses and dispatches;
-every verb's work lives in its own module.
+"""`feature-evolution <verb>`: the study from the shell. The stage verbs are generated from the stage list
+(`evolution.pipeline.STAGES`); each takes its stage's config fields as flags (the dataclass is the CLI).
 
-    feature-evolution demo                         # the whole study on the embedded default (runs/demo.toml)
-    feature-evolution run runs/pythia-70m.toml     # any recipe; cached stages are skipped
-    feature-evolution analyze runs/demo            # one stage of an existing run (re-run, forced)
-    feature-evolution pretrain --run-dir runs/x --steps 500 ...   # stage verbs with their own flags
+    feature-evolution demo                              # the whole study on the embedded default (runs/demo.toml)
+    feature-evolution run runs/pythia-70m.toml          # any recipe (or run directory); cached stages are skipped
+    feature-evolution evaluate runs/demo --batch-size 8 # one stage on a run, with its own flags (--help lists them)
     feature-evolution compare runs/demo runs/demo-regularised     # two runs side by side
-    feature-evolution plan runs/x.toml --gpus 1,8  # cost: downloads, forwards, disk, FLOPs, memory, hours
+    feature-evolution plan runs/x.toml --gpus 1,8       # cost: downloads, forwards, disk, FLOPs, memory, hours
+
+A stage verb redoes that stage (and runs what it reads from, where not up to date), with the flags written into
+the run's run.json. Started by torchrun (the runner does this for `[parallel] nproc_per_node > 1`), a stage verb
+runs this rank's share of the stage.
 """
 
 from __future__ import annotations
@@ -15,24 +18,23 @@ import argparse
 import sys
 from pathlib import Path
 
+from crosscoders.dataclass_cli import add_config_arguments, config_from_arguments, replace
 from crosscoders.errors import UserError, run_cli
+from evolution.context import under_torchrun
+from evolution.pipeline import STAGES, by_name, run_rank, run_study
+from evolution.plan import plan_cli
+from evolution.recipe import RunConfig, load_recipe, load_run_config
+from evolution.report.compare import compare_cli
 
-STAGE_VERBS = {
-    "corpus": "corpus", "pretrain": "pretrain", "harvest": "harvest", "train": "crosscoder",
-    "analyze": "analyze", "geometry": "geometry", "evaluate": "evaluate", "phases": "phases", "report": "report",
-    "numbers": "numbers",
-    "interventions": "interventions",
-}
 # The demo recipe: the one in the current checkout, else the one beside this package's source tree.
 DEMO_RECIPES = (Path("runs/demo.toml"), Path(__file__).resolve().parents[1] / "runs" / "demo.toml")
+OTHER_VERBS = {"demo": "the whole study on runs/demo.toml", "run": "the whole study on a recipe or run directory",
+               "compare": "two run directories side by side", "plan": "a recipe's cost, running nothing"}
 
 
-def _config_for(target: str):
+def config_for(target: str) -> RunConfig:
     """A RunConfig from a recipe (.toml) or from a run directory's run.json, re-rooted where the directory
     is (a copied or renamed run directory works on itself, never on the directory its run.json names)."""
-    from evolution.pipeline import load_recipe
-    from evolution.recipe import load_run_config
-
     p = Path(target)
     if p.suffix == ".toml":
         return load_recipe(p)
@@ -41,7 +43,26 @@ def _config_for(target: str):
     raise UserError(f"{target}: neither a recipe (.toml) nor a run directory with run.json")
 
 
-def _summary(cfg) -> None:
+def stage_parser(name: str) -> argparse.ArgumentParser:
+    """`feature-evolution <stage> RUN [--field value ...]`: the stage's config fields as flags."""
+    st = by_name(name)
+    p = argparse.ArgumentParser(prog=f"feature-evolution {name}",
+                                description=f"the {name} stage: {st.describe.format(run='RUN')}")
+    p.add_argument("target", help="run directory (runs/<name>) or recipe (runs/*.toml)")
+    if st.table:
+        add_config_arguments(p, RunConfig.__dataclass_fields__[st.table].default_factory,
+                             title=f"[{st.table}] ({RunConfig.__dataclass_fields__[st.table].type})")
+    return p
+
+
+def usage() -> str:
+    lines = [__doc__.strip(), "", "verbs:"]
+    lines += [f"  {v:<14} {what}" for v, what in OTHER_VERBS.items()]
+    lines += [f"  {s.name:<14} stage: {s.describe.format(run='RUN')}" for s in STAGES]
+    return "\n".join(lines + ["", "--debug (any verb): show tracebacks of user errors"])
+
+
+def _summary(cfg: RunConfig) -> None:
     run = cfg.run_dir
     lines = [f"\nResults of run {cfg.name!r} in {run}/:"]
     for rel, what in [("report.html", "the run report (open in a browser)"),
@@ -63,61 +84,45 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    if argv and argv[0] == "plan":  # a recipe's cost, running nothing (evolution/plan.py)
-        from evolution.plan import plan_cli
-
-        plan_cli(argv[1:])
-        return 0
-    verbs = ["demo", "run", "compare", *STAGE_VERBS]
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in verbs:
-        print(__doc__.strip() + "\n\nverbs: " + ", ".join(verbs) + "\n--debug (any verb): show tracebacks of user errors",
-              file=sys.stderr)
+    stage_names = [s.name for s in STAGES]
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in [*OTHER_VERBS, *stage_names]:
+        print(usage(), file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     verb, rest = argv[0], argv[1:]
-
-    # Stage verbs with flags of their own (the module's dataclass config is the CLI).
-    flag_clis = {"pretrain": "evolution.sources.pretrain:pretrain_cli", "geometry": "evolution.geometry.stage:geometry_cli",
-                 "phases": "evolution.phases.stage:phases_cli", "evaluate": "evolution.stage_cli:evaluate_cli",
-                 "interventions": "evolution.stage_cli:interventions_cli"}
-    if verb in flag_clis and rest and rest[0].startswith("-") and rest[0] not in ("-h", "--help"):
-        mod, fn = flag_clis[verb].split(":")
-        getattr(__import__(mod, fromlist=[fn]), fn)(rest)
+    if verb == "plan":
+        plan_cli(rest)
         return 0
-    if verb == "compare":  # two run directories side by side (evolution/report/compare.py)
-        from evolution.report.compare import compare_cli
-
+    if verb == "compare":
         compare_cli(rest)
         return 0
-    if verb == "train" and rest and rest[0].startswith("--store"):
-        from crosscoders.train import main as train_main
-
-        train_main(rest)
+    if verb in stage_names:
+        ns = vars(stage_parser(verb).parse_args(rest))
+        cfg = config_for(ns.pop("target"))
+        table = by_name(verb).table
+        if table and ns:
+            cfg = replace(cfg, **{table: config_from_arguments(getattr(cfg, table), ns)})
+        if under_torchrun():  # one rank of the job the runner launched
+            run_rank(cfg, verb)
+            return 0
+        run_study(cfg, only=(verb,))
+        _summary(cfg)
         return 0
-
-    from evolution.pipeline import run_study
-
     p = argparse.ArgumentParser(prog=f"feature-evolution {verb}")
-    if verb != "demo":
+    if verb == "run":
         p.add_argument("target", help="recipe (runs/*.toml) or run directory (runs/<name>)")
     p.add_argument("--name", help="run name (default: the recipe's)")
     p.add_argument("--force", default="", help="comma-separated stages to redo even if cached")
     ns = p.parse_args(rest)
     if verb == "demo":
-        from evolution.pipeline import RunConfig, load_recipe
-
         recipe = next((r for r in DEMO_RECIPES if r.exists()), None)
         if recipe is None:
             print("runs/demo.toml not found: running the built-in RunConfig defaults", file=sys.stderr)
         cfg = load_recipe(recipe, name=ns.name) if recipe else RunConfig(name=ns.name or "demo")
     else:
-        cfg = _config_for(ns.target)
+        cfg = config_for(ns.target)
         if ns.name:
-            from crosscoders.dataclass_cli import replace
-
             cfg = replace(cfg, name=ns.name)
-    force = tuple(s for s in ns.force.split(",") if s)
-    only = (STAGE_VERBS[verb],) if verb in STAGE_VERBS else ()
-    run_study(cfg, force=force, only=only)
+    run_study(cfg, force=tuple(s for s in ns.force.split(",") if s))
     _summary(cfg)
     return 0
 

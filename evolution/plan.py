@@ -62,10 +62,10 @@ class Shape:
 
 def shape_of(cfg) -> Shape:
     from crosscoders.harvest import stop_layer
-    from evolution.pipeline import _hub_name
+    from evolution.sources.snapshot_source import parse_source
 
-    hub = _hub_name(cfg)
-    if hub:
+    kind, hub = parse_source(cfg.snapshots.source)
+    if kind == "hf":
         from evolution.sources.snapshots import GE2025_STEPS
 
         key = hub.split("/")[-1].removesuffix("-deduped")
@@ -201,7 +201,7 @@ def format_plan(p: dict) -> str:
 
 def plan_cli(argv: list[str] | None = None) -> list[dict]:
     """`feature-evolution plan RECIPE.toml [--gpus 1,8] [--gpu H100] [--json]`."""
-    from evolution.pipeline import load_recipe
+    from evolution.recipe import load_recipe
 
     ap = argparse.ArgumentParser(prog="feature-evolution plan", description=__doc__.split("\n")[0])
     ap.add_argument("recipe")

@@ -22,7 +22,8 @@ torch.set_num_threads(max(1, min(2, int(os.environ.get("OMP_NUM_THREADS", "2")))
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """A complete run directory of the tiny recipe (corpus → ... → report), built once per session."""
-    from evolution.pipeline import load_recipe, run_study
+    from evolution.pipeline import run_study
+    from evolution.recipe import load_recipe
 
     root = tmp_path_factory.mktemp("runs")
     cfg = load_recipe(TINY_RECIPE, root=str(root))
@@ -33,7 +34,8 @@ def tiny_run(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_numbers_run(tmp_path_factory):
     """The tiny study with the planted number mechanism (tests/data/tiny-numbers.toml), every stage."""
-    from evolution.pipeline import load_recipe, run_study
+    from evolution.pipeline import run_study
+    from evolution.recipe import load_recipe
 
     root = tmp_path_factory.mktemp("runs_numbers")
     cfg = load_recipe(Path(__file__).parent / "data" / "tiny-numbers.toml", root=str(root))

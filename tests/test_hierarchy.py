@@ -84,7 +84,7 @@ def test_peak_readout_uses_the_peak_step_and_censors_first_snapshot_peaks():
 
 
 def test_learning_onset_is_the_ten_percent_point_of_the_final_fall():
-    from evolution.phases.loss import learning_onsets
+    from evolution.sources.learning import learning_onsets
 
     steps = [0, 10, 20, 40, 80, 160, 320]
     rows = [{"step": s, "eval_loss_by_mechanism": {"copy": c, "topic": t, "flat": 5.0 + 0.01 * (i % 2)}}

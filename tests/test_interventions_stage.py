@@ -103,15 +103,15 @@ def test_interventions_on_a_non_run_directory_is_a_one_line_error(tmp_path, caps
 def test_recipe_key_adds_the_stage_before_phases(tiny_run):
     import dataclasses
 
-    from evolution.pipeline import stages_for
+    from evolution.pipeline import study_stages
 
     cfg = tiny_run[0]
-    assert "interventions" not in [s.name for s in stages_for(cfg)]  # off by default
+    assert "interventions" not in [s.name for s in study_stages(cfg)]  # off by default
     on = dataclasses.replace(cfg, interventions=dataclasses.replace(cfg.interventions, enabled=True))
-    st = {s.name: s for s in stages_for(on)}
+    st = {s.name: s for s in study_stages(on)}
     names = list(st)
     assert names.index("evaluate") < names.index("interventions") < names.index("phases")
-    assert "interventions" in st["report"].inputs and "crosscoder" in st["interventions"].inputs
+    assert "interventions" in st["report"].inputs(on) and "crosscoder" in st["interventions"].inputs(on)
 
 
 def test_browser_shows_the_logit_effects_table_in_chromium(run_copy):

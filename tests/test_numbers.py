@@ -176,7 +176,8 @@ def test_number_acts_match_a_direct_forward_pass():
 
 
 def test_numbers_stage_on_the_tiny_numbers_run(tiny_numbers_run):
-    from evolution.pipeline import load_recipe, numbers_on
+    from evolution.numbers.stage import numbers_on
+    from evolution.recipe import load_recipe
 
     cfg, run = tiny_numbers_run
     data = json.loads((run / "numbers.json").read_text())
@@ -202,15 +203,16 @@ def test_numbers_stage_resumes_without_refitting(tiny_numbers_run, tmp_path, mon
     import shutil
 
     from evolution.numbers import stage
-    from evolution.pipeline import _loaders, snapshot_steps
+    from evolution.context import RunContext
 
     cfg, run = tiny_numbers_run
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
     before = json.loads((copy / "numbers.json").read_text())
-    steps = snapshot_steps(cfg)
+    ctx = RunContext(cfg)
+    steps = ctx.steps
     monkeypatch.setattr(stage, "model_numbers", lambda *a: pytest.fail("a finished step was fitted again"))
-    after = stage.numbers(copy, cfg.numbers, steps, _loaders(cfg, steps))
+    after = stage.numbers(copy, cfg.numbers, steps, ctx.loaders())
     assert after["helix_r2"] == before["helix_r2"]
 
 

@@ -7,8 +7,9 @@ import json
 import pandas as pd
 import pytest
 
-from evolution.pipeline import load_recipe, run_study, stages_for
-from evolution.stages import run_stages
+from evolution.context import RunContext
+from evolution.pipeline import run_stages, run_study, study_stages
+from evolution.recipe import load_recipe
 
 STAGES = ["corpus", "pretrain", "harvest", "crosscoder", "analyze", "geometry", "evaluate", "phases", "report"]
 
@@ -36,14 +37,14 @@ def test_every_stage_writes_its_outputs(tiny_run):
 def test_rerun_skips_and_changed_config_redoes_downstream(tiny_run):
     cfg, run, _ = tiny_run
     lines: list[str] = []
-    run_stages(run, stages_for(cfg), log=lines.append)
+    run_stages(RunContext(cfg), study_stages(cfg), log=lines.append)
     assert all("up to date" in line for line in lines), lines
     # a different probe setting invalidates analysis and what reads it, not the expensive stages
     from crosscoders.dataclass_cli import replace
 
     cfg2 = replace(cfg, analyze={**cfg.analyze.__dict__, "threshold": 0.4})
     lines.clear()
-    run_stages(run, stages_for(cfg2), log=lines.append)
+    run_stages(RunContext(cfg2), study_stages(cfg2), log=lines.append)
     ran = [line.split("]")[0].strip("[") for line in lines if "running" in line]
     assert ran == ["analyze", "phases", "report"]
 

@@ -9,7 +9,7 @@ import pytest
 
 from crosscoders.distributed import state_bytes
 from evolution.cli import main
-from evolution.pipeline import load_recipe
+from evolution.recipe import load_recipe
 from evolution.plan import plan
 
 RUNS = Path(__file__).resolve().parents[1] / "runs"

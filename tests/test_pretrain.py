@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from crosscoders.io import read_jsonl
-from evolution.phases.loss import learned_steps, loss_figure, save_loss_figure
+from evolution.sources.learning import learned_steps, loss_figure, save_loss_figure
 from evolution.sources.corpus import CorpusConfig, PlantedConfig, build_corpus
 from evolution.sources.pretrain import (
     ModelConfig,
@@ -20,7 +20,6 @@ from evolution.sources.pretrain import (
     build_model,
     lr_factor,
     pretrain,
-    pretrain_cli,
     snapshot_schedule,
 )
 from evolution.sources.snapshots import load_local_snapshot, local_steps
@@ -137,15 +136,26 @@ def test_log_schema_and_mechanism_losses_match_transformer_lens(corpus, tmp_path
     assert cfg_saved["model"]["n_ctx"] == 16 and cfg_saved["vocab_size"] == 64
 
 
-def test_cli_flattens_the_model_config(corpus, tmp_path):
-    corpus.save(tmp_path)
-    steps = pretrain_cli(["--run-dir", str(tmp_path), "--steps", "3", "--batch-size", "2", "--d-model", "16",
-                          "--n-layers", "1", "--n-heads", "2", "--d-mlp", "32", "--snapshot-steps", "0,3"])  # fmt: skip
-    assert steps == [0, 3]
-    saved = json.loads((tmp_path / "pretrain" / "config.json").read_text())
+def test_stage_verb_flattens_the_model_config(corpus, tmp_path):
+    """`feature-evolution pretrain RUN --steps 3 --d-model 16 ...`: PretrainConfig's fields and, in a group, its
+    ModelConfig's are the flags (the generated stage CLI); they are written into the run's run.json."""
+    from crosscoders.dataclass_cli import to_dict
+    from evolution.cli import main
+    from evolution.recipe import RunConfig
+
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = RunConfig(name="run", root=str(tmp_path), corpus=corpus.config)  # the verb builds this small corpus first
+    (run / "run.json").write_text(json.dumps(to_dict(cfg)))
+    rc = main(["pretrain", str(run), "--steps", "3", "--batch-size", "2", "--d-model", "16", "--n-layers", "1",
+               "--n-heads", "2", "--d-mlp", "32", "--snapshot-steps", "0,3"])
+    assert rc == 0
+    saved = json.loads((run / "pretrain" / "config.json").read_text())
     assert saved["model"]["d_model"] == 16 and saved["steps"] == 3 and saved["snapshot_steps"] == [0, 3]
+    assert json.loads((run / "run.json").read_text())["pretrain"]["model"]["d_model"] == 16
+    assert sorted(p.name for p in (run / "snapshots").iterdir()) == ["step0", "step3"]
     with pytest.raises(SystemExit):
-        pretrain_cli(["--run-dir", str(tmp_path), "--model", "mini"])
+        main(["pretrain", str(run), "--model", "mini"])
 
 
 def test_learned_steps_and_loss_figure(tmp_path):

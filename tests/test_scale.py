@@ -10,7 +10,8 @@ import torch
 
 from crosscoders.dataclass_cli import replace
 from crosscoders.model import Crosscoder
-from evolution.pipeline import load_recipe, run_study
+from evolution.pipeline import run_study
+from evolution.recipe import load_recipe
 from tests.conftest import TINY_RECIPE
 
 TOL = 1e-4
@@ -81,8 +82,14 @@ def test_store_mode_on_two_ranks_equals_one_process(snapshots):
 
 
 def test_harvest_key_leaves_store_runs_cached():
-    from evolution.pipeline import HarvestConfig, _harvest_key
+    from types import SimpleNamespace
 
-    store, stream = _harvest_key(HarvestConfig()), _harvest_key(HarvestConfig(mode="stream", stream_shards=8))
+    from evolution.harvest import HarvestConfig
+    from evolution.pipeline import _harvest_key
+
+    def key(h):
+        return _harvest_key(SimpleNamespace(harvest=h, snapshots=None))["harvest"]
+
+    store, stream = key(HarvestConfig()), key(HarvestConfig(mode="stream", stream_shards=8))
     assert "stream" not in store and store.endswith("autocast='auto')")  # the key runs had before `mode` existed
     assert "mode='stream'" in stream and "stream_shards=8" in stream

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from evolution.phases.signals import stops_tracking
-from evolution.phases.snapshot_eval import evaluate_snapshots, read_eval, token_metrics
+from evolution.evaluate.snapshots import evaluate_snapshots, read_eval, token_metrics
 from evolution.sources.corpus import Corpus
 from evolution.sources.references import (
     bigram_table,
@@ -113,7 +113,7 @@ def test_planted_snapshots_stop_tracking_bigram_at_the_planted_step(planted_run)
     ev = read_eval(run)
     assert ev["kl_bigram"].shape == (summary["n_tokens"], len(STEPS))
     assert ev["kl_bigram"][:, 4].mean() < 1e-4  # exactly the bigram distribution at step 8
-    from evolution.phases.snapshot_eval import eval_signals
+    from evolution.phases.heldout import eval_signals
 
     sig = eval_signals(ev)
     kl = sig["kl_bigram_stop"]

@@ -17,7 +17,10 @@ import pytest
 import torch
 
 from crosscoders.dataclass_cli import from_dict
-from evolution.pipeline import RunConfig, build_corpus_stage, run_study, snapshot_source
+from evolution.context import RunContext
+from evolution.pipeline import run_study
+from evolution.sources.stages import corpus_stage
+from evolution.recipe import RunConfig
 from evolution.sources.snapshot_source import SnapshotError, SnapshotSource
 from evolution.sources.tokenizer import tokenizer_hash, train_bpe
 from tests.hubcache import hub_cache
@@ -108,7 +111,7 @@ def test_local_checkpoints_run_the_whole_study(standin, capsys):
     corpus = Corpus.load(run)
     assert torch.equal(corpus.eval_tokens[:, 1:], body) and bool((corpus.eval_tokens[:, 0] == 0).all())
     meta = json.loads((run / "corpus" / "meta.json").read_text())
-    snap_hash = snapshot_source(cfg).identity(32).tokenizer_hash
+    snap_hash = RunContext(cfg).source.identity(32).tokenizer_hash
     assert meta["tokenizer_hash"] == snap_hash and "step32" in meta["tokenizer_from"]
     assert meta["text_source"].endswith("play.jsonl")
     manifest = json.loads((run / "activations" / cfg.harvest.hook / "manifest.json").read_text())
@@ -183,7 +186,7 @@ def test_mismatched_vocabulary_is_refused_before_any_model_runs(standin, tmp_pat
     cfg = _cfg(standin, tmp_path, "badvocab", f"local:{standin / 'snapshots'}")
     cfg.corpus.tokenizer = str(other)
     with pytest.raises(SnapshotError, match=r"tokenized by tokenizer \w+ \(400 tokens\).*use tokenizer \w+ \(320 tokens"):
-        build_corpus_stage(cfg)
+        corpus_stage(RunContext(cfg))
     assert not (cfg.run_dir / "corpus" / "meta.json").exists()
     # a snapshot whose embedding has another vocabulary size
     snaps = _copy_steps(standin, tmp_path / "snaps")
@@ -236,11 +239,8 @@ def test_for_run_reads_the_recorded_source(standin, tmp_path):
     assert src.kind == "local" and src.steps == [0, 32]
     assert [s for s, _ in src.iter([32])] == [32]
     assert src.identity(0).tokenizer_hash == tokenizer_hash(src.tokenizer())
-    loads = snapshot_source(cfg).loaders()
+    loads = RunContext(cfg).loaders()
     assert len(loads) == 2 and loads[1]().cfg.d_model == 32
-    from evolution.pipeline import _loaders
-
-    assert len(_loaders(cfg, [0, 2, 8])) == 3  # the helpers' entry point keeps working
 
 
 # ------------------------------------------------------------------------------- families, text, hub readiness

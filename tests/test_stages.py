@@ -1,79 +1,98 @@
 """The stage runner redoes exactly the stages whose config or inputs changed."""
 
-from evolution.stages import Stage, run_stages
+from types import SimpleNamespace
+
+from evolution.context import RunContext
+from evolution.pipeline import Stage, run_stages
+
+
+def _ctx(run_dir, a_cfg=None, b_cfg=None):
+    return RunContext(SimpleNamespace(run_dir=run_dir, a=a_cfg, b=b_cfg, c={}))
 
 
 def _chain(run_dir, calls, a_cfg, b_cfg):
     def mk(name):
-        def run():
+        def run(ctx):
             calls.append(name)
-            (run_dir / f"{name}.out").write_text(name)
+            (ctx.run_dir / f"{name}.out").write_text(name)
 
         return run
 
-    return [
-        Stage("a", mk("a"), a_cfg, outputs=["a.out"]),
-        Stage("b", mk("b"), b_cfg, inputs=["a"], outputs=["b.out"]),
-        Stage("c", mk("c"), {}, inputs=["b"], outputs=["c.out"]),
+    ctx = _ctx(run_dir, a_cfg, b_cfg)
+    return ctx, [
+        Stage("a", mk("a"), "a", outputs=lambda c: ["a.out"]),
+        Stage("b", mk("b"), "b", inputs=lambda c: ["a"], outputs=lambda c: ["b.out"]),
+        Stage("c", mk("c"), "c", inputs=lambda c: ["b"], outputs=lambda c: ["c.out"]),
     ]
+
+
+def _run(chain, **kw):
+    ctx, stages = chain
+    return run_stages(ctx, stages, log=lambda s: None, **kw)
 
 
 def test_cached_then_invalidated(tmp_path):
     calls: list[str] = []
-    run_stages(tmp_path, _chain(tmp_path, calls, {"x": 1}, {"y": 1}), log=lambda s: None)
+    _run(_chain(tmp_path, calls, {"x": 1}, {"y": 1}))
     assert calls == ["a", "b", "c"]
     calls.clear()
-    run_stages(tmp_path, _chain(tmp_path, calls, {"x": 1}, {"y": 1}), log=lambda s: None)
+    _run(_chain(tmp_path, calls, {"x": 1}, {"y": 1}))
     assert calls == []
     # b's config changed: b and everything downstream reruns, a does not.
-    run_stages(tmp_path, _chain(tmp_path, calls, {"x": 1}, {"y": 2}), log=lambda s: None)
+    _run(_chain(tmp_path, calls, {"x": 1}, {"y": 2}))
     assert calls == ["b", "c"]
     calls.clear()
     # an upstream change propagates through the keys
-    run_stages(tmp_path, _chain(tmp_path, calls, {"x": 2}, {"y": 2}), log=lambda s: None)
+    _run(_chain(tmp_path, calls, {"x": 2}, {"y": 2}))
     assert calls == ["a", "b", "c"]
+    calls.clear()
+    _run(_chain(tmp_path, calls, {"x": 2}, {"y": 2}), force=["c"])  # forced: redone although cached
+    assert calls == ["c"]
 
 
 def test_missing_output_or_interrupted_stage_reruns(tmp_path):
     calls: list[str] = []
-    run_stages(tmp_path, _chain(tmp_path, calls, {}, {}), log=lambda s: None)
+    _run(_chain(tmp_path, calls, {}, {}))
     calls.clear()
     (tmp_path / "b.out").unlink()
-    run_stages(tmp_path, _chain(tmp_path, calls, {}, {}), log=lambda s: None)
+    _run(_chain(tmp_path, calls, {}, {}))
     assert calls == ["b"]  # c's key did not change, and its output exists
 
     calls.clear()
 
-    def boom():
+    def boom(ctx):
         raise KeyboardInterrupt
 
-    stages = _chain(tmp_path, calls, {}, {"y": 9})
-    stages[1] = Stage("b", boom, {"y": 9}, inputs=["a"], outputs=["b.out"])
+    ctx, stages = _chain(tmp_path, calls, {}, {"y": 9})
+    stages[1] = Stage("b", boom, "b", inputs=lambda c: ["a"], outputs=lambda c: ["b.out"])
     try:
-        run_stages(tmp_path, stages, log=lambda s: None)
+        run_stages(ctx, stages, log=lambda s: None)
     except KeyboardInterrupt:
         pass
-    run_stages(tmp_path, _chain(tmp_path, calls, {}, {"y": 9}), log=lambda s: None)
+    _run(_chain(tmp_path, calls, {}, {"y": 9}))
     assert calls == ["b", "c"]
 
 
 def test_clean_runs_only_when_the_key_changed(tmp_path):
-    cleaned: list[str] = []
-
     def stages(cfg, fail=False):
-        def run():
+        def run(ctx):
             if fail:
                 raise KeyboardInterrupt
             (tmp_path / "a.out").write_text("x")
+            (tmp_path / "partial").mkdir(exist_ok=True)
 
-        return [Stage("a", run, cfg, outputs=["a.out"], clean=lambda: cleaned.append("a"))]
+        return _ctx(tmp_path, cfg), [Stage("a", run, "a", outputs=lambda c: ["a.out"], clean=lambda c: ["partial"])]
 
-    run_stages(tmp_path, stages({"x": 1}), log=lambda s: None)
-    assert cleaned == []  # first run: nothing of another config to remove
+    _run(stages({"x": 1}))
+    assert (tmp_path / "partial").exists()  # first run: nothing of another config to remove
     try:
-        run_stages(tmp_path, stages({"x": 2}, fail=True), log=lambda s: None)
+        _run(stages({"x": 2}, fail=True))
     except KeyboardInterrupt:
         pass
-    assert cleaned == ["a"]  # the key changed: partial state of {"x": 1} removed
-    run_stages(tmp_path, stages({"x": 2}), log=lambda s: None)
-    assert cleaned == ["a"]  # same key after the interruption: resume, do not clean
+    assert not (tmp_path / "partial").exists()  # the key changed: partial state of {"x": 1} removed
+    (tmp_path / "partial").mkdir()
+    try:
+        _run(stages({"x": 2}, fail=True))
+    except KeyboardInterrupt:
+        pass
+    assert (tmp_path / "partial").exists()  # same key after the interruption: resume, do not clean

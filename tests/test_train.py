@@ -173,7 +173,7 @@ def test_ge2025_recipe_is_theirs_and_does_not_cycle_the_store():
     import warnings
 
     from crosscoders.train import check_epochs
-    from evolution.pipeline import load_recipe
+    from evolution.recipe import load_recipe
 
     r = load_recipe("runs/pythia-160m-ge2025.toml")
     cc = r.train.crosscoder

@@ -250,3 +250,8 @@ def load_analysis(run_dir: str | Path) -> tuple[Timelines, pd.DataFrame, dict]:
             features[col] = features[col].astype("Int64")
     summary = json.loads((a / "summary.json").read_text()) if (a / "summary.json").exists() else {}
     return tl, features, summary
+
+
+def analyze_stage(ctx) -> None:
+    """The analyze stage: timelines, types, Latent Scaling, figures and the browser from crosscoder/."""
+    analyze(ctx.run_dir, ctx.cfg.analyze)

@@ -21,14 +21,14 @@ induction features at ~10k–100k, context features last. Here, per group of fea
   when most features of every kind rise together at the onset of the feature phase, which kind reaches
   its full strength first is what still separates them. Features peaking at the first snapshot are
   counted in `n_from_start` and left out the same way.
-- the **mechanism's learned step** (`pretrain/learned_steps.json`, `evolution.phases.loss.learned_steps`:
+- the **mechanism's learned step** (`pretrain/learned_steps.json`, `evolution.sources.learning.learned_steps`:
   first eval step where that mechanism's loss beats every reference that cannot explain it). A group is
   **matched** when its median emergence lies within one snapshot interval of the snapshot at or after
   the learned step; otherwise `note` says why (no features, never learned, k intervals apart).
   Types map to mechanisms by what they compute: current-token → bigram (x_{t+1} read off x_t),
   induction → copy, context → topic; previous-token features are the first half of the induction
   circuit (no mechanism of their own; they should not come after copy).
-- the mechanism's **learning onset** (`pretrain/learning_onsets.json`, `evolution.phases.loss.learning_onsets`:
+- the mechanism's **learning onset** (`pretrain/learning_onsets.json`, `evolution.sources.learning.learning_onsets`:
   where its loss has fallen 10% of the way from its highest to its lowest point) and `matched_onset`, the
   same one-interval rule against it: the learned step says when a mechanism beats every model that
   cannot explain it, the onset when the model starts to use it, and features can only form with the latter.

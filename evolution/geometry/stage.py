@@ -316,17 +316,6 @@ def plot_geometry(data: dict, fig_dir: str | Path) -> list[Path]:
     return paths
 
 
-def geometry_cli(argv: list[str] | None = None) -> dict:
-    """`feature-evolution geometry RUN [--n-tokens N ...]`."""
-    import argparse
-
-    from crosscoders.dataclass_cli import add_arguments, from_dict
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("run_dir")
-    add_arguments(parser, GeometryConfig)
-    ns = vars(parser.parse_args(argv))
-    run_dir = ns.pop("run_dir")
-    return geometry(run_dir, from_dict(GeometryConfig, ns))
-
-
+def geometry_stage(ctx) -> None:
+    """The geometry stage on the run's snapshot source (`[geometry] device` for the forward passes)."""
+    geometry(ctx.run_dir, ctx.cfg.geometry, source=ctx.source)

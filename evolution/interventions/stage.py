@@ -183,3 +183,9 @@ def _write(path: Path, done: dict[int, dict], cfg: InterventionsConfig, key: str
         data["replaceable_until"] = {m: replaceable_until(done, cfg.tolerance, m) for m in MODES}
     write_json(path, data)
     return data
+
+
+def interventions_stage(ctx) -> None:
+    """Linear replacement, pruning, logit lens and feature logit effects per snapshot, through the run's
+    snapshot source (pretrain, local:, hf:)."""
+    interventions(ctx.run_dir, ctx.steps, ctx.loaders(), ctx.cfg.interventions)

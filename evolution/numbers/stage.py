@@ -135,3 +135,15 @@ def numbers_table(data: dict, layer: int | None = None) -> list[dict]:
             row[f"T{k}_null"] = data["strength_null"][k][i][layer]
         rows.append(row)
     return rows
+
+
+def numbers_on(cfg) -> bool:
+    """The numbers stage runs when asked to, or (enabled unset) when the planted corpus has number tokens."""
+    if cfg.numbers.enabled is not None:
+        return cfg.numbers.enabled
+    return cfg.corpus.source == "planted" and cfg.corpus.planted.p_number > 0
+
+
+def numbers_stage(ctx) -> None:
+    """The number helix per snapshot, through the run's snapshot source."""
+    numbers(ctx.run_dir, ctx.cfg.numbers, ctx.steps, ctx.loaders())

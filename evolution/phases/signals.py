@@ -12,7 +12,7 @@ the edge of the measured steps, or has no CI is *not used*, with the reason.
   minimum re-selected), p ≤ 0.05; a minimum at the first or last snapshot is no minimum.
 - `stops_tracking`: **where the model stops tracking the bigram distribution**. With K(s) the mean
   over held-out tokens of KL(p_s(·|x_<t) ‖ q(·|x_{t−1})) (q the add-α bigram distribution counted on
-  the train tokens, `phases/snapshot_eval`), the step is the snapshot s* of the interior minimum of K
+  the train tokens, `evaluate/snapshots`), the step is the snapshot s* of the interior minimum of K
   (`interior_min`: not the first or last snapshot, dip below both ends beating the noise null), and it
   is used only when K then *rises beyond sampling noise*: the rise R = max_{s>s*} K(s) − K(s*) exceeds
   the same statistic (minimum re-selected) on token-bootstrap noise alone (curves minus their mean) in

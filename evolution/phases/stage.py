@@ -7,7 +7,7 @@ Each signal below places the boundary at one step; `phases(run_dir)` combines th
     reference (the add-α bigram model counted on the train tokens, scored on the same held-out tokens:
     `sources.references.heldout_entropies`): from there the model predicts better than a bigram table,
     so the token-statistics (statistical) phase is done. From the snapshots' own per-token losses
-    (`eval/`, `phases/snapshot_eval`) with a bootstrap CI (`signals.crossing`); without `eval/`, from the
+    (`eval/`, `evaluate/snapshots`) with a bootstrap CI (`signals.crossing`); without `eval/`, from the
     pre-training log's eval losses against the plug-in bigram entropy, without a CI (so not used).
 (a') `kl_bigram_stop`: where the model stops tracking the bigram distribution: the interior minimum of
     KL(model ‖ bigram), followed by a rise beyond its CI (`signals.stops_tracking`); needs `eval/`.
@@ -175,7 +175,7 @@ def read_run(run_dir: str | Path) -> dict:
 
         t = load_file(str(tl_path))
         alive, alive_steps = (t["rel_norms"] >= 0.5).numpy(), t["steps"].tolist()
-    from evolution.phases.snapshot_eval import read_eval
+    from evolution.evaluate import read_eval
 
     snap_eval = read_eval(run_dir)
     return {
@@ -194,7 +194,7 @@ def phase_signals(data: dict, cfg: PhasesConfig | None = None) -> dict[str, dict
     cfg = cfg or PhasesConfig()
     signals: dict[str, dict] = {}
     if data.get("snap_eval"):
-        from evolution.phases.snapshot_eval import eval_signals
+        from evolution.phases.heldout import eval_signals
 
         signals.update(eval_signals(data["snap_eval"], cfg.n_boot, cfg.resample_unit))
     elif data["eval"] and data["references"]:
@@ -245,7 +245,7 @@ def phases(run_dir: str | Path, cfg: PhasesConfig | None = None) -> dict:
 
     result = {**combine_with_ci(signals), "signals": signals, "references": data["references"], "config": to_dict(cfg)}
     if data.get("snap_eval"):
-        from evolution.phases.snapshot_eval import kl_curves
+        from evolution.phases.heldout import kl_curves
 
         result["kl_curves"] = kl_curves(data["snap_eval"], cfg.resample_unit, cfg.n_boot)
     result["agreement"] = {**combine(signals, cfg.agree_factor)["agreement"], "agree_within_ci": result["agree"]}
@@ -353,15 +353,6 @@ def phase_map(data: dict, result: dict):
     return fig
 
 
-def phases_cli(argv: list[str] | None = None) -> dict:
-    """`feature-evolution phases RUN [--agree-factor F ...]`."""
-    import argparse
-
-    from crosscoders.dataclass_cli import add_arguments, from_dict
-
-    parser = argparse.ArgumentParser(description="phase boundary and phase map of a run")
-    parser.add_argument("run_dir")
-    add_arguments(parser, PhasesConfig)
-    ns = vars(parser.parse_args(argv))
-    run_dir = ns.pop("run_dir")
-    return phases(run_dir, from_dict(PhasesConfig, ns))
+def phases_stage(ctx) -> None:
+    """The phases stage: the calibrated verdict and the phase map from what the earlier stages wrote."""
+    phases(ctx.run_dir, ctx.cfg.phases)

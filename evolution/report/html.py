@@ -337,3 +337,7 @@ def build_report(run_dir: str | Path) -> Path:
     out = run / "report.html"
     write_text(out, page)
     return out
+
+
+def report_stage(ctx) -> None:
+    build_report(ctx.run_dir)

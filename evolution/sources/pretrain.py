@@ -20,7 +20,6 @@ import random
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -367,27 +366,3 @@ def run_pretrain(run_dir: str | Path, cfg: PretrainConfig) -> list[int]:
     if not corpus_dir.exists():
         raise FileNotFoundError(f"{corpus_dir} not found: build the corpus first (feature-evolution corpus)")
     return pretrain(cfg, Corpus.load(corpus_dir), run_dir)
-
-
-def pretrain_cli(argv: Sequence[str] | None = None) -> list[int]:
-    """`feature-evolution pretrain --run-dir DIR [--steps ...] [--preset mini --d-model 128 ...]`.
-
-    PretrainConfig's fields are flags; the nested ModelConfig is flattened (its fields are flags too:
-    --preset, --d-model, --n-layers, --n-heads, --d-mlp, --n-ctx, --rotary-pct)."""
-    import argparse
-
-    from crosscoders.dataclass_cli import add_arguments, from_dict
-
-    parser = argparse.ArgumentParser(prog="feature-evolution pretrain", description=PretrainConfig.__doc__)
-    parser.add_argument("--run-dir", required=True, help="run directory holding corpus/ (written by the corpus stage)")
-    add_arguments(parser.add_argument_group("pre-training"), PretrainConfig)
-    add_arguments(parser.add_argument_group("model"), ModelConfig)
-    ns = vars(parser.parse_args(argv))
-    run_dir = ns.pop("run_dir")
-    if "model" in ns:
-        parser.error("--model is not a flag: set the shape with --preset, --d-model, --n-layers, ...")
-    model_keys = {f for f in ModelConfig.__dataclass_fields__}
-    mcfg = from_dict(ModelConfig, {k: v for k, v in ns.items() if k in model_keys})
-    cfg = from_dict(PretrainConfig, {"model": mcfg, **{k: v for k, v in ns.items() if k not in model_keys}})
-    return run_pretrain(run_dir, cfg)
-

@@ -43,6 +43,24 @@ from evolution.sources.snapshots import (
 )
 from evolution.sources.tokenizer import tokenizer_hash
 
+
+@dataclass
+class SnapshotsConfig:
+    """Where the snapshots come from and which of them the study uses."""
+
+    source: str = "pretrain"
+    """"pretrain" (train a mini-Pythia in this run), "local:<dir>" (a directory of step{N} HF checkpoints:
+    GPT-NeoX, GPT-2 or Llama-style), or "hf:EleutherAI/pythia-70m" (Pythia's checkpoints from the hub, through
+    transformer-lens). Every stage reads them through evolution.sources.snapshot_source.SnapshotSource."""
+    steps: list[int] | None = None
+    """Steps to use (None: every saved step; for the hub, Ge et al. 2025's 32 steps)."""
+    cache_dir: str | None = None
+    """hf: sources: the Hugging Face hub cache to read revisions from (None: the default, HF_HUB_CACHE)."""
+    local_files_only: bool = False
+    """hf: sources: use only revisions already in the cache (offline), never the network."""
+
+
+
 IDENTITY_KEYS = ("architecture", "d_model", "n_layers", "vocab_size", "tokenizer_hash")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
 

@@ -30,7 +30,7 @@ CELLS: list[Cell] = [
     """),
     code("""
     from crosscoders.io import read_jsonl
-    from evolution.phases.loss import learned_steps, loss_figure
+    from evolution.sources.learning import learned_steps, loss_figure
 
     log = read_jsonl(RUN / "pretrain" / "log.jsonl")
     meta = json.loads((RUN / "corpus" / "meta.json").read_text())

@@ -33,7 +33,8 @@ CELLS: list[Cell] = [
     variation, e.g. `cfg.train.crosscoder.k = 16` under a new `cfg.name`.
     """),
     code("""
-    from evolution.pipeline import load_recipe, run_study
+    from evolution.pipeline import run_study
+    from evolution.recipe import load_recipe
 
     cfg = load_recipe(RECIPE, root=str(RUNS_ROOT))
     print(f"run directory: {cfg.run_dir}")

@@ -59,7 +59,8 @@ CELLS: list[Cell] = [
     """),
     code("""
     from crosscoders.dataclass_cli import from_dict
-    from evolution.pipeline import RunConfig, run_study
+    from evolution.pipeline import run_study
+    from evolution.recipe import RunConfig
 
     cfg = from_dict(RunConfig, {
         "name": "real-checkpoints", "root": str(OUT),

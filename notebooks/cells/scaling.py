@@ -34,7 +34,7 @@ CELLS: list[Cell] = [
     code("""
     import pandas as pd
 
-    from evolution.pipeline import load_recipe
+    from evolution.recipe import load_recipe
     from evolution.plan import ASSUMPTIONS, plan
 
     cfg = load_recipe(RECIPE)
@@ -81,19 +81,17 @@ CELLS: list[Cell] = [
     from crosscoders.dataclass_cli import from_dict
     from crosscoders.stream import ShuffleStream, measure_stream_scales
     from crosscoders.train import evaluate, train
-    from evolution.pipeline import RunConfig, _loaders, snapshot_steps
-    from evolution.sources.corpus import Corpus
+    from evolution.context import RunContext
+    from evolution.recipe import load_run_config
 
-    run_cfg = from_dict(RunConfig, json.loads((RUN / "run.json").read_text()))
-    run_cfg = dataclasses.replace(run_cfg, root=str(RUN.parent), name=RUN.name)
-    steps = snapshot_steps(run_cfg)
-    corpus = Corpus.load(RUN / "corpus")
+    ctx = RunContext(load_run_config(RUN))  # the run's snapshot source and corpus, as every stage gets them
+    run_cfg, steps, corpus = ctx.cfg, ctx.steps, ctx.corpus
     hook, tokens = run_cfg.harvest.hook, corpus.tokens
     buffer_seqs = max(2, min(64, len(tokens) // 4))
-    scales, d_in = measure_stream_scales(_loaders(run_cfg, steps), tokens, hook, buffer_seqs,
+    scales, d_in = measure_stream_scales(ctx.loaders(), tokens, hook, buffer_seqs,
                                          bos_token_id=corpus.bos_token_id)
     batch = 64
-    stream = ShuffleStream([load() for load in _loaders(run_cfg, steps)], tokens, hook, batch,
+    stream = ShuffleStream([load() for load in ctx.loaders()], tokens, hook, batch,
                            buffer_seqs=buffer_seqs, scales=scales, bos_token_id=corpus.bos_token_id)
     x = next(stream(0))
     print(f"{len(steps)} snapshots, d_in {d_in}; a batch: {list(x.shape)}; scales {[round(s, 3) for s in scales.tolist()]}")
@@ -106,7 +104,7 @@ CELLS: list[Cell] = [
                                                    activation="batchtopk", k=8))
     with tempfile.TemporaryDirectory() as out:
         model = train(tcfg, stream, out, norm_scale=scales)
-    held_out = ShuffleStream([load() for load in _loaders(run_cfg, steps)], corpus.eval_tokens, hook, batch,
+    held_out = ShuffleStream([load() for load in ctx.loaders()], corpus.eval_tokens, hook, batch,
                              buffer_seqs=max(1, min(16, len(corpus.eval_tokens))), bos_token_id=corpus.bos_token_id)
     ev = evaluate(model, held_out(0), max_batches=4)
     print(f"streamed crosscoder after {TRAIN_STEPS} steps: held-out FVU per snapshot "

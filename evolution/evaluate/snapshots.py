@@ -188,37 +188,11 @@ def per_sequence(values: np.ndarray, seq: np.ndarray) -> np.ndarray:
     return sums / counts[:, None]
 
 
-def _units(ev: dict, values: np.ndarray, unit: str) -> np.ndarray:
-    return per_sequence(values, ev["seq"]) if unit == "sequence" else values
+def evaluate_stage(ctx) -> None:
+    """The evaluate stage: each snapshot on the held-out tokens through the run's snapshot source (pretrain,
+    local:, hf:), then the loss panel (the pre-training log where there is one, else these held-out losses)."""
+    from evolution.sources.learning import save_loss_figure
 
-
-def kl_curves(ev: dict, unit: str = "sequence", n_boot: int = 200, seed: int = 0) -> dict:
-    """Per snapshot: mean and 95% bootstrap CI of the loss and of the KL to the unigram / bigram
-    distributions, with the held-out references; the interior minimum of KL(model ‖ unigram)."""
-    from evolution.phases.signals import interior_min
-
-    rng = np.random.default_rng(seed)
-    out: dict = {"steps": ev["steps"], "resample_unit": unit, "alpha": ev["summary"]["alpha"]}
-    for name in ("nll", "kl_unigram", "kl_bigram"):
-        v = _units(ev, ev[name], unit)
-        boots = np.stack([v[rng.integers(len(v), size=len(v))].mean(0) for _ in range(n_boot)])
-        lo, hi = np.percentile(boots, [2.5, 97.5], axis=0)
-        out[name] = {"mean": v.mean(0).tolist(), "ci_low": lo.tolist(), "ci_high": hi.tolist()}
-    for name in ("unigram_nll", "bigram_nll"):
-        out[f"heldout_{name}"] = float(ev[name].astype(np.float64).mean())
-    out["kl_unigram_min"] = interior_min(_units(ev, ev["kl_unigram"], unit), ev["steps"], n_boot, seed)
-    return out
-
-
-def eval_signals(ev: dict, n_boot: int = 200, unit: str = "sequence") -> dict[str, dict]:
-    """The phase signals read off `eval/`: the loss crossing the held-out bigram reference, and where the
-    model stops tracking the bigram distribution (`phases.signals.crossing`, `stops_tracking`)."""
-    from evolution.phases.signals import crossing, stops_tracking
-
-    steps = ev["steps"]
-    d = _units(ev, ev["nll"] - ev["bigram_nll"].astype(np.float64)[:, None], unit)
-    ref = float(ev["bigram_nll"].astype(np.float64).mean())
-    loss = crossing(d, steps, n_boot) | {"reference": ref, "reference_name": "held-out add-α bigram cross-entropy",
-                                         "resample_unit": unit}
-    kl = stops_tracking(_units(ev, ev["kl_bigram"], unit), steps, n_boot) | {"resample_unit": unit}
-    return {"loss_below_bigram": loss, "kl_bigram_stop": kl}
+    ctx.source.check_corpus(ctx.corpus)  # before any model runs
+    evaluate_snapshots(ctx.run_dir, ctx.steps, ctx.loaders(), ctx.cfg.evaluate)
+    save_loss_figure(ctx.run_dir)
