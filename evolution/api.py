@@ -78,8 +78,14 @@ class Run:
         return self.timelines.steps
 
     @property
-    def turning_point_step(self) -> int:
+    def turning_point_step(self) -> int | None:
+        """The turning point's step where it is used as a phase signal, else None (see `turning_verdict`)."""
         return self.timelines.turning_point_step
+
+    @property
+    def turning_verdict(self) -> str:
+        """"step 250 (used)" or "step 2750 (not used: <reason>)": the sentence every output shows."""
+        return self.timelines.turning_verdict
 
     @cached_property
     def contexts(self) -> dict:

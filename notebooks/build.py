@@ -19,7 +19,16 @@ import nbformat
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # the cell sources live in notebooks/cells/
 
-from cells import feature_timelines, interventions, numbers, phase_map, pythia_gpu, quickstart, real_checkpoints, scaling  # noqa: E402,E501
+from cells import (  # noqa: E402,E501
+    feature_timelines,
+    interventions,
+    numbers,
+    phase_map,
+    pythia_gpu,
+    quickstart,
+    real_checkpoints,
+    scaling,
+)
 from cells.common import Cell  # noqa: E402
 
 NOTEBOOKS: dict[str, list[Cell]] = {

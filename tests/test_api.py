@@ -57,7 +57,8 @@ def test_analyze_recovers_planted_peaks_and_turning_point(run):
     print(f"recovered {hit.float().mean():.3f}, peak index correct {frac:.3f}, turning point "
           f"{summary['turning_point_step']} (planted {STEPS[TURN_AT]}), agreement {summary['turn_agreement']:.2f}")
     assert frac >= 0.9
-    assert summary["turning_point_step"] == STEPS[TURN_AT] == r.turning_point_step
+    assert summary["turning_point"]["index"] == TURN_AT and summary["turning_point"]["used"]
+    assert summary["turning_point_step"] == summary["turning_point"]["step"] == r.turning_point_step
     # mean cosine to the final direction jumps at the planted turn
     m = torch.tensor(summary["mean_cos_to_final"])
     assert int((m[1:] - m[:-1]).argmax()) + 1 == TURN_AT
@@ -158,8 +159,11 @@ def test_analyze_with_probes_on_a_tiny_pretrained_run(tmp_path):
     summary = analyze(tmp_path, AnalyzeConfig(probe_max_seqs=16))
     assert summary["probes"] and summary["steps"] == steps == [0, 5, 20]
     r = evolution.load_run(tmp_path)
-    for col in ("prev_token_score", "induction_score", "context_score", "gt_type", "group", "peak_step"):
+    for col in ("r2_current", "r2_previous", "induction_contrast", "type", "type_score_induction", "gt_type", "group",
+                "peak_step"):
         assert col in r.features
+    # one family of type scores: the signed probe statistics are not published under a score's name
+    assert not [c for c in r.features if c.endswith("_score") and not c.startswith("type_score_")]
     assert set(summary["peak_step_by_type"]) <= {*corpus.mechanism_names, "none"}
     assert (tmp_path / "analysis" / "figures" / "timelines_by_type.png").exists()
     f = next(i for i in range(32) if r.contexts.get(str(i)))

@@ -20,11 +20,14 @@ def page_path(tmp_path_factory):
     tl = compute_timelines_from_W_dec(W_dec, STEPS)
     df = tl.to_frame()
     rng = np.random.default_rng(0)
-    df["induction_score"] = rng.random(len(df))
+    df["type_score_induction"] = rng.random(len(df))
     df["gt_type"] = np.where(np.arange(len(df)) % 3 == 0, "copy", "bigram")
     contexts = {"5": {str(STEPS[-1]): [{"tokens": TRICKY, "highlight": 1, "activation": 2.5}],
                       str(STEPS[4]): [{"text_tokens": ["p", "q"], "highlight": 0, "activation": 0.5}]}}
-    path = write_browser(tl, df, tmp_path_factory.mktemp("b") / "browser" / "index.html", contexts, title="test run")
+    out = tmp_path_factory.mktemp("b")
+    path = write_browser(tl, df, out / "browser" / "index.html", contexts, title="test run", gate="per_source")
+    # the same under the shared gate, where every snapshot ranks the same contexts: one list, and why
+    write_browser(tl, df, out / "shared" / "index.html", contexts, title="test run", gate="shared")
     return path, tl, df
 
 
@@ -48,16 +51,17 @@ def test_browser_renders_sorts_and_filters(page_path):
         assert n_rows == len(alive)
         assert page.evaluate("document.querySelectorAll('#features tbody svg polyline').length") == len(alive)
         headers = page.evaluate("[...document.querySelectorAll('#features th')].map(th => th.dataset.key)")
-        assert headers[:2] == ["feature", "peak_step"] and "induction_score" in headers and "gt_type" in headers
+        assert headers[:2] == ["feature", "peak_step"] and "type_score_induction" in headers and "true_type" in headers
+        assert not [h for h in headers if h.endswith("_score") and not h.startswith("type_score_")]  # one family
         # default: sorted by peak step ascending
         peaks = page.evaluate(cells.format(k=1))
         assert peaks == sorted(peaks) and sorted(peaks) == sorted(alive["peak_step"].tolist())
         # click the induction header twice: descending by induction score
-        k = headers.index("induction_score")
+        k = headers.index("type_score_induction")
         page.evaluate(f"document.querySelectorAll('#features th')[{k}].click()")
         page.evaluate(f"document.querySelectorAll('#features th')[{k}].click()")
         ids = page.evaluate(cells.format(k=0))
-        assert ids == alive.sort_values(["induction_score", "feature"], ascending=[False, True])["feature"].tolist()
+        assert ids == alive.sort_values(["type_score_induction", "feature"], ascending=[False, True])["feature"].tolist()
         # the search box filters (typed text goes through the input event)
         page.evaluate("const q = document.getElementById('q'); q.value = 'copy';"
                       "q.dispatchEvent(new Event('input'))")
@@ -81,3 +85,7 @@ def test_browser_renders_sorts_and_filters(page_path):
         ctx = page.evaluate("[...document.querySelectorAll('#detail .ctx')].map(d => d.textContent)")
         assert any("".join(TRICKY) in c for c in ctx)
         assert page.evaluate("document.querySelectorAll('#detail svg line').length") == 1  # turning point mark
+        assert f"turning point: {tl.turning_verdict}" in page.evaluate("document.getElementById('meta').textContent")
+        page = br.open(path.parent.parent / "shared" / "index.html", "#feature-5")
+        assert page.evaluate("[...document.querySelectorAll('#detail mark')].map(m => m.textContent)") == ["</script>"]
+        assert "Shared gate" in page.evaluate("document.getElementById('detail').textContent")

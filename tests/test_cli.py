@@ -71,3 +71,29 @@ def test_train_module_reports_a_corrupted_store_without_a_traceback(tmp_path):
     r = subprocess.run([sys.executable, "-m", "crosscoders.train", "--store", str(store), "--out", str(tmp_path / "o"),
                         "--steps", "2"], capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr and shard.name in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("stage, fields", [("crosscoder", ["--lr", "--steps", "--d-sae", "--activation", "--gate"]),
+                                           ("evaluate", ["--batch-size", "--n-seqs", "--alpha"])])
+def test_stage_help_lists_that_stages_config_fields(stage, fields, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([stage, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert all(f in out for f in fields), out
+
+
+def test_stage_flags_run_that_stage_and_are_recorded(tiny_run, capsys, tmp_path):
+    """The documented `feature-evolution evaluate RUN --batch-size 8`: the stage with that field, in run.json."""
+    import json
+    import shutil
+
+    _, run, _ = tiny_run
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    assert main(["evaluate", str(copy), "--batch-size", "8"]) == 0
+    err = capsys.readouterr().err
+    assert "[evaluate] running" in err and "[analyze]" not in err  # only the stage and what it reads from
+    assert json.loads((copy / "run.json").read_text())["evaluate"]["batch_size"] == 8
+    assert main(["evaluate", str(copy), "--batch-size", "eight"]) == 2  # a bad value: one line
+    assert "expects int" in capsys.readouterr().err

@@ -202,8 +202,8 @@ def test_numbers_stage_on_the_tiny_numbers_run(tiny_numbers_run):
 def test_numbers_stage_resumes_without_refitting(tiny_numbers_run, tmp_path, monkeypatch):
     import shutil
 
-    from evolution.numbers import stage
     from evolution.context import RunContext
+    from evolution.numbers import stage
 
     cfg, run = tiny_numbers_run
     copy = tmp_path / "run"

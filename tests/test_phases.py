@@ -41,7 +41,8 @@ def _planted_run(tmp_path, boundary=1000, lin_peak=2000, turning_point=30000, wi
         rows["anisotropy"].append([0.05 + (0.3 if s >= boundary else 0.0) + 0.01 * layer for layer in layers])
     write_json(run / "geometry.json", {"steps": STEPS, "layers": list(range(N_LAYERS + 1)), "metrics": rows})
     if with_analysis:
-        write_json(run / "analysis" / "summary.json", {"turning_point_step": turning_point, "steps": STEPS})
+        write_json(run / "analysis" / "summary.json",
+                   {"turning_point": {"step": turning_point, "used": True}, "steps": STEPS})
         peaks = np.random.default_rng(0).choice(STEPS[8:], size=200)
         (run / "analysis" / "features.csv").write_text(
             "feature,peak_index,peak_step,emergence_step,fade_step,max_norm,group\n"

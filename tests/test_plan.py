@@ -9,8 +9,8 @@ import pytest
 
 from crosscoders.distributed import state_bytes
 from evolution.cli import main
-from evolution.recipe import load_recipe
 from evolution.plan import plan
+from evolution.recipe import load_recipe
 
 RUNS = Path(__file__).resolve().parents[1] / "runs"
 

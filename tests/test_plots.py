@@ -40,7 +40,9 @@ def test_peak_steps_bars_count_features(tl):
 def test_cos_to_final_marks_turning_point(tl, tmp_path):
     fig = plots.plot_cos_to_final(tl)
     vlines = [line for line in fig.axes[0].lines if line.get_linestyle() == "--"]
-    assert vlines and vlines[0].get_xdata()[0] == tl.turning_point_step == STEPS[7]
+    # the turning point's step (phases.json's), inside the planted interval, drawn where it is used
+    assert vlines and vlines[0].get_xdata()[0] == tl.turning_point_step and STEPS[6] < tl.turning_point_step <= STEPS[7]
+    assert tl.turning_verdict in fig.axes[0].get_legend_handles_labels()[1][-1].removeprefix("turning point: ")
     plots.save_figure(fig, tmp_path / "c.png")
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -52,17 +54,19 @@ def test_group_and_type_panels(tl, tmp_path):
     assert len(titles) == len(present) and all(any(t.startswith(g + " (n=") for t in titles) for g in present)
     df = tl.to_frame()
     assert plots.plot_timelines_by_type(tl, df) is None  # no type columns yet
-    df["gt_type"] = np.where(np.arange(len(df)) % 2 == 0, "bigram", "copy")
+    df["type"] = np.where(np.arange(len(df)) % 2 == 0, "previous_token", "induction")
     fig = plots.plot_timelines_by_type(tl, df)
     assert isinstance(fig, Figure) and len(fig.axes) == 2
-    df2 = tl.to_frame().assign(prev_token_score=0.9, induction_score=0.1, context_score=0.0)
-    assert set(plots.feature_types(df2).unique()) == {"prev_token"}
+    df2 = tl.to_frame().assign(type="previous_token")
+    assert set(plots.feature_types(df2).unique()) == {"previous_token"}
     written = plots.save_all(tl, df, tmp_path)
     assert {p.name for p in written} == {*plots.FIGURES, "timelines_by_type.png"}
     assert all(p.stat().st_size > 5000 for p in written)
 
 
-def test_features_frame_types_fallback():
-    df = pd.DataFrame({"prev_token_score": [0.9, 0.1, 0.0], "induction_score": [0.1, 0.8, 0.0]})
+def test_feature_types_are_the_type_column():
+    df = pd.DataFrame({"type": ["previous_token", "induction", "none", "inactive"],
+                       "type_score_induction": [0.0, 0.8, 0.01, float("nan")]})
     t = plots.feature_types(df)
-    assert t.tolist()[:2] == ["prev_token", "induction"] and pd.isna(t.iloc[2])
+    assert t.tolist()[:2] == ["previous_token", "induction"] and t.iloc[2:].isna().all()
+    assert plots.feature_types(df.drop(columns="type")) is None  # no probes: no types, never a guess from scores

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from crosscoders.io import read_jsonl
-from evolution.sources.learning import learned_steps, loss_figure, save_loss_figure
 from evolution.sources.corpus import CorpusConfig, PlantedConfig, build_corpus
+from evolution.sources.learning import learned_steps, loss_figure, save_loss_figure
 from evolution.sources.pretrain import (
     ModelConfig,
     PretrainConfig,

@@ -66,20 +66,20 @@ def handbuilt_probe():
 def test_prev_token_feature_scores(handbuilt_probe):
     res, kinds = handbuilt_probe
     t = res.table.loc[kinds["prev"]]
-    assert (t.prev_token_score > 0.95).all()
-    assert (t.induction_score.abs() < 0.1).all()
-    assert (t.context_score > 0.95).all()
+    assert (t.r2_prev_minus_current > 0.95).all()
+    assert (t.induction_contrast.abs() < 0.1).all()
+    assert (t.unexplained_by_token > 0.95).all()
 
 
 def test_induction_feature_scores(handbuilt_probe):
     res, kinds = handbuilt_probe
     t = res.table.loc[kinds["ind"]]
     assert (t.probe_step == 100).all()  # their peak
-    assert (t.induction_score > 0.9).all()
-    assert (t.prev_token_score.abs() < 0.1).all()
-    assert (t.context_score > 0.9).all()
+    assert (t.induction_contrast > 0.9).all()
+    assert (t.r2_prev_minus_current.abs() < 0.1).all()
+    assert (t.unexplained_by_token > 0.9).all()
     # at the early snapshot (no induction head) they never fire: no induction score to give
-    early = res.per_snapshot["induction_score"][kinds["ind"], 0]
+    early = res.per_snapshot["induction_contrast"][kinds["ind"], 0]
     assert torch.isnan(early).all()
 
 
@@ -87,9 +87,9 @@ def test_current_token_feature_scores(handbuilt_probe):
     res, kinds = handbuilt_probe
     t = res.table.loc[kinds["tok"]]
     assert (t.probe_step == 10).all()
-    assert (t.context_score < 0.05).all()
-    assert (t.prev_token_score < -0.95).all()
-    assert (t.induction_score.abs() < 0.1).all()
+    assert (t.unexplained_by_token < 0.05).all()
+    assert (t.r2_prev_minus_current < -0.95).all()
+    assert (t.induction_contrast.abs() < 0.1).all()
 
 
 def test_contexts_highlight_the_firing_token(handbuilt_probe):
@@ -166,9 +166,9 @@ def test_r2_scores_on_known_variance_decomposition():
     expect_cur = float(vu / (vu + vw))
     assert out["r2_current"][0] == pytest.approx(expect_cur, abs=0.03)
     assert out["r2_previous"][0] == pytest.approx(1 - expect_cur, abs=0.03)
-    assert out["context_score"][1] == pytest.approx(0, abs=1e-5)
-    assert out["prev_token_score"][2] == pytest.approx(1, abs=1e-5)
-    assert out["prev_token_score"][1] == pytest.approx(-1, abs=1e-5)
+    assert out["unexplained_by_token"][1] == pytest.approx(0, abs=1e-5)
+    assert out["r2_prev_minus_current"][2] == pytest.approx(1, abs=1e-5)
+    assert out["r2_prev_minus_current"][1] == pytest.approx(-1, abs=1e-5)
 
 
 def test_noise_has_no_held_out_r2():
@@ -181,7 +181,7 @@ def test_noise_has_no_held_out_r2():
     toks = random_stream(40, 32, 500, seed=3)
     out, _ = stream_scores(fn, toks, bos_token_id=BOS)
     assert abs(float(out["r2_current"][0])) < 0.1
-    assert out["context_score"][0] > 0.9
+    assert out["unexplained_by_token"][0] > 0.9
 
 
 def test_induction_score_on_handcrafted_fn():
@@ -196,7 +196,7 @@ def test_induction_score_on_handcrafted_fn():
         first = (torch.arange(tokens.shape[1]) <= half).float().expand_as(tokens)
         return torch.stack([seen.float(), torch.ones_like(first), first, torch.zeros_like(first)], -1)
 
-    s = induction_scores(fn, torch.arange(1, 50), seq_len=10, n_seqs=8, bos_token_id=BOS)["induction_score"]
+    s = induction_scores(fn, torch.arange(1, 50), seq_len=10, n_seqs=8, bos_token_id=BOS)["induction_contrast"]
     assert s[0] == pytest.approx(1.0)
     assert s[1] == pytest.approx(0.0)
     assert s[2] == pytest.approx(-1.0)
@@ -211,14 +211,14 @@ def test_probe_features_table_types_and_save(tmp_path):
     mech[:, 0] = -1
     res = probe_features(cc, [(7, handbuilt_model(V, N))], toks, HOOK, mech, cfg=ProbeConfig(max_seqs=16))
     t = res.table
-    assert {"prev_token_score", "induction_score", "context_score", "gt_type", "gt_purity"} <= set(t.columns)
+    assert {"r2_prev_minus_current", "induction_contrast", "unexplained_by_token", "gt_type", "gt_purity"} <= set(t.columns)
     # a tok[v] feature sits on token v: its current label is v % 4, purely
     v3 = kinds["tok"][2]  # token 3
     assert t.gt_type_current[v3] == MECHANISMS[3] and t.gt_purity_current[v3] == pytest.approx(1.0)
     res.save(tmp_path)
     saved = load_file(str(tmp_path / "probe_scores.safetensors"))
     assert saved["steps"].tolist() == [7]
-    assert saved["induction_score"].shape == (W.shape[1], 1)
+    assert saved["induction_contrast"].shape == (W.shape[1], 1)
     ctx = json.loads((tmp_path / "contexts.json").read_text())
     assert ctx[str(v3)]["7"][0]["tokens"][ctx[str(v3)]["7"][0]["highlight"]] == "3"
     with pytest.raises(ValueError, match="not probed"):
@@ -338,7 +338,7 @@ def test_induction_features_get_copy_type_on_planted_corpus():
     assert firing.gt_type.value_counts().index[0] == "copy"
     pooled = mass[1:].sum(0)  # all ind[v] features together
     assert pooled[COPY] / pooled.sum() > 1.8 * base_copy
-    scored = firing.induction_score.dropna()  # NaN: the token was not among the random sequences
+    scored = firing.induction_contrast.dropna()  # NaN: the token was not among the random sequences
     assert len(scored) > 50 and (scored > 0.9).all()
     ctx = res.contexts["1"]["0"][0]  # decoded with the corpus tokenizer: pseudo-words, not ids
     assert all(tok.strip().rstrip("0123456789") for tok in ctx["tokens"])

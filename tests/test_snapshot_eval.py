@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from evolution.phases.signals import stops_tracking
 from evolution.evaluate.snapshots import evaluate_snapshots, read_eval, token_metrics
+from evolution.phases.signals import stops_tracking
 from evolution.sources.corpus import Corpus
 from evolution.sources.references import (
     bigram_table,

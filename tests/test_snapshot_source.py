@@ -19,9 +19,9 @@ import torch
 from crosscoders.dataclass_cli import from_dict
 from evolution.context import RunContext
 from evolution.pipeline import run_study
-from evolution.sources.stages import corpus_stage
 from evolution.recipe import RunConfig
 from evolution.sources.snapshot_source import SnapshotError, SnapshotSource
+from evolution.sources.stages import corpus_stage
 from evolution.sources.tokenizer import tokenizer_hash, train_bpe
 from tests.hubcache import hub_cache
 

@@ -62,7 +62,8 @@ def test_turning_point_found_where_planted():
     for turn_at in (5, 8, 12):
         W_dec, _ = planted_decoder(turn_at=turn_at, seed=turn_at)
         tl = compute_timelines_from_W_dec(W_dec, STEPS)
-        assert tl.turning_point_step == STEPS[turn_at]
+        assert tl.steps[tl.turning_index] == STEPS[turn_at] and tl.turning["used"]
+        assert STEPS[turn_at - 1] < tl.turning_point_step <= STEPS[turn_at]  # the one step every output shows
         assert tl.turn_agreement > 0.6
         # cosine to the final direction is ~1 after the turn and ~0 before it
         m = tl.mean_cos_to_final

@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from crosscoders.io import atomic_path, write_json
+from evolution.features.hierarchy import clear_mechanism
 from evolution.features.timelines import TimelineConfig, Timelines, compute_timelines
 
 
@@ -50,8 +51,6 @@ class AnalyzeConfig(TimelineConfig):
     type_min_lift: float = 1.5
     """`peak_step_by_clear_type` keeps features whose activation falls on their type's tokens at least this
     many times the type's base rate."""
-    induction_min_score: float = 0.5
-    """`peak_step_induction_features` keeps features with an induction score above this."""
     latent_scaling: bool = True
     """Latent Scaling (Minder et al. 2025) on the held-out store: analysis/latent_scaling.safetensors and the
     columns ls_flagged, ls_onset_step (evolution.features.scaling)."""
@@ -159,14 +158,14 @@ def run_probes(run: Path, crosscoder, steps: list[int], cfg: AnalyzeConfig) -> t
 def peak_step_by_type(features: pd.DataFrame, min_lift: float = 0.0) -> dict[str, dict[str, float]] | None:
     """Median and mean peak step of alive features per ground-truth type (planted corpus).
 
-    `min_lift` keeps the features clearly of their type: `gt_lift` = share of the feature's activation on
-    that mechanism's tokens ÷ the mechanism's base rate. The argmax label alone also types features that
+    `min_lift` keeps the features clearly of their type (`hierarchy.clear_mechanism`: lift over the base rate,
+    and over the token-matched share for copy and topic). The argmax label alone also types features that
     fire everywhere (their lift is ~1) by whichever mechanism is most common."""
     if "gt_type" not in features:
         return None
     alive = features[~features["dead"].astype(bool)]
-    if min_lift > 0 and "gt_lift" in alive:
-        alive = alive[alive["gt_lift"] >= min_lift]
+    if min_lift > 0:
+        alive = alive.assign(gt_type=clear_mechanism(alive, min_lift)).dropna(subset=["gt_type"])
     g = alive.groupby("gt_type")["peak_step"]
     return {str(t): {"median": float(m), "mean": float(a), "n": int(n)}
             for (t, m), a, n in zip(g.median().items(), g.mean(), g.size(), strict=True)}
@@ -217,10 +216,10 @@ def analyze(run_dir: str | Path, cfg: AnalyzeConfig | None = None) -> dict:
         summary["peak_step_by_type"] = by_type
         summary["peak_step_by_clear_type"] = peak_step_by_type(features, cfg.type_min_lift)
         summary["type_min_lift"] = cfg.type_min_lift
-    if "induction_score" in features:
-        ind = features[~features["dead"].astype(bool) & (features["induction_score"] > cfg.induction_min_score)]
+    if "type" in features:  # the features typed induction (their null-referenced score passes)
+        ind = features[~features["dead"].astype(bool) & (features["type"] == "induction")]
         summary["peak_step_induction_features"] = {
-            "min_score": cfg.induction_min_score, "n": len(ind),
+            "n": len(ind),
             "median": float(ind["peak_step"].median()) if len(ind) else None,
             "mean": float(ind["peak_step"].mean()) if len(ind) else None}
     from evolution.features.hierarchy import hierarchy_summary
@@ -236,7 +235,7 @@ def analyze(run_dir: str | Path, cfg: AnalyzeConfig | None = None) -> dict:
 
         write_browser(tl, features, out / "browser" / "index.html", contexts,
                       title=f"{run.resolve().name}: feature browser", max_rows=cfg.browser_max_rows,
-                      logit_effects=load_logit_effects(out / "logit_effects.json", tl.d_sae))
+                      logit_effects=load_logit_effects(out / "logit_effects.json", tl.d_sae), gate=crosscoder.cfg.gate)
     return summary
 
 

@@ -22,15 +22,17 @@ from typing import Any
 import pandas as pd
 
 from crosscoders.io import write_text
+from evolution.features.hierarchy import clear_mechanism
+from evolution.features.plots import TYPE_SCORE_COLUMNS
 from evolution.features.timelines import GROUPS, Timelines
 
 TEMPLATE = Path(__file__).parent / "templates" / "browser.html"
-TABLE_COLUMNS = ("feature", "peak_step", "emergence_step", "fade_step", "max_norm", "group", "turn_step",
-                 "prev_token_score", "induction_score", "context_score", "gt_type", "gt_purity")
+TABLE_COLUMNS = ("feature", "peak_step", "emergence_step", "fade_step", "max_norm", "group", "turn_step", "type",
+                 *TYPE_SCORE_COLUMNS, "true_type", "gt_purity")
 LABELS = {"feature": "feature", "peak_step": "peak step", "emergence_step": "emerges", "fade_step": "fades",
-          "max_norm": "max norm", "turn_step": "turn step", "prev_token_score": "prev-token",
-          "induction_score": "induction", "context_score": "context", "gt_type": "true type",
-          "gt_purity": "purity"}
+          "max_norm": "max norm", "turn_step": "turn step", "type": "type",
+          **{c: c.removeprefix("type_score_").replace("_", "-") + " score" for c in TYPE_SCORE_COLUMNS},
+          "true_type": "true type", "gt_purity": "purity"}
 
 
 def _clean(v: Any) -> Any:
@@ -49,10 +51,13 @@ def _round(rows: list[list[float]], nd: int = 3) -> list[list[float]]:
 
 
 def browser_data(tl: Timelines, features: pd.DataFrame, contexts: dict | None = None,
-                 title: str = "Feature browser", max_rows: int = 1000, logit_effects: dict | None = None) -> dict:
+                 title: str = "Feature browser", max_rows: int = 1000, logit_effects: dict | None = None,
+                 gate: str = "shared") -> dict:
     """The JSON the page embeds (see the module docstring for the contexts' shape)."""
     if len(features) != tl.d_sae or list(features["feature"]) != list(range(tl.d_sae)):
         raise ValueError(f"feature table must have one row per feature 0..{tl.d_sae - 1} in order")
+    if "gt_type" in features:  # the planted mechanism, where the feature is clearly of it (token-matched lift)
+        features = features.assign(true_type=clear_mechanism(features))
     cols = [c for c in TABLE_COLUMNS if c in features]
     numeric = {c: pd.api.types.is_numeric_dtype(features[c]) and c != "group" for c in cols}
     rows = [{c: _clean(v) for c, v in zip([*cols, "dead"], vals, strict=True)}
@@ -60,7 +65,10 @@ def browser_data(tl: Timelines, features: pd.DataFrame, contexts: dict | None = 
     return {
         "title": title,
         "steps": list(tl.steps),
-        "turning_point_step": tl.turning_point_step,
+        "turning_point": {k: tl.turning.get(k) for k in ("step", "used", "reason")},
+        "turning_verdict": tl.turning_verdict,
+        # under the shared gate a feature's per-snapshot activations differ only by a scale: one list of contexts
+        "contexts_per_snapshot": gate == "per_source",
         "columns": [{"key": c, "label": LABELS.get(c, c), "numeric": numeric[c]} for c in cols],
         "features": rows,
         "rel_norms": _round(tl.rel_norms.tolist()),
@@ -80,10 +88,12 @@ def render_html(data: dict) -> str:
 
 
 def write_browser(tl: Timelines, features: pd.DataFrame, out_path: str | Path, contexts: dict | None = None,
-                  title: str = "Feature browser", max_rows: int = 1000, logit_effects: dict | None = None) -> Path:
-    """Write the page (atomically) and return its path."""
+                  title: str = "Feature browser", max_rows: int = 1000, logit_effects: dict | None = None,
+                  gate: str = "shared") -> Path:
+    """Write the page (atomically) and return its path. `gate`: the crosscoder's (top contexts per snapshot
+    only where the per-source gate makes them differ)."""
     out_path = Path(out_path)
-    write_text(out_path, render_html(browser_data(tl, features, contexts, title, max_rows, logit_effects)))
+    write_text(out_path, render_html(browser_data(tl, features, contexts, title, max_rows, logit_effects, gate)))
     return out_path
 
 

@@ -81,10 +81,7 @@ def hierarchy(
         if col not in df:
             return pd.DataFrame()
         if "gt_lift" in df and min_lift > 0:
-            lift = df["gt_lift"]
-            if "gt_token_lift" in df:
-                lift = lift.where(~df["gt_type"].isin(CONTEXT_MECHANISMS), df["gt_token_lift"])
-            df = df[lift >= min_lift]
+            df = df[clear_mechanism(df, min_lift).notna()]
         df = df[df[col].notna() & (df[col].astype(str) != "")]
     else:
         raise ValueError(f"by must be 'type' or 'mechanism', got {by!r}")
@@ -214,3 +211,14 @@ def hierarchy_summary(run, features: pd.DataFrame, steps: Sequence[int], fig_dir
             if len(peak):
                 save_figure(hierarchy_figure(peak, what="peak step (largest decoder norm)"), fig_dir / "hierarchy_peak.png")
     return out
+
+
+def clear_mechanism(features: pd.DataFrame, min_lift: float = 1.5) -> pd.Series:
+    """Each feature's planted mechanism (`gt_type`) where it is clearly of it, else None: its activation's share
+    of that mechanism is ≥ `min_lift` × the base rate (`gt_lift`) and, for the mechanisms that need more than
+    the current token (`CONTEXT_MECHANISMS`), ≥ `min_lift` × the token-matched share (`gt_token_lift`), so a
+    feature that fires on one token is never labelled copy. The one ground-truth label every output shows."""
+    lift = features["gt_lift"] if "gt_lift" in features else pd.Series(np.inf, index=features.index)
+    if "gt_token_lift" in features:
+        lift = lift.where(~features["gt_type"].isin(CONTEXT_MECHANISMS), features["gt_token_lift"])
+    return features["gt_type"].where((lift >= min_lift) & features["gt_type"].notna(), None)

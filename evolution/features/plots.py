@@ -18,9 +18,12 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from evolution.features.timelines import GROUPS, Timelines
+from evolution.features.types import TYPES
 from evolution.figures import fig_ax, save_figure, step_axis  # noqa: F401  (save_figure re-exported)
 
-TYPE_SCORE_COLUMNS = ("prev_token_score", "induction_score", "context_score")
+TYPE_SCORE_COLUMNS = tuple(f"type_score_{t}" for t in TYPES)
+"""The one family of type scores (evolution.features.types: statistic minus the median of its shuffled null,
+in [0, 1]); every table, figure, browser and report column of a type score is one of these."""
 
 
 def sort_by_peak(tl: Timelines) -> np.ndarray:
@@ -98,17 +101,12 @@ def plot_timelines_by_group(tl: Timelines, n_examples: int = 5, seed: int = 0) -
     return fig
 
 
-def feature_types(features: pd.DataFrame, min_score: float = 0.0) -> pd.Series | None:
-    """Each feature's type: ground truth (`gt_type`) when the probes gave it, else its top score column."""
-    if "gt_type" in features and features["gt_type"].notna().any():
-        return features["gt_type"]
-    cols = [c for c in TYPE_SCORE_COLUMNS if c in features]
-    if not cols:
+def feature_types(features: pd.DataFrame) -> pd.Series | None:
+    """Each feature's type, the `type` column (its passing null-referenced type score; "none" / "inactive"
+    left out), or None when the probes did not run."""
+    if "type" not in features:
         return None
-    scores = features[cols].astype(float)
-    # a feature that never fired on the probe text has only NaN scores: it has no type
-    best = scores.fillna(-np.inf).idxmax(axis=1).str.removesuffix("_score")
-    return best.where(scores.max(axis=1) > min_score)
+    return features["type"].where(~features["type"].isin(["none", "inactive"]))
 
 
 def plot_timelines_by_type(tl: Timelines, features: pd.DataFrame, n_examples: int = 5, seed: int = 0) -> Figure | None:
@@ -140,7 +138,10 @@ def plot_cos_to_final(tl: Timelines, ax: Axes | None = None) -> Figure:
         turn = torch.cat([torch.zeros(1), tl.mean_turn]).numpy()
         ax.plot(tl.steps, turn / max(turn.max(), 1e-12), color="tab:orange", lw=1, ls=":",
                 label="mean direction change (scaled)")
-    ax.axvline(tl.turning_point_step, color="tab:red", ls="--", label=f"turning point: step {tl.turning_point_step}")
+    if tl.turning.get("step") is not None:  # drawn with its verdict; solid red only where it is used
+        used = bool(tl.turning.get("used"))
+        ax.axvline(tl.turning["step"], color="tab:red" if used else "0.5", ls="--",
+                   label=textwrap.shorten(f"turning point: {tl.turning_verdict}", 90))
     step_axis(ax, tl.steps)
     ax.set_ylim(-0.1, 1.05)
     ax.set_ylabel("cos(W_dec[s,i], W_dec[final,i])")

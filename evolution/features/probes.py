@@ -9,15 +9,17 @@ activations then come from that sum and its decoder norms. Position 0 of every r
 excluded everywhere. All scores are computed from a `FeatureActsFn` (tokens -> activations), so they
 work for any reader of the residual stream, not only crosscoders.
 
-Scores (one value per feature and snapshot):
+Raw statistics (one value per feature and snapshot), named for what they are. They are not the feature
+types: those are the null-referenced scores of `evolution.features.types` (`type_score_*` in features.csv),
+the one family of type scores every output shows.
 
 - `r2_current`, `r2_previous`: cross-fitted R² of the activation predicted by the current token's
   identity, resp. the previous token's (per-token mean; `probes_stats.GroupR2`), on the probe stream.
-- **previous-token score** = max(r2_previous, 0) − max(r2_current, 0), in [−1, 1]: > 0 when the previous
+- `r2_prev_minus_current` = max(r2_previous, 0) − max(r2_current, 0), in [−1, 1]: > 0 when the previous
   token determines the activation better than the current one (a previous-token feature scores ~1, a
   current-token feature ~−1). On a stream where consecutive tokens are correlated (a bigram grammar)
   both R² borrow from each other; the difference still says which token the feature reads.
-- **induction score** (Olsson et al. 2022; TransformerLens's repeated-random-tokens test): on
+- `induction_contrast` (Olsson et al. 2022; TransformerLens's repeated-random-tokens test): on
   sequences `BOS + R + R` with R uniform random tokens (drawn from the tokens seen in the probe
   stream, without repetition inside R when the vocabulary allows, so every second-copy token has
   exactly one earlier occurrence and no first-copy token has one), mean activation over the second
@@ -25,7 +27,7 @@ Scores (one value per feature and snapshot):
   from R):
   `(m2 − m1) / (|m2| + |m1|)`, in [−1, 1]; ~1 for a feature that fires only when the continuation is
   predictable by copying, ~0 for one indifferent to repetition. NaN when the feature never fires there.
-- **context-dependence score** = 1 − clip(r2_current, 0, 1): the share of the activation's variance
+- `unexplained_by_token` = 1 − clip(r2_current, 0, 1): the share of the activation's variance
   that the current token alone does not explain, held out (~0 for a pure token feature; previous-token,
   induction and topic features are all context-dependent by this measure).
 
@@ -76,7 +78,7 @@ from evolution.features.top_contexts import StreamingTopK, contexts_from_topk, d
 from evolution.sources.planted import MECHANISMS
 
 FeatureActsFn = Callable[[Int[Tensor, "batch pos"]], Float[Tensor, "batch pos d_sae"]]
-PROBE_COLUMNS = ("prev_token_score", "induction_score", "context_score", "gt_type", "gt_purity")
+PROBE_COLUMNS = ("r2_current", "r2_previous", "induction_contrast", "gt_type", "gt_purity")
 """the columns of `ProbeResult.table` that go into analysis/features.csv (gt_* only on the planted corpus)"""
 
 
@@ -144,7 +146,7 @@ def induction_scores(
     m1, m2 = first / (n_seqs * (seq_len - 1)), second / (n_seqs * (seq_len - 1))
     denom = m1.abs() + m2.abs()
     score = torch.where(denom > 1e-9, (m2 - m1) / denom.clamp(min=1e-30), torch.full_like(denom, float("nan")))
-    return {"induction_score": score.float(), "induction_first": m1.float(), "induction_second": m2.float()}
+    return {"induction_contrast": score.float(), "induction_first": m1.float(), "induction_second": m2.float()}
 
 
 def stream_scores(
@@ -206,8 +208,8 @@ def stream_scores(
     out = {
         "r2_current": r2c,
         "r2_previous": r2p,
-        "prev_token_score": r2p.clamp(min=0) - r2c.clamp(min=0),
-        "context_score": 1 - r2c.clamp(0, 1),
+        "r2_prev_minus_current": r2p.clamp(min=0) - r2c.clamp(min=0),
+        "unexplained_by_token": 1 - r2c.clamp(0, 1),
         "mean_act": (moments.s1.sum(0) / n_kept).float(),
         "frac_active": (moments.active / n_kept).float(),
     }
@@ -338,7 +340,7 @@ def probe_features(
         return per_snapshot[name][rows, col].numpy()
 
     table = pd.DataFrame({"feature": rows.numpy(), "probe_step": np.asarray(done)[col.numpy()]})
-    for name in ("prev_token_score", "induction_score", "context_score", "r2_current", "r2_previous",
+    for name in ("r2_prev_minus_current", "induction_contrast", "unexplained_by_token", "r2_current", "r2_previous",
                  "mean_act", "frac_active"):
         table[name] = pick(name)
     if mechanism is not None:

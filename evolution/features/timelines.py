@@ -46,7 +46,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from crosscoders.io import save_safetensors
-from evolution.features.turning import TurnConfig, turning_point
+from evolution.features.turning import TurnConfig, turning_point, turning_verdict
 
 GROUPS: dict[str, str] = {
     "persistent": "emerges early and is still present in the final snapshot",
@@ -145,8 +145,14 @@ class Timelines:
         return [self.steps[i] for i in self.peak_index.tolist()]
 
     @property
-    def turning_point_step(self) -> int:
-        return self.steps[self.turning_index]
+    def turning_point_step(self) -> int | None:
+        """The turning point's step where it is used as a phase signal, else None (its verdict and the step it
+        would have had: `turning`, `turning_verdict`)."""
+        return self.turning.get("step") if self.turning.get("used") else None
+
+    @property
+    def turning_verdict(self) -> str:
+        return turning_verdict(self.turning)
 
     @property
     def mean_turn(self) -> Float[Tensor, " n_intervals"]:
@@ -203,11 +209,12 @@ class Timelines:
         return {
             "turning_point": turning,
             "turning_point_step": self.turning_point_step,
-            "turning_point_index": self.turning_index,
-            "turning_interval": [self.steps[max(self.turning_index - 1, 0)], self.turning_point_step],
+            "turning_point_verdict": self.turning_verdict,
             "turn_agreement": self.turn_agreement,
-            "turning_point_definition": "first snapshot at or after the midpoint of a logistic in log10(step+1) "
-            "fitted to the norm-weighted mean angle to the final direction (evolution.features.turning)",
+            "turning_point_definition": "the snapshot where the norm-weighted mean angle of the decoder directions to "
+            "their final direction falls fastest per unit log-step (a sliding window over log10(step+1)); used only "
+            "where it does not move with the end of the schedule and clears its permutation null "
+            "(evolution.features.turning)",
             "steps": list(self.steps),
             "n_features": self.d_sae,
             "n_alive": int(alive.sum()),

@@ -190,3 +190,11 @@ def turning_point(cos_to_final, rel_norms, dead, steps, cfg: TurnConfig | None =
     full[alive] = own_idx
     out["feature_turn_index"] = full.tolist()
     return out
+
+
+def turning_verdict(turning: dict) -> str:
+    """The turning point as every output states it: "step 250 (used)" or "step 2750 (not used: <reason>)";
+    the one sentence the browser, the figures, the report and phases.json's signal share."""
+    if turning.get("step") is None:
+        return f"none ({turning.get('reason') or 'not computed'})"
+    return f"step {turning['step']} (" + ("used" if turning.get("used") else f"not used: {turning.get('reason')}") + ")"

@@ -21,8 +21,9 @@ Each signal below places the boundary at one step; `phases(run_dir)` combines th
 (d) `anisotropy_change`: the change point of the mean anisotropy (layers 1..L): the split of the
     snapshot sequence into two constant segments with the least squared error; the step is the first
     snapshot after the split.
-(e) `crosscoder_turning_point`: `analysis/summary.json`'s `turning_point_step`, the step around which
-    most crosscoder features turn direction (Ge et al. 2025 see it near step 1000 of Pythia).
+(e) `crosscoder_turning_point`: `analysis/summary.json`'s `turning_point` with its verdict (used, or not used
+    and why), the step around which most crosscoder features turn direction (Ge et al. 2025 see it near step
+    1000 of Pythia).
 
 (f) `alive_features_onset`: the feature-phase onset, the rising edge of the number of alive crosscoder
     features (decoder norm ≥ half its maximum) after its statistical-phase trough; CI over features
@@ -224,8 +225,6 @@ def phase_signals(data: dict, cfg: PhasesConfig | None = None) -> dict[str, dict
                                                if t.get(k) is not None} | {"used": bool(t.get("used"))}
         signals["crosscoder_turning_point"]["effect"] = t.get("peakedness")
         signals["crosscoder_turning_point"]["effect_name"] = "largest / mean rate of direction change per log-step"
-    elif summary.get("turning_point_step") is not None:
-        signals["crosscoder_turning_point"] = {"step": int(summary["turning_point_step"]), "used": True}
     if data.get("alive") is not None:
         from evolution.phases.signals import rising_onset
 

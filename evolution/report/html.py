@@ -17,6 +17,9 @@ from pathlib import Path
 import pandas as pd
 
 from crosscoders.io import read_jsonl, write_text
+from evolution.features.hierarchy import clear_mechanism
+from evolution.features.plots import TYPE_SCORE_COLUMNS
+from evolution.features.turning import turning_verdict
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
@@ -37,10 +40,14 @@ def _img(path: Path, alt: str) -> str:
 
 
 def _json(path: Path) -> dict | None:
+    """A stage's JSON output, None where the stage did not run; a file that exists but does not parse is an
+    error naming it (never shown as "not run")."""
+    if not path.exists():
+        return None
     try:
         return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): rerun the stage that wrote it") from e
 
 
 def _table(df: pd.DataFrame, left: tuple[str, ...] = ()) -> str:
@@ -76,7 +83,7 @@ def _phase_section(run: Path) -> str:
             out.append(f"<p><b>Statistical → feature phase boundary: step {b}</b> (CI {ph.get('boundary_ci')}): "
                        f"{html.escape(str(ph.get('explanation', '')))}</p>")
         sig = ph.get("signals", {})
-        agree = set(ph.get("agree") or (ph.get("agreement") or {}).get("agree", []))
+        agree = set(ph.get("agree") or [])  # the calibrated verdict's agreeing signals, and nothing else
         if sig:
             rows = [{"signal": k, "step": "—" if v.get("step") is None else str(v["step"]),
                      "95% CI": "—" if not v.get("ci") else f"{v['ci'][0]}..{v['ci'][1]}",
@@ -171,20 +178,19 @@ def _peak_section(run: Path) -> str:
         out.append(_table(pd.DataFrame(rows), left=("ground-truth type",)))
     ind = s.get("peak_step_induction_features") or {}
     if ind.get("n"):
-        out.append(f"<p>{ind['n']} features with induction score &gt; {ind['min_score']}: median peak step "
-                   f"{ind['median']:.0f}.</p>")
+        out.append(f"<p>{ind['n']} features typed induction (type_score_induction clears its null): median peak "
+                   f"step {ind['median']:.0f}.</p>")
     out.append("<h3>Turning point</h3>")
     out.append(_img(run / "analysis" / "figures" / "cos_to_final.png", "direction cosine to final"))
     tp = s.get("turning_point") or {}
+    # the verdict as phases.json states it (it copies the analysis's; a run without phases.json: the analysis's)
+    tp = {**tp, **((_json(run / "phases.json") or {}).get("signals", {}).get("crosscoder_turning_point") or {})}
     if tp.get("step") is not None:
-        verdict = "used as a phase signal" if tp.get("used") else f"not used: {html.escape(str(tp.get('reason')))}"
         frac = tp.get("fraction_ci") or [float("nan")] * 2
-        out.append(f"<p><b>Turning point: step {tp['step']}</b> (95% CI {tp.get('ci')}), where the decoder directions' "
-                   f"angle to their final direction falls fastest per unit log-step ({verdict}); "
+        out.append(f"<p><b>Turning point: {html.escape(turning_verdict(tp))}</b> (95% CI {tp.get('ci')}), where the "
+                   "decoder directions' angle to their final direction falls fastest per unit log-step; "
                    f"{tp.get('fraction', 0):.0%} of alive features turn there (CI {frac[0]:.0%}..{frac[1]:.0%}). "
                    "Ge et al. 2025 report ~1000 on Pythia.</p>")
-    elif "turning_point_step" in s:
-        out.append(f"<p><b>Turning point: step {s['turning_point_step']}</b></p>")
     return "".join(out)
 
 
@@ -195,8 +201,9 @@ def _types_section(run: Path, per_type: int = 3, per_feature: int = 3) -> str:
         return '<p class="muted">(no feature table: analysis not run)</p>'
     df = pd.read_csv(feats)
     out = []
-    score_cols = [c for c in ("prev_token_score", "induction_score", "context_score") if c in df]
-    if "gt_type" in df:
+    score_cols = [c for c in TYPE_SCORE_COLUMNS if c in df]
+    if "gt_type" in df:  # the planted mechanism where the feature is clearly of it (token-matched lift)
+        df = df.assign(gt_type=clear_mechanism(df))
         groups = [(f"ground-truth type: {t}", g) for t, g in df[df["gt_type"].notna()].groupby("gt_type")]
         key = "gt_purity" if "gt_purity" in df else "max_norm"
     else:

@@ -90,7 +90,7 @@ CELLS: list[Cell] = [
     """),
     code("""
     s = run.summary
-    print(f"turning point: step {run.turning_point_step} (interval {s.get('turning_interval')}); "
+    print(f"turning point: {run.turning_verdict}; "
           f"{s.get('turn_agreement', float('nan')):.0%} of turning features turn within one snapshot of it")
     run.plot_cos_to_final()
     """),

@@ -159,7 +159,7 @@ CELLS: list[Cell] = [
     tl = compute_timelines(crosscoder, STEPS)
     s = tl.summary()
     print(f"{s['n_alive']} alive features; median peak step {s['median_peak_step']}; "
-          f"turning point: step {s['turning_point_step']}; groups {s['group_counts']}")
+          f"turning point: {s['turning_point_verdict']}; groups {s['group_counts']}")
     plots.plot_heatmap(tl)
     """),
     code("""
@@ -171,8 +171,9 @@ CELLS: list[Cell] = [
     md("""
     ## What the features are
 
-    Probe a few snapshots: previous-token, induction and context-dependence scores per feature, and its
-    top contexts (`evolution/features/probes`). Ge et al. 2025: previous-token features form first (~1k–5k
+    Probe a few snapshots: the raw statistics per feature (R² of the current and previous token, the
+    induction contrast on repeated random tokens) and its top contexts (`evolution/features/probes`); the
+    feature *types*, scored against shuffled nulls, come with the run directory below (`type_score_*`). Ge et al. 2025: previous-token features form first (~1k–5k
     steps), induction features later (~10k–100k), context-dependent ones late.
     """),
     code("""
@@ -184,15 +185,11 @@ CELLS: list[Cell] = [
                             bos_token_id=corpus.bos_token_id, probe_steps=probe_steps)
     features = tl.to_frame().merge(probes.table, on="feature")
     alive = features[~features["dead"]]
-    # type = the largest probe score when above 0.2 (a feature that never fired on the probe text has none)
-    scores = features[list(plots.TYPE_SCORE_COLUMNS)].fillna(-1.0)
-    types = scores.idxmax(axis=1).str.removesuffix("_score").where(scores.max(axis=1) > 0.2)
-    (alive.assign(type=types[alive.index]).groupby("type", dropna=False)
-          .agg(features=("feature", "size"), median_peak_step=("peak_step", "median")))
+    alive[["feature", "peak_step", "r2_current", "r2_previous", "induction_contrast"]].describe()
     """),
     code(_SHOW_CONTEXTS, '''
-    j = int(alive.sort_values("induction_score", ascending=False)["feature"].iloc[0])
-    print(f"feature {j} (highest induction score, peak step {features.loc[j, 'peak_step']}):")
+    j = int(alive.sort_values("induction_contrast", ascending=False)["feature"].iloc[0])
+    print(f"feature {j} (highest induction contrast, peak step {features.loc[j, 'peak_step']}):")
     show_contexts(probes.contexts.get(str(j), {}))
     '''),
     md("""
