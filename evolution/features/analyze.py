@@ -117,8 +117,8 @@ def _evenly(steps: list[int], n: int) -> list[int]:
 
 
 def run_probes(run: Path, crosscoder, steps: list[int], cfg: AnalyzeConfig) -> tuple[pd.DataFrame, dict] | None:
-    """Probe scores and top contexts (evolution.features.probes), or None with the reason printed when the
-    run lacks snapshots, corpus or hook, or the probes module is not there. The snapshots come from the run's
+    """Probe statistics and top contexts (evolution.features.probes), or None with the reason printed when the
+    run lacks snapshots, corpus or hook (a run on the decoder alone); any other failure fails the stage. The snapshots come from the run's
     snapshot source (`SnapshotSource.for_run`: pretrain, local: or hf:)."""
     from evolution.sources.snapshot_source import SnapshotError, SnapshotSource
 
@@ -134,16 +134,12 @@ def run_probes(run: Path, crosscoder, steps: list[int], cfg: AnalyzeConfig) -> t
     if missing:
         print(f"analyze: probes skipped, {run} has no {', '.join(missing)}")
         return None
-    try:
-        from evolution.features.probes import ProbeConfig, probe_features
-        from evolution.sources.corpus import Corpus
-    except ImportError as e:
-        print(f"analyze: probes skipped ({e})")
-        return None
+    from evolution.features.probes import ProbeConfig, probe_features  # a failure here fails the stage
+    from evolution.sources.corpus import Corpus
+
     corpus = Corpus.load(run / "corpus")
     source.check_corpus(corpus)  # the probe stream must be the snapshots' tokens (before any model runs)
-    tokens = corpus.eval_tokens if corpus.eval_tokens is not None else corpus.tokens
-    mech = corpus.eval_mechanism if corpus.eval_tokens is not None else corpus.mechanism
+    tokens, mech = corpus.eval_tokens, corpus.eval_mechanism
     kwargs = {"mechanism_names": corpus.mechanism_names} if corpus.mechanism_names else {}
     probe_steps = _evenly(steps, cfg.probe_snapshots)
     result = probe_features(

@@ -112,7 +112,7 @@ def types_for_run(run: Path, crosscoder, steps: list[int], probe_steps: list[int
 
     corpus = Corpus.load(run / "corpus")
     source.check_corpus(corpus)
-    tokens = corpus.eval_tokens if corpus.eval_tokens is not None else corpus.tokens
+    tokens = corpus.eval_tokens
     res = type_timeline(crosscoder.to(device), source.iter(device=device),
                         tokens[:max_seqs], hook, steps, probe_steps, corpus.bos_token_id, cfg)
     save_type_timeline(res, run / "analysis" / "type_scores.safetensors")
