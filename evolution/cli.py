@@ -5,7 +5,7 @@
     feature-evolution run runs/pythia-70m.toml          # any recipe (or run directory); cached stages are skipped
     feature-evolution evaluate runs/demo --batch-size 8 # one stage on a run, with its own flags (--help lists them)
     feature-evolution compare runs/demo runs/demo-regularised     # two runs side by side
-    feature-evolution plan runs/x.toml --gpus 1,8       # cost: downloads, forwards, disk, FLOPs, memory, hours
+    feature-evolution plan runs/pythia-160m-ge2025.toml --gpus 1,8   # cost: downloads, forwards, disk, FLOPs, hours
 
 A stage verb redoes that stage (and runs what it reads from, where not up to date), with the flags written into
 the run's run.json. Started by torchrun (the runner does this for `[parallel] nproc_per_node > 1`), a stage verb
