@@ -40,7 +40,7 @@ def config_for(target: str) -> RunConfig:
         return load_recipe(p)
     if (p / "run.json").exists():
         return load_run_config(p)
-    raise UserError(f"{target}: neither a recipe (.toml) nor a run directory with run.json")
+    raise UserError(f"{target}: not a run directory (no run.json), nor a recipe (.toml)")
 
 
 def stage_parser(name: str) -> argparse.ArgumentParser:

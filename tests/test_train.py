@@ -7,10 +7,11 @@ import torch
 
 from crosscoders.config import CrosscoderConfig, TrainConfig
 from crosscoders.dataclass_cli import replace
+from crosscoders.evaluation import evaluate
 from crosscoders.io import read_jsonl
 from crosscoders.model import Crosscoder
 from crosscoders.synthetic import PlantedFeatures, SyntheticConfig
-from crosscoders.train import evaluate, lr_factor, sparsity_factor, train
+from crosscoders.train import lr_factor, sparsity_factor, train
 
 TRUTH = PlantedFeatures(SyntheticConfig(n_sources=3, d_in=8, n_features=12, seed=3))
 

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 from crosscoders.distributed import Distributed
+from crosscoders.evaluation import evaluate
 from crosscoders.io import write_json
-from crosscoders.train import evaluate, train
+from crosscoders.train import train
 from evolution.context import RunContext
 from evolution.crosscoder.plots import quality_figure
 from evolution.figures import save_figure

@@ -132,7 +132,8 @@ CELLS: list[Cell] = [
     import pandas as pd
 
     from crosscoders.config import CrosscoderConfig, TrainConfig
-    from crosscoders.train import evaluate, train
+    from crosscoders.evaluation import evaluate
+    from crosscoders.train import train
 
     tcfg = TrainConfig(crosscoder=CrosscoderConfig(d_sae=D_SAE, activation="batchtopk", k=K), steps=TRAIN_STEPS,
                        batch_size=BATCH, lr=2e-4, device=DEVICE, autocast="bf16" if DEVICE == "cuda" else "none",

@@ -80,7 +80,8 @@ CELLS: list[Cell] = [
     from crosscoders.config import CrosscoderConfig, TrainConfig
     from crosscoders.dataclass_cli import from_dict
     from crosscoders.stream import ShuffleStream, measure_stream_scales
-    from crosscoders.train import evaluate, train
+    from crosscoders.evaluation import evaluate
+    from crosscoders.train import train
     from evolution.context import RunContext
     from evolution.recipe import load_run_config
 
