@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench lint browser clean-venv
+.PHONY: demo test test-slow bench lint browser clean-venv reproduce
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -22,6 +22,11 @@ browser:
 
 demo: $(STAMP)
 	$(PY) -m evolution.cli demo
+
+# Every table and figure the README and docs publish, regenerated from runs/demo (tests diff them: -m slow).
+reproduce: $(STAMP)
+	$(PY) -m evolution.cli demo
+	$(PY) -m evolution.report.published runs/demo
 
 test: $(STAMP) browser
 	OMP_NUM_THREADS=2 $(PY) -m pytest -q

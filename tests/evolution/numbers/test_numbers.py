@@ -188,9 +188,9 @@ def test_numbers_stage_on_the_tiny_numbers_run(tiny_numbers_run):
     assert len(data["spectrum"][0][0]) == 10 and set(data["emergence"]["periods"]) == set(data["strength"])
     assert (run / "figures" / "numbers.png").stat().st_size > 10_000
     assert "Number representations" in (run / "report.html").read_text()
-    tiny = load_recipe(Path(__file__).parent / "data" / "tiny.toml")
+    tiny = load_recipe(Path(__file__).parents[2] / "data" / "tiny.toml")
     assert numbers_on(cfg) and not numbers_on(tiny)  # off by default, on with the number mechanism
-    demo = load_recipe(Path(__file__).parents[1] / "runs" / "demo-numbers.toml")
+    demo = load_recipe(Path(__file__).parents[3] / "runs" / "demo-numbers.toml")
     assert numbers_on(demo) and demo.corpus.planted.p_number > 0
 
     from evolution import load_run

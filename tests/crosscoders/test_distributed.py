@@ -18,7 +18,7 @@ from crosscoders.store import StoreWriter
 from crosscoders.synthetic import PlantedFeatures, SyntheticConfig
 from crosscoders.train import main as train_main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TRUTH = PlantedFeatures(SyntheticConfig(n_sources=4, d_in=8, n_features=12, seed=5))
 TOL = 1e-4  # float32 sums in another order over 20 Adam steps
 # fp32 on every side: `autocast = "auto"` picks bf16 where the CPU has bf16 units (an AMD EPYC with AVX-512-BF16

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.test_notebooks import REPO, execute, images, kernel_dirs, offline, text_output  # noqa: F401 (fixtures)
+from tests.notebooks.test_notebooks import REPO, execute, images, kernel_dirs, offline, text_output  # noqa: F401 (fixtures)
 
 
 def test_scaling_notebook(tiny_run, kernel_dirs, offline):  # noqa: F811

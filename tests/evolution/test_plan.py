@@ -12,7 +12,7 @@ from evolution.cli import main
 from evolution.plan import plan
 from evolution.recipe import load_recipe
 
-RUNS = Path(__file__).resolve().parents[1] / "runs"
+RUNS = Path(__file__).resolve().parents[2] / "runs"
 
 
 def test_ge2025_plan_figures_are_the_counts():

@@ -8,7 +8,7 @@ import pytest
 from evolution.features.browser import browser_data, write_browser
 from evolution.features.timelines import compute_timelines_from_W_dec
 from tests.chromium import Chromium, requires_chromium
-from tests.test_timelines import STEPS, planted_decoder
+from tests.evolution.features.test_timelines import STEPS, planted_decoder
 
 TRICKY = ["a", "</script>", "<b>x</b>", "&amp;", "\"q\"", "ü"]
 

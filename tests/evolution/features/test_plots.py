@@ -9,7 +9,7 @@ from matplotlib.figure import Figure
 
 from evolution.features import plots
 from evolution.features.timelines import compute_timelines_from_W_dec
-from tests.test_timelines import STEPS, planted_decoder
+from tests.evolution.features.test_timelines import STEPS, planted_decoder
 
 
 @pytest.fixture(scope="module")

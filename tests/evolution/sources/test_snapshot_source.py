@@ -335,7 +335,7 @@ def test_real_checkpoints_notebook(standin, tmp_path, monkeypatch):
     """notebooks/05_real_checkpoints.ipynb end to end on the local stand-in (the third door)."""
     from ipykernel.kernelspec import install
 
-    from tests.test_notebooks import execute, images, text_output
+    from tests.notebooks.test_notebooks import execute, images, text_output
 
     prefix = tmp_path / "kernel"
     install(kernel_name="python3", prefix=str(prefix))

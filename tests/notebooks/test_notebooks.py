@@ -17,7 +17,7 @@ import pytest
 
 from tests.hubcache import hub_cache
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 NB_DIR = REPO / "notebooks"
 HUB_MODEL = "EleutherAI/pythia-70m"
 STANDIN_STEPS = [0, 2, 8, 32]  # all Pythia checkpoint steps, so the hub loader accepts them
