@@ -1,4 +1,4 @@
-"""Configs of the crosscoder and of its training loop (the config *is* the CLI, see `configs.py`)."""
+"""Configs of the crosscoder and of its training loop (the config *is* the CLI, see `dataclass_cli.py`)."""
 
 from __future__ import annotations
 
@@ -82,13 +82,13 @@ class TrainConfig:
     """LR at the end of training, as a fraction of the peak."""
     sparsity_coef: float | None = None
     """Coefficient of the sparsity penalty (unused by batchtopk); None = the scheme's default, `SPARSITY_COEF`
-    (relu + l1_l2: 1, jumprelu + tanh_joint: 4; what recovers planted features, tests/test_recovery.py)."""
+    (relu + l1_l2: 1, jumprelu + tanh_joint: 4; what recovers planted features, tests/crosscoders/test_recovery.py)."""
     sparsity: Literal["auto", "l1", "l1_l2", "tanh", "tanh_joint", "tanh_quad"] = "auto"
     """Sparsity penalty (relu, jumprelu): auto = the scheme's own (relu: l1_l2, the code times the L2 norm of
     the decoder over sources, which does not reward splitting a feature over snapshots; jumprelu: tanh_joint,
     sum_i tanh(c sum_s f[s,i] |W_dec[s,i]|), the same as tanh for the shared gate and, for the per-source gate,
     one term per latent, which does not reward splitting either: recovered 0.97-1.00 of planted features
-    against 0.72-0.93 with tanh's per-source mean, tests/test_recovery.py);
+    against 0.72-0.93 with tanh's per-source mean, tests/crosscoders/test_recovery.py);
     l1 = Lindsey et al. 2024's code times the sum of decoder norms; tanh_quad = Ge et al. 2025's
     sum_i p_i (1 + p_i / frequency_scale), p_i the batch (and source) mean of tanh(c f_i N_i) (OpenMOSS
     `sparsity_loss_type="tanh-quad"`)."""
@@ -106,7 +106,7 @@ class TrainConfig:
     2025's HierarchicalTopK sums L over budgets; here L(k / 4). Where k exceeds the true L0, BatchTopK finds
     degenerate solutions, a latent firing for either of two features plus latents correcting it (Chanin &
     Garriga-Alonso 2025, *Sparse but Wrong*); they spend two slots per feature, and the small budget charges them.
-    Planted data (tests/test_recovery.py, 2000 steps, recovered over seeds 0-2 x S8xD32, S6xD16): k = 1.5 x the
+    Planted data (tests/crosscoders/test_recovery.py, 2000 steps, recovered over seeds 0-2 x S8xD32, S6xD16): k = 1.5 x the
     planted L0: 0.81-0.93 off, 0.97-1.00 at 0.5, 1.00 at 0.25, 0.89-0.97 at 0.75; k = 2 x: 0.64-0.89 off, 0.97-1.00 at
     0.5, 1.00 at 0.25; k = the L0: 0.92-1.00 off, 1.00 at 0.25. FVU at k = 1.5 x: 0.048-0.068 against 0.048-0.071
     off (no worse); a CPU step 15-30% slower (one more decode of k / 4 latents per token)."""
@@ -115,7 +115,7 @@ class TrainConfig:
     pre_act_coef: float = 0.01
     """jumprelu: coefficient of the pre-activation loss pulling dead latents up to their threshold
     (Anthropic, Jan 2025, use 3e-6 in their units; 0.01 on our normalised activations revived the dead
-    latents that left short-lived planted features unrecovered, tests/test_recovery.py)."""
+    latents that left short-lived planted features unrecovered, tests/crosscoders/test_recovery.py)."""
     topk_threshold_lr: float = 0.01
     """batchtopk: EMA rate of the inference threshold (running mean of the smallest kept activation)."""
     dead_tokens: int = 1_000_000

@@ -22,7 +22,7 @@ The loss is `losses.crosscoder_loss(..., mesh=mesh)`, the single-process loss wh
 this mesh: every rank's loss l_r is chosen so that the global loss is (1/D) sum_r l_r (a term every rank of
 a source group computes identically enters l_r divided by P); the replicated parameters' gradients are then
 summed over the source group; all gradients are averaged over the data group. This module only shards
-the parameters, their gradients and the checkpoints. tests/test_distributed.py checks that 2 and 4 gloo ranks end in single-process training's weights.
+the parameters, their gradients and the checkpoints. tests/crosscoders/test_distributed.py checks that 2 and 4 gloo ranks end in single-process training's weights.
 """
 
 from __future__ import annotations

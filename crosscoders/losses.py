@@ -81,7 +81,7 @@ def tanh_joint_penalty(f: Tensor, dec_norm: Tensor, c: float) -> Tensor:
     each cover some snapshots costs more than one latent open in all of them. With the per-source mean of
     `tanh_penalty` (OpenMOSS) a latent open in k of S sources pays k / S, the same as k single-source latents:
     on planted data features then split by snapshot (one latent for the faint birth snapshot, another for
-    the rest), and 0.72-0.93 of them were recovered against 0.97-1.00 with this penalty (tests/test_recovery.py)."""
+    the rest), and 0.72-0.93 of them were recovered against 0.97-1.00 with this penalty (tests/crosscoders/test_recovery.py)."""
     z = (f * dec_norm).sum(-2) if f.ndim == 3 else f * dec_norm
     return torch.tanh(c * z).sum(-1).mean()
 
@@ -250,7 +250,7 @@ def crosscoder_loss(
     l_r, chosen so that the global loss is (1/D) sum_r l_r: sums over sources (mse, the per-source l1) stay
     local; terms every rank of a source group computes identically enter divided by P; the BatchTopK cut and
     tanh-quad's frequencies are taken over the global batch. None = one process, where every collective is a
-    no-op and each term is the plain one (tests/test_distributed.py: 2 and 4 gloo ranks end in the
+    no-op and each term is the plain one (tests/crosscoders/test_distributed.py: 2 and 4 gloo ranks end in the
     single-process weights)."""
     cfg = model.cfg
     mesh = mesh or Mesh.single()

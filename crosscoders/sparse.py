@@ -19,7 +19,7 @@ the [nnz, d_in] gathered rows: on CPU that is ~10x faster than index_select / in
 rows-by-token and both weight gradients latent-by-latent, over the sources stacked into one table.
 AuxK's reconstruction from the top-k_aux dead latents (Gao et al. 2024) goes through the same kernels
 (`decode_topk`). The loss and every gradient equal the dense path's to float rounding
-(tests/test_sparse.py); `losses.crosscoder_loss` switches to them for batchtopk (whose gate is shared)
+(tests/crosscoders/test_sparse.py); `losses.crosscoder_loss` switches to them for batchtopk (whose gate is shared)
 where `pays` says they are faster.
 """
 

@@ -14,7 +14,7 @@ Position and RNG are functions of the step: window w of epoch e, permuted by a g
 (seed, e, w, data rank), holds steps [start_w, start_w + n_w), with n_w computed from the token mask alone
 (no forward pass). So `s(n)` resumes at step n after recomputing one window, and the checkpoint records
 `position(n)` (epoch, window, batch in window, sequences consumed, window seed), which `check_position`
-compares on resume: a killed run resumes to the weights of an uninterrupted one (tests/test_stream.py).
+compares on resume: a killed run resumes to the weights of an uninterrupted one (tests/crosscoders/test_stream.py).
 
 Data parallel: D ranks read disjoint sequences (rank d takes the d-th block of each window) and the global
 batch is their concatenation; `data_ranks=range(D)` in one process yields those global batches (the

@@ -12,7 +12,7 @@ saved model has it folded in and works on raw activations.
 Exact resume: `out_dir/checkpoint/state.pt` holds model, optimiser, scheduler, step, dead-latent
 counters and RNG state, written atomically every `checkpoint_every` steps. A run killed after step
 n resumes from the last checkpoint, redoes the same steps on the same batches, and ends in the same
-weights as an uninterrupted run (tests/test_train.py).
+weights as an uninterrupted run (tests/crosscoders/test_train.py).
 """
 
 from __future__ import annotations

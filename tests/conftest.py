@@ -12,7 +12,7 @@ TINY_RECIPE = Path(__file__).parent / "data" / "tiny.toml"
 
 # One precision in every test process and the torchrun ranks they start: "auto" picks bf16 where the CPU has
 # bf16 units and the probe's verdict can differ between processes; tests that compare numbers need fp32
-# (crosscoders/precision.py; tests/test_precision.py unsets this to test the probe).
+# (crosscoders/precision.py; tests/crosscoders/test_precision.py unsets this to test the probe).
 os.environ.setdefault("CROSSCODERS_AUTO_PRECISION", "fp32")
 
 # 2-core CI machines: one intra-op thread per process keeps test timings predictable.

@@ -116,14 +116,13 @@ def _evenly(steps: list[int], n: int) -> list[int]:
     return [steps[i] for i in sorted(set(np.linspace(0, len(steps) - 1, n).round().astype(int).tolist()))]
 
 
-def run_probes(run: Path, crosscoder, steps: list[int], cfg: AnalyzeConfig) -> tuple[pd.DataFrame, dict] | None:
+def run_probes(run: Path, crosscoder, steps: list[int], cfg: AnalyzeConfig, source) -> tuple[pd.DataFrame, dict] | None:
     """Probe statistics and top contexts (evolution.features.probes), or None with the reason printed when the
     run lacks snapshots, corpus or hook (a run on the decoder alone); any other failure fails the stage. The snapshots come from the run's
-    snapshot source (`SnapshotSource.for_run`: pretrain, local: or hf:)."""
-    from evolution.sources.snapshot_source import SnapshotError, SnapshotSource
+    snapshot source (`source`: the run context's, pretrain, local: or hf:)."""
+    from evolution.sources.snapshot_source import SnapshotError
 
     hook = _hook(run)
-    source = SnapshotSource.for_run(run, device=cfg.device)
     try:
         has_snapshots = bool(source.with_steps(steps).steps)
     except SnapshotError:
@@ -167,12 +166,15 @@ def peak_step_by_type(features: pd.DataFrame, min_lift: float = 0.0) -> dict[str
             for (t, m), a, n in zip(g.median().items(), g.mean(), g.size(), strict=True)}
 
 
-def analyze(run_dir: str | Path, cfg: AnalyzeConfig | None = None) -> dict:
-    """Write the analysis of `run_dir` (see the module docstring); returns the summary."""
+def analyze(run_dir: str | Path, cfg: AnalyzeConfig | None = None, source=None) -> dict:
+    """Write the analysis of `run_dir` (see the module docstring); returns the summary. `source`: the run's
+    `SnapshotSource` (the stage passes its context's; default: the one its run.json names)."""
     from crosscoders.model import Crosscoder
+    from evolution.sources.snapshot_source import SnapshotSource
 
     cfg = cfg or AnalyzeConfig()
     run = Path(run_dir)
+    source = source if source is not None else SnapshotSource.for_run(run, device=cfg.device)
     crosscoder = Crosscoder.load(run / "crosscoder")
     steps = source_steps(run, crosscoder.cfg.n_sources)
     out = run / "analysis"
@@ -180,7 +182,7 @@ def analyze(run_dir: str | Path, cfg: AnalyzeConfig | None = None) -> dict:
     tl = compute_timelines(crosscoder, steps, tl_cfg)
     features = tl.to_frame()
     contexts = None
-    if cfg.probes and (probed := run_probes(run, crosscoder, steps, cfg)) is not None:
+    if cfg.probes and (probed := run_probes(run, crosscoder, steps, cfg, source)) is not None:
         table, contexts = probed
         extra = [c for c in table.columns if c == "feature" or c not in features.columns]
         features = features.merge(table[extra], on="feature", how="left")
@@ -188,7 +190,7 @@ def analyze(run_dir: str | Path, cfg: AnalyzeConfig | None = None) -> dict:
         from evolution.features.type_probe import types_for_run
 
         cols = types_for_run(run, crosscoder, steps, _evenly(steps, cfg.probe_snapshots), _hook(run),
-                             cfg.probe_max_seqs, cfg.device)
+                             cfg.probe_max_seqs, cfg.device, source=source)
         for k, v in (cols or {}).items():
             features[k] = v
         if cols:
@@ -249,4 +251,4 @@ def load_analysis(run_dir: str | Path) -> tuple[Timelines, pd.DataFrame, dict]:
 
 def analyze_stage(ctx) -> None:
     """The analyze stage: timelines, types, Latent Scaling, figures and the browser from crosscoder/."""
-    analyze(ctx.run_dir, ctx.cfg.analyze)
+    analyze(ctx.run_dir, ctx.cfg.analyze, source=ctx.source)

@@ -90,7 +90,7 @@ def save_type_timeline(result: dict, path: str | Path) -> None:
 
 
 def types_for_run(run: Path, crosscoder, steps: list[int], probe_steps: list[int], hook: str | None,
-                  max_seqs: int = 256, device: str = "cpu", cfg: TypeConfig | None = None) -> dict | None:
+                  max_seqs: int = 256, device: str = "cpu", cfg: TypeConfig | None = None, source=None) -> dict | None:
     """`type_timeline` on a run's held-out corpus; writes `analysis/type_scores.safetensors`; returns the
     feature-table columns (`type`, `type_onset_step` — the first probed snapshot of the final run where the
     feature has that type and is present, decoder norm ≥ half its max — and `type_score_<type>` at the last
@@ -99,7 +99,7 @@ def types_for_run(run: Path, crosscoder, steps: list[int], probe_steps: list[int
     from evolution.features.types import type_onset
     from evolution.sources.snapshot_source import SnapshotError, SnapshotSource
 
-    source = SnapshotSource.for_run(run, device=device)
+    source = source if source is not None else SnapshotSource.for_run(run, device=device)
     try:
         source = source.with_steps(steps) if source.with_steps(steps).steps else None
     except SnapshotError as e:

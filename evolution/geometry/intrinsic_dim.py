@@ -3,7 +3,7 @@
 Both estimators read only nearest-neighbour distances, so a layer's token cloud needs no more than a
 few thousand points. Two estimators are kept so each checks the other (The Shape of Learning,
 Razzhigaev et al. 2024, reports TwoNN-family IDs; ours are validated against scikit-dimension and
-against clouds of known dimension in tests/test_intrinsic_dim.py).
+against clouds of known dimension in tests/evolution/geometry/test_intrinsic_dim.py).
 
 Choices, each documented because the numbers depend on them:
 - **Duplicates.** Identical points (the same token id at the embedding layer, repeated contexts) give

@@ -14,7 +14,7 @@ the tokenizer hash (`sources.tokenizer.tokenizer_hash`); `check_tokens` requires
 made by that tokenizer and to fit the embedding. A disagreement is a `SnapshotError` naming both sides.
 
 Families (local directories; `sources.snapshots.FAMILIES`), each loaded through transformer-lens 3.9 and
-tested against Hugging Face's own forward pass in tests/test_snapshot_source.py: GPT-NeoX (Pythia),
+tested against Hugging Face's own forward pass in tests/evolution/sources/test_snapshot_source.py: GPT-NeoX (Pythia),
 GPT-2, Llama-style (RMSNorm, gated MLP, rotary, grouped-query attention). Hub: Pythia (tested on a
 hub-shaped offline cache); other transformer-lens models with checkpoints go through the same call,
 untested here. Anything else is refused with the list of supported families.

@@ -76,7 +76,7 @@ def local_steps(snapshot_root: str | Path) -> list[int]:
 
 
 # Hugging Face model_type -> the causal-LM class transformer-lens 3.9 converts (loading_from_pretrained), for
-# the families loaded and tested here (tests/test_snapshot_source.py); other architectures are refused.
+# the families loaded and tested here (tests/evolution/sources/test_snapshot_source.py); other architectures are refused.
 FAMILIES: dict[str, str] = {"gpt_neox": "GPTNeoXForCausalLM", "gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
 
 

@@ -124,7 +124,7 @@ CELLS: list[Cell] = [
 
     `feature-evolution run runs/pythia-160m-ge2025-stream.toml`. On an activation store directly:
     `torchrun --nproc_per_node=8 -m crosscoders.train --store DIR --out DIR --source-parallel 4 ...`.
-    With the same global batch the ranks end in one process's weights (tests/test_distributed.py,
-    tests/test_scale.py).
+    With the same global batch the ranks end in one process's weights (tests/crosscoders/test_distributed.py,
+    tests/evolution/crosscoder/test_crosscoder_stage.py).
     """),
 ]

@@ -28,7 +28,7 @@ the bar at 1.5 x (S6xD16): AuxK 1/32-1 with k_aux 16-64, earlier LR decay, selec
 sources 0.81/0.86/0.81, unit-norm decoders with the parallel gradient removed (Gao et al. 2024; Bussmann et al.
 2024) 0.89/0.86/0.89, encoding x - b_dec (Gao et al. 2024) 0.92/0.89/0.83, no gradient clipping 0.83/-/0.83,
 Adam beta2 0.99 0.86/-/0.86.
-Print the table with `pytest -m slow -s tests/test_recovery.py`. Also: per-snapshot activations of a trained
+Print the table with `pytest -m slow -s tests/crosscoders/test_recovery.py`. Also: per-snapshot activations of a trained
 crosscoder against the planted per-snapshot magnitudes.
 """
 
