@@ -65,7 +65,7 @@ def browser_data(tl: Timelines, features: pd.DataFrame, contexts: dict | None = 
     return {
         "title": title,
         "steps": list(tl.steps),
-        "turning_point": {k: tl.turning.get(k) for k in ("step", "used", "reason")},
+        "turning_point": {k: tl.turning.get(k) for k in ("step", "index", "used", "reason")},
         "turning_verdict": tl.turning_verdict,
         # under the shared gate a feature's per-snapshot activations differ only by a scale: one list of contexts
         "contexts_per_snapshot": gate == "per_source",
