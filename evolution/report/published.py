@@ -46,8 +46,7 @@ def published(run: str | Path) -> dict:
         "hierarchy": [{c: r.get(c) for c in HIERARCHY_COLUMNS} for r in h.get("table", [])],
         "learned_steps": h.get("learned_steps"),
         "crosscoder": {"fvu_mean": round(ev["fvu_mean"], 4), "l0_shared": round(ev["l0_shared"], 2),
-                       "dead_frac_shared": round(ev["dead_frac_shared"], 4), "n_alive": s.get("n_alive"),
-                       "n_features": s.get("n_features")},
+                       "dead_frac_shared": round(ev["dead_frac_shared"], 4), "d_sae": s.get("n_features")},
     }
 
 
@@ -73,8 +72,8 @@ def render(numbers: dict) -> str:
     lines += ["", "| " + " | ".join(HIERARCHY_COLUMNS) + " |", "|" + "---|" * len(HIERARCHY_COLUMNS)]
     lines += ["| " + " | ".join(_cell(r.get(c)) for c in HIERARCHY_COLUMNS) + " |" for r in numbers["hierarchy"]]
     c = numbers["crosscoder"]
-    lines += ["", f"Crosscoder: held-out FVU {c['fvu_mean']} (mean over snapshots), L0 {c['l0_shared']}, "
-              f"{c['dead_frac_shared']:.1%} dead, {c['n_alive']} of {c['n_features']} features alive.", "", END]
+    lines += ["", f"Crosscoder ({c['d_sae']} latents): held-out FVU {c['fvu_mean']} (mean over snapshots), L0 "
+              f"{c['l0_shared']}, {c['dead_frac_shared']:.1%} dead (never active on the held-out tokens).", "", END]
     return "\n".join(lines)
 
 
