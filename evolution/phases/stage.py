@@ -33,7 +33,7 @@ A peak at the first or last measured snapshot is no rise-then-fall and is not us
 reason). Combination (`phases/signals.combine_with_ci`): a signal without a bootstrap CI or that does
 not beat its null is not used; the boundary is published only when at least two used signals agree
 within their CIs, else `verdict: "inconclusive"` with the spread. The older 2×-of-the-median agreement
-is kept under `agreement` for comparison. Geometry signals get a CI from geometry.json's token
+is kept under `retired_median_rule` for comparison (its boundary is not the verdict). Geometry signals get a CI from geometry.json's token
 resamples (random halves, `signals.resample_ci`); without resamples they have no CI and are not used.
 """
 
@@ -247,7 +247,8 @@ def phases(run_dir: str | Path, cfg: PhasesConfig | None = None) -> dict:
         from evolution.phases.heldout import kl_curves
 
         result["kl_curves"] = kl_curves(data["snap_eval"], cfg.resample_unit, cfg.n_boot)
-    result["agreement"] = {**combine(signals, cfg.agree_factor)["agreement"], "agree_within_ci": result["agree"]}
+    # the retired rule (median of the used steps, agreement within a factor), named for what it is: not a verdict
+    result["retired_median_rule"] = combine(signals, cfg.agree_factor)
     write_json(run_dir / "phases.json", result)
     from evolution.figures import save_figure
 
@@ -337,7 +338,6 @@ def phase_map(data: dict, result: dict):
     if all_steps:
         axes["loss"].set_xlim(0, max(all_steps) * 1.15)
     top = axes["loss"]
-    agree = result["agreement"]
     title = "phase map"
     if b is not None:
         title += f": boundary ≈ step {b}, CI {result['boundary_ci']}\n(signals agreeing within their CIs: {', '.join(result['agree'])})"
@@ -345,7 +345,6 @@ def phase_map(data: dict, result: dict):
         top.text(0.99, 1.02, "feature phase →", transform=top.transAxes, fontsize=8, ha="right")
     else:
         title += ": " + result.get("explanation", "inconclusive") + "\n(no boundary is drawn)"
-    del agree
     fig.suptitle(title, fontsize=9)
     axes[panels[-1]].set_xlabel("step (symlog)")
     fig.tight_layout()

@@ -90,14 +90,15 @@ CELLS: list[Cell] = [
     Each signal places the boundary at one step: the eval loss falling below the bigram entropy, the
     peak of the intrinsic dimension, the peak of linearity without residual, the change point of
     anisotropy, the crosscoder's turning point. A peak at the first or last snapshot is no
-    rise-then-fall and is not used. The boundary is the median of the used signals on the log-step
-    axis; a signal *agrees* when within `agree_factor` (2×) of it.
+    rise-then-fall and is not used. Each signal carries a bootstrap CI; the verdict (below) publishes a
+    boundary only where at least two used signals agree within their CIs, else "inconclusive".
     """),
     code("""
     import pandas as pd
 
     table = pd.DataFrame(phases["signals"]).T.reindex(columns=["step", "used", "reason"])
-    print(f"boundary ≈ step {phases['boundary_step']}; agreement: {phases['agreement']}")
+    print(f"verdict: {phases['verdict']}; boundary: {phases['boundary_step']} (CI {phases['boundary_ci']}); "
+          f"agreeing within their CIs: {phases['agree']}")
     table
     """),
     md("""

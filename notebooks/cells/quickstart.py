@@ -76,7 +76,8 @@ CELLS: list[Cell] = [
     from evolution.phases.stage import phase_map, read_run
 
     phases = json.loads((run.path / "phases.json").read_text())
-    print(f"boundary ≈ step {phases['boundary_step']}; agreeing signals: {phases['agreement']['agree']}")
+    print(f"verdict: {phases['verdict']}; boundary: step {phases['boundary_step']} (CI {phases['boundary_ci']}); "
+          f"signals agreeing within their CIs: {phases['agree']}")
     phase_map(read_run(run.path), phases)
     """),
     md("""

@@ -38,7 +38,7 @@ def test_offline_hub_recipe_and_bad_target_fail_with_a_message(monkeypatch, caps
     capsys.readouterr()
     assert main(["analyze", str(tmp_path)]) == 2  # a directory without run.json is refused in one line
     err = capsys.readouterr().err
-    assert "neither a recipe" in err and "Traceback" not in err
+    assert "not a run directory" in err and "Traceback" not in err
 
 
 def test_user_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
