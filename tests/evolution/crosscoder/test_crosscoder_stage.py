@@ -56,7 +56,9 @@ def test_stream_mode_writes_no_store_and_trains(snapshots):
     assert not (cfg.run_dir / "activations_eval").exists()
 
 
-@pytest.mark.parametrize("source_parallel", [1, 2], ids=["data", "source"])
+# data-parallel streaming is slow-only: the fast suite checks its two halves, the stream's per-rank shards in one
+# process (tests/crosscoders/test_stream.py) and data-parallel training = one process (test_distributed.py)
+@pytest.mark.parametrize("source_parallel", [pytest.param(1, marks=pytest.mark.slow), 2], ids=["data", "source"])
 def test_two_streaming_ranks_equal_one_process(snapshots, source_parallel):
     _, one = _run(snapshots, "stream1")  # cached after the first test
     _, two = _run(snapshots, f"stream2-{source_parallel}", nproc=2, source_parallel=source_parallel)
