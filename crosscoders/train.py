@@ -167,7 +167,7 @@ def train(
     opt_cls = torch.optim.AdamW if cfg.weight_decay > 0 else torch.optim.Adam
     # fused: one kernel over all parameters; on CPU the step at 8 × 256 × 16384 took 112 ms against 633 ms
     # (benchmarks/README.md). Same update rule; a fused run resumes exactly into a fused run.
-    opt = opt_cls(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
+    opt = opt_cls(model.parameters(), lr=cfg.lr_resolved, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
                   fused=dev.type in ("cpu", "cuda"))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg, s))
     since_fired = torch.zeros(cfg.crosscoder.d_sae, dtype=torch.long, device=dev)
@@ -211,7 +211,7 @@ def train(
             with torch.no_grad():
                 model.b_dec.copy_(par.batch_mean(x))
         coef = sparsity_coef(cfg) * sparsity_factor(cfg, step)
-        dead = since_fired >= cfg.dead_tokens
+        dead = since_fired >= cfg.dead_tokens_resolved
         with amp:
             loss = crosscoder_loss(model, x, coef, dead, cfg.auxk_coef, cfg.k_aux, cfg.pre_act_coef,
                                    sparsity=cfg.sparsity, frequency_scale=cfg.frequency_scale,
@@ -246,7 +246,7 @@ def train(
                    "sparsity": loss.sparsity.item(), "aux": loss.aux.item(), "fvu": fvu,
                    **({"nested": loss.nested.item()} if loss.nested is not None else {}),
                    "l0": active_latents(loss.f).sum(-1).float().mean().item(),
-                   "dead_frac": (since_fired >= cfg.dead_tokens).float().mean().item(),
+                   "dead_frac": (since_fired >= cfg.dead_tokens_resolved).float().mean().item(),
                    "tok_per_s": (tokens_seen - tok0) / max(time.perf_counter() - t0, 1e-9)}
             append_jsonl(out / LOG, row)
             bar.set_postfix(loss=f"{row['loss']:.4g}", fvu=f"{sum(fvu) / len(fvu):.3f}", l0=f"{row['l0']:.1f}")

@@ -20,6 +20,7 @@ from crosscoders.io import write_json
 from crosscoders.train import train
 from evolution.context import RunContext
 from evolution.crosscoder.plots import quality_figure
+from evolution.crosscoder.quality import quality_check
 from evolution.figures import save_figure
 from evolution.harvest import activations
 
@@ -49,17 +50,19 @@ def crosscoder_stage(ctx: RunContext) -> None:
     model = train(tcfg, acts.training_batches(tcfg, mesh), ctx.run_dir / "crosscoder", norm_scale=acts.scales,
                   parallel=Distributed(mesh) if mesh.world > 1 else None)
     if ctx.is_writer:
-        write_eval(ctx, model, acts)
+        write_eval(ctx, model, acts, tcfg)
 
 
-def write_eval(ctx: RunContext, model, acts) -> dict:
+def write_eval(ctx: RunContext, model, acts, tcfg) -> dict:
     """crosscoder/eval.json and quality.png. Per-source numbers count `activations_per_snapshot` > 0 (one
-    definition everywhere); "l0_shared": latents active per token (in any source, per-source gate)."""
+    definition everywhere); "l0_shared": latents active per token (in any source, per-source gate); "quality":
+    the degenerate-dictionary check (`evolution.crosscoder.quality`), which also warns in the log."""
     ev = evaluate(model, acts.eval_batches())
     result = {"sources": acts.sources, "gate": model.cfg.gate, "fvu": ev["fvu"], "l0": ev["l0_per_source"],
               "dead_frac": ev["dead_frac_per_source"], "n_features_firing": ev["n_features_firing_per_source"],
               "l0_shared": ev["l0"], "dead_frac_shared": ev["dead_frac"],
               "fvu_mean": ev["fvu_mean"], "n_tokens": ev["n_tokens"]}
+    result["quality"] = quality_check(result, tcfg)
     out = ctx.run_dir / "crosscoder"
     write_json(out / "eval.json", result)
     save_figure(quality_figure(result), out / "quality.png")

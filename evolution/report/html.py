@@ -27,7 +27,7 @@ h1{margin-bottom:.2em} h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margi
 img{max-width:100%;border:1px solid #eee} table{border-collapse:collapse;font-size:.9em;margin:.5em 0}
 td,th{border:1px solid #ddd;padding:.25em .6em;text-align:right} th{background:#f5f5f5}
 td.l,th.l{text-align:left} .muted{color:#888} .ctx{font-family:ui-monospace,monospace;font-size:.85em}
-.ctx mark{background:#ffd54f;padding:0 .15em} nav a{margin-right:1em} pre{background:#f7f7f7;padding:1em;overflow:auto}
+.ctx mark{background:#ffd54f;padding:0 .15em} .warn{border:2px solid #c62828;background:#fdecea;padding:.5em 1em;margin:1em 0} nav a{margin-right:1em} pre{background:#f7f7f7;padding:1em;overflow:auto}
 .kv td{text-align:left}
 """
 
@@ -331,6 +331,16 @@ SECTIONS = (
 )
 
 
+def _warnings_head(run: Path) -> str:
+    """The crosscoder's quality verdict at the head of the page when the dictionary is degenerate."""
+    q = (_json(run / "crosscoder" / "eval.json") or {}).get("quality") or {}
+    if not q.get("degenerate"):
+        return ""
+    items = "".join(f"<li>{html.escape(w)}</li>" for w in q.get("warnings", []))
+    return ('<div class="warn"><b>The crosscoder is degenerate</b> (evolution/crosscoder/quality.py); every reading '
+            f"below comes from it:<ul>{items}</ul></div>")
+
+
 def build_report(run_dir: str | Path) -> Path:
     """Write `report.html` into the run directory from whatever stages have produced."""
     run = Path(run_dir)
@@ -339,7 +349,7 @@ def build_report(run_dir: str | Path) -> Path:
     page = (
         f"<!doctype html><html><head><meta charset='utf-8'><title>feature-evolution: {html.escape(run.name)}</title>"
         f"<style>{_CSS}</style></head><body><h1>feature-evolution run <code>{html.escape(run.name)}</code></h1>"
-        f"<nav>{nav}</nav>{body}</body></html>"
+        f"<nav>{nav}</nav>{_warnings_head(run)}{body}</body></html>"
     )
     out = run / "report.html"
     write_text(out, page)
