@@ -94,8 +94,11 @@ def compare_runs(run_a: str | Path, run_b: str | Path, out_dir: str | Path | Non
         for i, p in enumerate(phases):
             b, ci = p["boundary_step"], p.get("boundary_ci") or [None, None]
             if b is not None:
-                ax.errorbar([b], [i], xerr=[[b - (ci[0] if ci[0] is not None else b)], [(ci[1] if ci[1] is not None else b) - b]],
-                            fmt="o", capsize=4)
+                # the CI as a span and the boundary as a point: a boundary can lie outside its members' intersected
+                # CI (issue 24), which an errorbar's non-negative extents cannot draw
+                lo, hi = (ci[0] if ci[0] is not None else b), (ci[1] if ci[1] is not None else b)
+                ax.hlines(i, lo, hi, color=f"C{i}", lw=2)
+                ax.plot([b], [i], "o", color=f"C{i}")
         ax.set_yticks([0, 1], [r.name for r in runs])
         ax.set_xscale("symlog", linthresh=1)
         ax.set_xlabel("phase boundary step (CI)")
