@@ -28,21 +28,23 @@ from .model import Crosscoder
 def latent_scaling(
     model: Crosscoder, batches: Iterable[Tensor], absent_frac: float = 0.2, present_frac: float = 0.5
 ) -> dict[str, Tensor]:
-    """beta_activation, beta_error, norm (raw |W_dec[s, i]|) as [d_sae, n_sources], and `flagged` (bool)."""
+    """beta_activation, beta_error, norm (raw |W_dec[s, i]|) as [d_sae, n_sources], and `flagged` (bool), on the
+    CPU. Computed on the model's device: each batch is moved there (a store hands out CPU batches)."""
     was = model.training
     model.eval()
+    dev = model.W_dec.device
     norm = model.W_dec.norm(dim=-1).T.float()  # [H, S] raw units
     peak = norm.argmax(-1)
     H = model.cfg.d_sae
-    u = model.W_dec[peak, torch.arange(H)].float()  # [H, d_in]
+    u = model.W_dec[peak, torch.arange(H, device=dev)].float()  # [H, d_in]
     u = u / u.norm(dim=-1, keepdim=True).clamp(min=1e-30)
-    num_act = torch.zeros(model.cfg.n_sources, H, dtype=torch.float64)
+    num_act = torch.zeros(model.cfg.n_sources, H, dtype=torch.float64, device=dev)
     num_err = torch.zeros_like(num_act)
-    den = torch.zeros(H, dtype=torch.float64)
+    den = torch.zeros(H, dtype=torch.float64, device=dev)
     for x in batches:
-        x = x.float()
+        x = x.to(dev, torch.float32)
         x_hat, f = model(x)
-        a = f[:, peak, torch.arange(H)] if f.ndim == 3 else f  # [b, H]
+        a = f[:, peak, torch.arange(H, device=dev)] if f.ndim == 3 else f  # [b, H]
         fs = f if f.ndim == 3 else f[:, None, :]  # the latent's own code per source
         proj_act = einsum(x - model.b_dec, u, "b s d, h d -> b s h")
         # own contribution along u: f[s, i] <W_dec[s, i], u_i>
@@ -56,4 +58,5 @@ def latent_scaling(
     beta_act, beta_err = (num_act / d).T.float(), (num_err / d).T.float()
     peak_norm = norm.max(-1, keepdim=True).values.clamp(min=1e-30)
     flagged = (norm < absent_frac * peak_norm) & (beta_act >= present_frac * peak_norm) & (den > 0)[:, None]
-    return {"beta_activation": beta_act, "beta_error": beta_err, "norm": norm, "flagged": flagged}
+    out = {"beta_activation": beta_act, "beta_error": beta_err, "norm": norm, "flagged": flagged}
+    return {k: v.cpu() for k, v in out.items()}

@@ -46,7 +46,9 @@ class AffineMap:
     b: Float[Tensor, " d_model"]
 
     def __call__(self, X: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
-        return (X.to(torch.float64) @ self.W + self.b).to(X.dtype)
+        # on X's device: the map is fitted from CPU residuals and spliced into a model that may run elsewhere
+        W, b = self.W.to(X.device), self.b.to(X.device)
+        return (X.to(torch.float64) @ W + b).to(X.dtype)
 
 
 def fit_affine(X: Float[Tensor, "n d"], Y: Float[Tensor, "n d"]) -> AffineMap:
@@ -211,14 +213,14 @@ def _score(X: Tensor, Y: Tensor, residual: bool) -> float | None:
 def distill_map(model, block: int, m: AffineMap, tokens: Int[Tensor, "n s"], cfg: ReplacementConfig,
                 bos_token_id: int | None, keep_first: bool) -> AffineMap:
     """Fine-tune (W, b) on the LM loss with block `block` replaced by it and every weight of the model frozen."""
-    W = torch.nn.Parameter(m.W.float().clone())
-    b = torch.nn.Parameter(m.b.float().clone())
+    device = next(model.parameters()).device  # the parameters live where the model runs
+    W = torch.nn.Parameter(m.W.float().clone().to(device))
+    b = torch.nn.Parameter(m.b.float().clone().to(device))
     opt = torch.optim.Adam([W, b], lr=cfg.distill_lr)
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
     g = torch.Generator().manual_seed(cfg.seed + 2)
-    device = next(model.parameters()).device
     try:
         with spliced(model, {block: lambda x: x @ W.to(x.dtype) + b.to(x.dtype)}, keep_first), torch.enable_grad():
             for _ in range(cfg.distill_steps):
@@ -234,7 +236,7 @@ def distill_map(model, block: int, m: AffineMap, tokens: Int[Tensor, "n s"], cfg
     finally:
         for p in frozen:
             p.requires_grad_(True)
-    return AffineMap(W.detach().double(), b.detach().double())
+    return AffineMap(W.detach().double().cpu(), b.detach().double().cpu())
 
 
 def block_interventions(model, fit_tokens: Int[Tensor, "n s"], eval_tokens: Int[Tensor, "m s"],
