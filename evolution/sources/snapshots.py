@@ -18,12 +18,15 @@ import re
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformer_lens import HookedTransformer
 
 from crosscoders.errors import UserError
 from crosscoders.progress import quiet_library_bars
+
+if TYPE_CHECKING:  # transformer-lens costs ~2.6 s to import: loaded where a snapshot is (CLI --help stays quick)
+    from transformer_lens import HookedTransformer
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +136,7 @@ def load_local_snapshot(
     """A local Hugging Face checkpoint directory as a `HookedTransformer`, offline: config, weights and
     tokenizer all come from `path` (transformer-lens 3.9 conversion: `convert_hf_model_config` + the
     family's `convert_*_weights`). Families: FAMILIES (GPT-NeoX/Pythia, GPT-2, Llama-style)."""
+    from transformer_lens import HookedTransformer
     from transformer_lens import loading_from_pretrained as loading
     from transformers import AutoModelForCausalLM
 
@@ -182,6 +186,7 @@ def load_pythia_snapshot(
             f"{model_name} has no checkpoint step{step}; Pythia's steps are 0, 1, 2, 4, ..., 512 and "
             f"1000..143000 every 1000 (see PYTHIA_STEPS)"
         )
+    from transformer_lens import HookedTransformer
     from transformers import AutoTokenizer
 
     tok_kwargs = {k: v for k, v in hub_kwargs.items() if k in ("cache_dir", "local_files_only", "token")}
