@@ -22,6 +22,7 @@ raw activation scale, and the sparsity gates (which use them) are unchanged by f
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -181,6 +182,18 @@ class Crosscoder(nn.Module):
         self.b_dec.div_(scale[:, None])
         self.norm_scale.mul_(scale)
         return self
+
+    @torch.no_grad()
+    def latents(self, cols: slice) -> Crosscoder:
+        """The sub-dictionary of latents `cols` (a copy, on this device): every latent keeps its encoder,
+        decoder, bias and threshold, so its activations from `pre[..., cols]` are the full model's. What reads
+        a dictionary too wide to hold [tokens, n_sources, d_sae] at once takes it column block by block."""
+        idx = range(self.cfg.d_sae)[cols]
+        part = Crosscoder(dataclasses.replace(self.cfg, d_sae=len(idx))).to(self.W_dec.device, self.W_dec.dtype)
+        by_dim = {"W_enc": 2, "b_enc": 0, "W_dec": 1, "threshold": 0}  # the d_sae axis of each tensor
+        part.load_state_dict({k: (v[(slice(None),) * by_dim[k] + (cols,)] if k in by_dim else v).clone()
+                              for k, v in self.state_dict().items()})
+        return part.train(self.training)
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)

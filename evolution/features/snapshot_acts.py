@@ -23,14 +23,19 @@ from crosscoders.progress import progress_bar
 
 MAX_PRE_ACT_BYTES = 8 * 2**30
 """Budget of `shared_pre_acts`: the pre-activations it holds (n_tokens x d_sae float32 over all token sets)."""
+HANDOUT_ELEMENTS = 2**26
+"""Most activation values handed out at once beside the pre-activations: the type probe scores latents in
+column blocks of this many values over its positions (`type_probe.type_timeline(max_elements=)`)."""
 
 
 def check_memory(token_sets: Sequence[Tensor], d_sae: int, max_bytes: int | None = None) -> int:
-    """Bytes the probes' pre-activations will hold (n_tokens x d_sae float32, plus one source's activations
-    of the largest set handed out at once); raise a UserError naming the knobs when above `max_bytes`."""
+    """Bytes the probes will hold: the pre-activations (n_tokens x d_sae float32) and one block of activations
+    handed out (the largest set, at most `HANDOUT_ELEMENTS` values); raise a UserError naming the knobs when
+    above `max_bytes`. Pythia-160M's shape (24,576 latents, 65,536 + 4,160 probe tokens): 6.6 GiB."""
     budget = MAX_PRE_ACT_BYTES if max_bytes is None else max_bytes
     n_tokens = sum(t.numel() for t in token_sets)
-    need = 4 * d_sae * (n_tokens + max((t.numel() for t in token_sets), default=0))
+    handout = min(HANDOUT_ELEMENTS, d_sae * max((t.numel() for t in token_sets), default=0))
+    need = 4 * (d_sae * n_tokens + handout)
     if need > budget:
         raise UserError(
             f"per-snapshot probe activations would hold {n_tokens:,} tokens x d_sae {d_sae:,} float32 "

@@ -19,6 +19,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from crosscoders.io import save_safetensors
+from evolution.features.snapshot_acts import HANDOUT_ELEMENTS, SnapshotActs, shared_pre_acts
 from evolution.features.types import TYPES, TypeConfig, assign_types, induction_type_stats, stream_type_stats
 
 
@@ -40,12 +41,14 @@ def type_timeline(
     crosscoder, snapshots: Iterable[tuple[int, object]], tokens: Int[Tensor, "n_seq seq_len"], hook: str,
     steps: Sequence[int], probe_steps: Sequence[int] | None = None, bos_token_id: int | None = None,
     cfg: TypeConfig | None = None, induction_len: int = 32, induction_seqs: int = 64, batch_size: int = 16,
+    max_elements: int = HANDOUT_ELEMENTS,
 ) -> dict:
     """Per probed snapshot: score and z of each type, and the assigned types. `snapshots` must hold every
     source (the pre-activation is shared). Returns {"steps", "score": {type: [d_sae, n]}, "z": {...},
-    "types": np.ndarray [d_sae, n] of str}."""
-    from evolution.features.snapshot_acts import SnapshotActs, shared_pre_acts
-
+    "types": np.ndarray [d_sae, n] of str}. Latents are scored in column blocks whose activations over every
+    probed position hold at most `max_elements` floats (every statistic is per latent, and each block's nulls
+    reuse the same seeded shuffles, so the result does not depend on the block size): at Pythia-160M's width
+    (24,576 latents, 65,536 probe tokens) all of them at once would be another 6.4 GiB beside the pre-activations."""
     cfg = cfg or TypeConfig()
     tokens = tokens.long().cpu()
     bos = int(tokens[0, 0]) if bos_token_id is None else bos_token_id
@@ -66,12 +69,21 @@ def type_timeline(
     score = {t: [] for t in TYPES}
     z = {t: [] for t in TYPES}
     types = []
+    d_sae = crosscoder.cfg.d_sae
+    width = max(1, min(d_sae, max_elements // max(1, sum(p.shape[0] * p.shape[1] for p in pres))))
+    blocks = [slice(c, min(c + width, d_sae)) for c in range(0, d_sae, width)]
     for step in probe_at:
         source = all_steps.index(step)
-        acts = [SnapshotActs(crosscoder, p, source).rows(0, p.shape[0]) for p in pres]
-        stats = stream_type_stats(acts[0], tokens, keep, cfg)
-        # second copy, its first token left out (it has no predictable continuation from R yet)
-        stats["induction"] = induction_type_stats(acts[1][:, L + 2:], acts[2][:, L + 2:], cfg)
+        parts = []
+        for cols in blocks:
+            part = crosscoder.latents(cols) if len(blocks) > 1 else crosscoder
+            acts = [SnapshotActs(part, p[..., cols], source).rows(0, p.shape[0]) for p in pres]
+            s = stream_type_stats(acts[0], tokens, keep, cfg)
+            # second copy, its first token left out (it has no predictable continuation from R yet)
+            s["induction"] = induction_type_stats(acts[1][:, L + 2:], acts[2][:, L + 2:], cfg)
+            parts.append(s)
+            del acts
+        stats = {t: {k: torch.cat([s[t][k] for s in parts]) for k in parts[0][t]} for t in parts[0]}
         for t in TYPES:
             score[t].append(stats[t]["score"].float())
             z[t].append(stats[t]["z"].float())

@@ -107,3 +107,25 @@ def test_type_onset_counts_only_snapshots_where_the_feature_is_present():
     assert onset == [100, 100, None]
     with pytest.raises(ValueError, match="shape"):
         type_onset(types, [0, 10, 100, 1000], present[:, :2])
+
+
+def test_type_timeline_in_column_blocks_equals_all_latents_at_once():
+    """A dictionary too wide for [tokens, d_sae] at once is typed block by block: same scores, z and types."""
+    from handbuilt import HOOK, handbuilt_model, random_stream, subspace_crosscoder, subspace_directions
+
+    from evolution.features.type_probe import type_timeline
+
+    V, N = 12, 48
+    W, _ = subspace_directions(V, N)
+    cc = subspace_crosscoder(W, torch.rand(W.shape[1], 2, generator=torch.Generator().manual_seed(0)))
+    snaps = [(10, handbuilt_model(V, N, induction_head=False)), (100, handbuilt_model(V, N))]
+    tokens = random_stream(n_seq=16, vocab=V)
+    whole = type_timeline(cc, snaps, tokens, HOOK, [10, 100], bos_token_id=0, induction_seqs=8)
+    blocks = type_timeline(cc, snaps, tokens, HOOK, [10, 100], bos_token_id=0, induction_seqs=8,
+                           max_elements=5 * 16 * 40)  # a few latents per block
+    assert cc.cfg.d_sae > 3 * 5  # several blocks, one of them short
+    for t in whole["score"]:
+        # float64 sums over another width: equal to ~1e-16
+        torch.testing.assert_close(blocks["score"][t], whole["score"][t], rtol=0, atol=1e-12, equal_nan=True)
+        torch.testing.assert_close(blocks["z"][t], whole["z"][t], rtol=1e-9, atol=1e-9, equal_nan=True)
+    assert (blocks["types"] == whole["types"]).all() and (whole["types"] != "inactive").any()
