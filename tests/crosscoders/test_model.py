@@ -158,3 +158,21 @@ def test_load_names_missing_file(tmp_path):
     (tmp_path / "weights.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="weights.safetensors"):
         Crosscoder.load(tmp_path)
+
+
+@pytest.mark.parametrize("activation, gate", [("batchtopk", "shared"), ("relu", "shared"), ("relu", "per_source"),
+                                              ("jumprelu", "shared"), ("jumprelu", "per_source")])
+def test_a_block_of_latents_reads_what_the_full_dictionary_reads(activation, gate):
+    """`latents(cols)` on `pre[..., cols]` gives the full model's per-snapshot activations of those latents."""
+    torch.manual_seed(0)
+    cc = Crosscoder(CrosscoderConfig(n_sources=3, d_in=8, d_sae=40, activation=activation, gate=gate, k=4))
+    with torch.no_grad():
+        cc.threshold.uniform_(0, 0.3)
+        cc.W_dec.mul_(torch.rand(3, 40, 1) + 0.1)
+        cc.b_enc.normal_()
+    cc.eval()
+    pre = cc.pre_acts(torch.randn(50, 3, 8))
+    full = cc.activations_from_pre(pre)
+    cols = slice(7, 29)
+    got = cc.latents(cols).activations_from_pre(pre[..., cols])
+    assert torch.equal(got, full[..., cols]) and (got > 0).any()
