@@ -49,67 +49,34 @@ class LossOutput(NamedTuple):
     """batchtopk: the nested top-k reconstruction term, coefficient applied (`nested_topk_mse`); else None."""
 
 
-def l1_penalty(f: Tensor, dec_norm: Tensor) -> Tensor:
-    """sum over latents (and sources, per-source gate) of f * norm, mean over the batch."""
-    return (f * dec_norm).flatten(1).sum(-1).mean()
-
-
-def l1_l2_penalty(f: Tensor, dec_norms: Float[Tensor, "d_sae n_sources"]) -> Tensor:
-    """sum_i f_i * ||(|W_dec[s, i]|)_s||_2: L1 on the code times the L2 norm of the decoder concatenated over
-    sources (Lindsey et al. 2024 discuss both this and the sum of norms). Splitting one feature into latents
-    that each cover some sources costs more than one shared latent (sum_s n_s >= ||n||_2), and the penalty's
-    pull on n_s is proportional to n_s, so it shrinks a decoder's profile over sources without reshaping it
-    (the sum's pull is the same in every source, which flattens the profile's low end and moves its argmax
-    once splitting starts). Per-source code [batch, n_sources, d_sae]: the largest code over sources."""
-    if f.ndim == 3:
-        f = f.amax(-2)
-    return (f * dec_norms.norm(dim=-1)).sum(-1).mean()
-
-
-def tanh_penalty(f: Tensor, dec_norm: Tensor, c: float) -> Tensor:
-    """sum_i tanh(c f_i N_i), mean over the batch: a smooth L0 proxy that, unlike L1, does not shrink the
-    active latents' magnitudes. Per-source code [batch, n_sources, d_sae]: also the mean over sources
-    (OpenMOSS reduces its per-head penalty so), so a latent open in every source costs what one shared-gate
-    latent costs, and a per-source coefficient means what a shared one does."""
-    return torch.tanh(c * f * dec_norm).sum(-1).mean()
-
-
-def tanh_joint_penalty(f: Tensor, dec_norm: Tensor, c: float) -> Tensor:
-    """sum_i tanh(c sum_s f[s, i] |W_dec[s, i]|), mean over the batch: one soft L0 term per latent, of what it
-    writes summed over sources (jumprelu's default). Shared code: the same as `tanh_penalty` (f_i N_i).
-    Per-source code: a latent open in any source pays about once, so splitting one feature over latents that
-    each cover some snapshots costs more than one latent open in all of them. With the per-source mean of
-    `tanh_penalty` (OpenMOSS) a latent open in k of S sources pays k / S, the same as k single-source latents:
-    on planted data features then split by snapshot (one latent for the faint birth snapshot, another for
-    the rest), and 0.72-0.93 of them were recovered against 0.97-1.00 with this penalty (tests/crosscoders/test_recovery.py)."""
-    z = (f * dec_norm).sum(-2) if f.ndim == 3 else f * dec_norm
-    return torch.tanh(c * z).sum(-1).mean()
-
-
-def tanh_quad_penalty(f: Tensor, dec_norm: Tensor, c: float, frequency_scale: float) -> Tensor:
-    """Ge et al. 2025 (OpenMOSS `sparsity_loss_type="tanh-quad"`): sum_i p_i (1 + p_i / s), with p_i the mean
-    over the batch (and sources) of tanh(c f_i N_i), a soft firing frequency; the quadratic term penalises
-    latents that fire often (dense latents) more than linearly, s = `frequency_scale`."""
-    p = torch.tanh(c * f * dec_norm).reshape(-1, f.shape[-1]).mean(0)
-    return (p * (1 + p / frequency_scale)).sum()
-
-
 def _shared_share(value: Tensor, mesh: Mesh) -> Tensor:
     """A term every rank of a source group computes identically enters each rank's loss divided by P, so
     that the replicated parameters' gradients, summed over the source group, are the global ones."""
     return value / mesh.source
 
 
-def _l1(f: Tensor, n: Tensor, model: Crosscoder, c: float, s: float, mesh: Mesh) -> Tensor:
-    """`l1_penalty`; with the per-source gate a sum over sources (this rank's sources)."""
-    return l1_penalty(f, n) if f.ndim == 3 else _shared_share(l1_penalty(f, n), mesh)
+# Each penalty is this rank's share of the global one (`crosscoder_loss`'s rule: sums over sources stay local,
+# terms every source rank computes identically are divided by P); with the default mesh (one process) every
+# collective is a no-op and it is the plain formula.
+_ONE = Mesh.single()
 
 
-def _l1_l2(f: Tensor, n: Tensor, model: Crosscoder, c: float, s: float, mesh: Mesh) -> Tensor:
-    """`l1_l2_penalty` with the squared decoder norms summed over the source group. Per-source code: the
-    largest code over all sources, owned by the rank(s) holding it (ties split evenly, as torch.amax's
-    gradient does); on one rank every entry is its own owner and this is `l1_l2_penalty`."""
-    norm = mesh.sum_sources(model.decoder_norms().float().pow(2).sum(-1)).sqrt()  # [d_sae], over all sources
+def l1_penalty(f: Tensor, dec_norm: Tensor, mesh: Mesh = _ONE) -> Tensor:
+    """sum over latents (and sources, per-source gate) of f * norm, mean over the batch."""
+    value = (f * dec_norm).flatten(1).sum(-1).mean()
+    return value if f.ndim == 3 else _shared_share(value, mesh)  # per-source: a sum over this rank's sources
+
+
+def l1_l2_penalty(f: Tensor, dec_norms: Float[Tensor, "d_sae n_sources"], mesh: Mesh = _ONE) -> Tensor:
+    """sum_i f_i * ||(|W_dec[s, i]|)_s||_2: L1 on the code times the L2 norm of the decoder concatenated over
+    sources (Lindsey et al. 2024 discuss both this and the sum of norms). Splitting one feature into latents
+    that each cover some sources costs more than one shared latent (sum_s n_s >= ||n||_2), and the penalty's
+    pull on n_s is proportional to n_s, so it shrinks a decoder's profile over sources without reshaping it
+    (the sum's pull is the same in every source, which flattens the profile's low end and moves its argmax
+    once splitting starts). Per-source code [batch, n_sources, d_sae]: the largest code over sources.
+    On ranks the squared norms are summed over the source group, and the largest code is owned by the
+    rank(s) holding it (ties split evenly, as torch.amax's gradient does)."""
+    norm = mesh.sum_sources(dec_norms.pow(2).sum(-1)).sqrt()  # [d_sae], over all sources
     if f.ndim == 2:
         return _shared_share((f * norm).sum(-1).mean(), mesh)
     local = f.amax(-2)
@@ -121,27 +88,47 @@ def _l1_l2(f: Tensor, n: Tensor, model: Crosscoder, c: float, s: float, mesh: Me
     return (local * owner / ties * norm).sum(-1).mean()
 
 
-def _tanh(f: Tensor, n: Tensor, model: Crosscoder, c: float, s: float, mesh: Mesh) -> Tensor:
-    """`tanh_penalty`: a mean over sources, so this rank's mean over its equal block enters divided by P."""
-    return _shared_share(tanh_penalty(f, n, c), mesh)
+def tanh_penalty(f: Tensor, dec_norm: Tensor, c: float, mesh: Mesh = _ONE) -> Tensor:
+    """sum_i tanh(c f_i N_i), mean over the batch: a smooth L0 proxy that, unlike L1, does not shrink the
+    active latents' magnitudes. Per-source code [batch, n_sources, d_sae]: also the mean over sources
+    (OpenMOSS reduces its per-head penalty so), so a latent open in every source costs what one shared-gate
+    latent costs, and a per-source coefficient means what a shared one does (on ranks: the mean over this
+    rank's equal block, divided by P)."""
+    return _shared_share(torch.tanh(c * f * dec_norm).sum(-1).mean(), mesh)
 
 
-def _tanh_joint(f: Tensor, n: Tensor, model: Crosscoder, c: float, s: float, mesh: Mesh) -> Tensor:
-    """`tanh_joint_penalty` with the sum over sources spanning the source group."""
-    z = mesh.sum_sources((f * n).sum(-2)) if f.ndim == 3 else f * n
+def tanh_joint_penalty(f: Tensor, dec_norm: Tensor, c: float, mesh: Mesh = _ONE) -> Tensor:
+    """sum_i tanh(c sum_s f[s, i] |W_dec[s, i]|), mean over the batch: one soft L0 term per latent, of what it
+    writes summed over sources (jumprelu's default). Shared code: the same as `tanh_penalty` (f_i N_i).
+    Per-source code: a latent open in any source pays about once, so splitting one feature over latents that
+    each cover some snapshots costs more than one latent open in all of them. With the per-source mean of
+    `tanh_penalty` (OpenMOSS) a latent open in k of S sources pays k / S, the same as k single-source latents:
+    on planted data features then split by snapshot (one latent for the faint birth snapshot, another for
+    the rest), and 0.72-0.93 of them were recovered against 0.97-1.00 with this penalty (tests/crosscoders/test_recovery.py).
+    On ranks the sum over sources spans the source group."""
+    z = mesh.sum_sources((f * dec_norm).sum(-2)) if f.ndim == 3 else f * dec_norm
     return _shared_share(torch.tanh(c * z).sum(-1).mean(), mesh)
 
 
-def _tanh_quad(f: Tensor, n: Tensor, model: Crosscoder, c: float, s: float, mesh: Mesh) -> Tensor:
-    """`tanh_quad_penalty` with p_i the firing frequency over the global batch (and every source)."""
-    t = torch.tanh(c * f * n).reshape(-1, f.shape[-1])
+def tanh_quad_penalty(f: Tensor, dec_norm: Tensor, c: float, frequency_scale: float, mesh: Mesh = _ONE) -> Tensor:
+    """Ge et al. 2025 (OpenMOSS `sparsity_loss_type="tanh-quad"`): sum_i p_i (1 + p_i / s), with p_i the mean
+    over the batch (and sources) of tanh(c f_i N_i), a soft firing frequency; the quadratic term penalises
+    latents that fire often (dense latents) more than linearly, s = `frequency_scale`. On ranks p_i is the
+    frequency over the global batch and every source."""
+    t = torch.tanh(c * f * dec_norm).reshape(-1, f.shape[-1])
     p = mesh.sum_world(t.sum(0)) / (t.shape[0] * mesh.world)
-    return _shared_share((p * (1 + p / s)).sum(), mesh)
+    return _shared_share((p * (1 + p / frequency_scale)).sum(), mesh)
 
 
-PENALTIES = {"l1": _l1, "l1_l2": _l1_l2, "tanh": _tanh, "tanh_joint": _tanh_joint, "tanh_quad": _tanh_quad}
+PENALTIES = {
+    "l1": lambda f, n, model, c, s, mesh: l1_penalty(f, n, mesh),
+    "l1_l2": lambda f, n, model, c, s, mesh: l1_l2_penalty(f, model.decoder_norms().float(), mesh),
+    "tanh": lambda f, n, model, c, s, mesh: tanh_penalty(f, n, c, mesh),
+    "tanh_joint": lambda f, n, model, c, s, mesh: tanh_joint_penalty(f, n, c, mesh),
+    "tanh_quad": lambda f, n, model, c, s, mesh: tanh_quad_penalty(f, n, c, s, mesh),
+}
 """Sparsity penalties by name, each `(code, gate norms, model, tanh scale c, frequency scale s, mesh) -> this
-rank's share`; on one rank (`Mesh.single()`) each is the plain function above it."""
+rank's share` (l1_l2 reads the per-source decoder norms from the model)."""
 
 
 def penalty_name(activation: str, sparsity: str) -> str | None:
