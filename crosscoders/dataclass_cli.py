@@ -129,20 +129,10 @@ def config_hash(cfg: Any) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """One `--field-name` flag per dataclass field, help text from its attribute docstring."""
-    docs = field_docs(cls)
-    hints = _resolved_types(cls)
+    docs, hints = field_docs(cls), _resolved_types(cls)
     for f in dataclasses.fields(cls):
-        if not f.init:
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
-        )
-        base, _ = _base_type(hints[f.name])
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f"{docs.get(f.name, '')} (default: {default!r})".strip()
-        if typing.get_origin(base) is typing.Literal:
-            help_text += f" choices: {', '.join(map(str, typing.get_args(base)))}"
-        parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, help=help_text, metavar=f.name.upper())
+        if f.init:
+            _add_one(parser, f, hints[f.name], docs, f.name, "--" + f.name.replace("_", "-"))
 
 
 def parse_config(cls: type[T], argv: list[str] | None = None, description: str | None = None) -> T:

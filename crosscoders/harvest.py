@@ -27,7 +27,6 @@ real tokens' activations).
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import shutil
@@ -42,7 +41,7 @@ from torch import Tensor, nn
 from .io import save_safetensors
 from .precision import autocast_context, resolve_autocast
 from .progress import progress_bar
-from .store import DTYPES, MANIFEST, ActivationStore, StoreWriter, tokens_sha256
+from .store import DTYPES, MANIFEST, ActivationStore, StoreWriter, _read_manifest, tokens_sha256
 
 ModelLike = nn.Module | Callable[[], nn.Module]
 PARTS = ".parts"
@@ -141,7 +140,7 @@ def _stored_chunks(d: Path, seq_len: int, shard_seqs: int) -> tuple[int, bool]:
     """(first chunk without a shard, complete) of the store at `d` as its manifest says (0, False if none)."""
     if not (d / MANIFEST).exists():
         return 0, False
-    m = json.loads((d / MANIFEST).read_text())
+    m = _read_manifest(d / MANIFEST)  # a corrupt manifest is a clear StoreError, not a KeyError
     last = max((s["last_position"] for s in m["shards"]), default=-1)
     return (0 if not m["shards"] else (last // seq_len) // shard_seqs + 1), bool(m.get("complete"))
 
