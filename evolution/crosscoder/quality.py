@@ -15,6 +15,8 @@ from __future__ import annotations
 import sys
 import warnings
 
+from crosscoders.train import sparsity_coef
+
 MAX_DEAD_FRAC = 0.5
 MAX_FVU = 0.3
 
@@ -23,13 +25,13 @@ class DegenerateDictionary(UserWarning):
     """The crosscoder fails a quality bar (`evolution.crosscoder.quality`)."""
 
 
-def quality_check(result: dict, tcfg, n_train_tokens: int | None = None) -> dict:
+def quality_check(result: dict, tcfg) -> dict:
     """{"degenerate", "bars", "warnings"} for the stage's eval `result` and the TrainConfig it was trained with."""
     cc = tcfg.crosscoder
     out: list[str] = []
     dead = float(result["dead_frac_shared"])
     if dead > MAX_DEAD_FRAC:
-        seen = n_train_tokens if n_train_tokens is not None else tcfg.steps * tcfg.batch_size
+        seen = tcfg.steps * tcfg.batch_size
         out.append(f"{dead:.0%} of the {cc.d_sae:,} latents never fire on the {result['n_tokens']:,} held-out tokens "
                    f"(bar {MAX_DEAD_FRAC:.0%}): train longer or faster ([train] steps = {tcfg.steps}, lr = {tcfg.lr_resolved:g}), "
                    f"revive dead latents sooner ([train] dead_tokens = {tcfg.dead_tokens_resolved:,}; the run sees "
@@ -37,7 +39,7 @@ def quality_check(result: dict, tcfg, n_train_tokens: int | None = None) -> dict
     worst = max(range(len(result["fvu"])), key=lambda i: result["fvu"][i])
     n_bad = sum(f > MAX_FVU for f in result["fvu"])
     if n_bad:
-        knob = f"k = {cc.k:g}" if cc.activation == "batchtopk" else f"[train] sparsity_coef = {tcfg.sparsity_coef}"
+        knob = f"k = {cc.k:g}" if cc.activation == "batchtopk" else f"[train] sparsity_coef = {sparsity_coef(tcfg):g}"
         out.append(f"FVU above {MAX_FVU} in {n_bad} of {len(result['fvu'])} snapshots (worst {result['sources'][worst]}: "
                    f"{result['fvu'][worst]:.2f}): train longer ([train] steps = {tcfg.steps}), raise the budget "
                    f"([train.crosscoder] {knob}, d_sae = {cc.d_sae:,}) or check the activations of that snapshot")

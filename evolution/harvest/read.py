@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -33,12 +32,13 @@ EVAL_BATCH = 1024
 @dataclass
 class Activations:
     ctx: RunContext
-    dir: Path
     manifest: dict
+    store: ActivationStore | None = None
+    """The training store (store mode); None in stream mode."""
 
     @property
     def mode(self) -> str:
-        return "stream" if self.manifest.get("format") == STREAM_FORMAT else "store"
+        return "store" if self.store is not None else "stream"
 
     @property
     def sources(self) -> list[str]:
@@ -58,9 +58,9 @@ class Activations:
 
     def training_batches(self, tcfg, mesh: Mesh):
         """`start_step -> batches` of this rank's rows and sources, normalised (`crosscoders.train`'s contract)."""
-        if self.mode == "stream":
+        if self.store is None:
             return self._stream(tcfg, mesh)
-        store = ActivationStore(self.dir)
+        store = self.store
         if mesh.rank == 0:
             store.verify()
             check_epochs(tcfg, store.n_tokens)  # warns when the run would cycle the stored tokens many times
@@ -107,5 +107,6 @@ def activations(ctx: RunContext) -> Activations:
         raise UserError(f"{path}: no activations; run the harvest stage first")
     manifest = json.loads(path.read_text())
     if manifest.get("format") == STREAM_FORMAT:
-        return Activations(ctx, d, manifest)
-    return Activations(ctx, d, ActivationStore(d).manifest)  # a complete store (an unfinished one is refused)
+        return Activations(ctx, manifest)
+    store = ActivationStore(d)  # a complete store (an unfinished one is refused)
+    return Activations(ctx, store.manifest, store)
