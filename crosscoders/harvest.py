@@ -47,9 +47,11 @@ from .precision import autocast_context, resolve_autocast
 from .progress import progress_bar
 from .store import (
     DTYPES,
+    MANIFEST,
     ActivationStore,
     StoreError,
     StoreWriter,
+    _read_manifest,
     tokens_sha256,
     written_shards,
 )
@@ -197,6 +199,13 @@ def _missing(d: Path, grid: Grid, seq_len: int) -> list[int]:
     return [s for s in range(grid.n_shards) if s not in done and grid.n_rows(s)]
 
 
+def forward_record(autocast: str, precision: str, device: torch.device, dtype: str) -> dict:
+    """What the store manifest's metadata says about how its activations were computed: the analysis compares
+    them with its own fp32 probes, and bf16 autocast ("auto" where measured faster) changes the low bits."""
+    return {"autocast": autocast, "precision": "bf16" if precision == "bf16" else "fp32",
+            "device": torch.device(device).type, "store_dtype": dtype}
+
+
 def harvest(models: Sequence[ModelLike], tokens: Int[Tensor, "n_seq seq_len"], hook: str | Sequence[str],
             out_dir: str | Path, sources: Sequence[str] | None = None, batch_size: int = 32,
             exclude_bos: bool = True, resume: bool = True, *, dtype: str = "bfloat16",
@@ -211,11 +220,11 @@ def harvest(models: Sequence[ModelLike], tokens: Int[Tensor, "n_seq seq_len"], h
     `batch_size`: sequences per forward pass, whatever the shard size. `shard_seqs`: sequences per shard
     (default: as many as fit `shard_bytes`, at least one). `sources`: names in the manifest (default source0,
     source1, ...). `autocast`: precision of the forward passes ("auto": bf16 only where measured faster,
-    crosscoders/precision.py).
+    crosscoders/precision.py); the one used is recorded in the manifest's `metadata["forward"]`.
 
     Several processes share one harvest (strategy "snapshot"): each computes the parts of the sources `own`
     names (default: all) and, after `wait` (a barrier over them), writes its `share` = (index, count) of the
-    shards; the `writer` creates the store before the first `wait` and
+    shards; the `writer` creates the store before the first `wait` (its forward precision is everyone's) and
     finishes it after the last, so the store is byte for byte the single-process one. The others return None."""
     single = isinstance(hook, str)
     hooks = [hook] if single else list(hook)
@@ -246,15 +255,19 @@ def harvest(models: Sequence[ModelLike], tokens: Int[Tensor, "n_seq seq_len"], h
     dirs = _store_dirs(hooks, Path(out_dir), single)
     writers: dict[str, StoreWriter] = {}
     if writer:
+        precision = resolve_autocast(autocast, _device(first))
         meta = {**(metadata or {}), "exclude_bos": exclude_bos, "bos_token_id": bos_token_id,
-                "pad_token_id": pad_token_id, "shard_seqs": shard_seqs}
+                "pad_token_id": pad_token_id, "shard_seqs": shard_seqs,
+                "forward": forward_record(autocast, precision, _device(first), dtype)}
         stream_id = {"sha256": tokens_sha256(tokens), "n_seq": n_seq, "seq_len": seq_len}
         if not resume:
             for d in dirs.values():
                 shutil.rmtree(d / PARTS, ignore_errors=True)
         writers = {h: StoreWriter(dirs[h], sources, h, d_in, dtype, meta, stream_id, resume=resume) for h in hooks}
     wait()  # the others read what the writer found (or created) on disk
-    if not writer:
+    if not writer:  # compute in the writer's precision: one store, one precision, as its manifest says
+        m = _read_manifest(dirs[hooks[0]] / MANIFEST)
+        precision = "bf16" if m["metadata"]["forward"]["precision"] == "bf16" else "none"
         writers = {h: StoreWriter.attach(dirs[h], f"share{share[0]}") for h in hooks}
     missing = {h: _missing(dirs[h], grid, seq_len) for h in hooks}
     blocks = {h: {b for s in missing[h] for b in grid.blocks_of(s)} for h in hooks}  # the blocks each hook reads
@@ -263,7 +276,8 @@ def harvest(models: Sequence[ModelLike], tokens: Int[Tensor, "n_seq seq_len"], h
     def block_acts(model: nn.Module, j: int, b: int) -> dict[str, Tensor]:
         """Source j's stored rows of block b at every hook, in the store dtype."""
         a, c = grid.block(b)
-        acts = model_acts(model, tokens[a:c], hooks, batch_size, method, autocast)
+        with autocast_context(precision, _device(model)):  # already resolved: model_acts would probe again
+            acts = model_acts(model, tokens[a:c], hooks, batch_size, method, "none")
         for h, x in acts.items():
             if x.shape[-1] != d_in and d_in is not None:
                 raise ValueError(f"source {sources[j]!r} gives {h} of width {x.shape[-1]}, but source "

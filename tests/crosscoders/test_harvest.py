@@ -219,3 +219,17 @@ def test_ranks_merge_disjoint_shares_into_the_single_process_store(tmp_path, mod
         assert (tmp_path / "three" / s["file"]).read_bytes() == (tmp_path / "one" / s["file"]).read_bytes()
     assert not (tmp_path / "three" / ".parts").exists() and not list((tmp_path / "three").glob("*.jsonl"))
 
+
+@pytest.mark.parametrize("pinned", ["fp32", "bf16"])
+def test_manifest_records_the_forward_precision(tmp_path, models, tokens, monkeypatch, pinned):
+    monkeypatch.setenv("CROSSCODERS_AUTO_PRECISION", pinned)
+    store = harvest(models, tokens[:2], HOOK, tmp_path, progress=False)  # autocast="auto"
+    assert store.manifest["metadata"]["forward"] == {"autocast": "auto", "precision": pinned, "device": "cpu",
+                                                     "store_dtype": "bfloat16"}
+    none = harvest(models, tokens[:2], HOOK, tmp_path / "none", autocast="none", dtype="float32", progress=False)
+    assert none.manifest["metadata"]["forward"]["precision"] == "fp32"
+    # and it is what was used: the stored values are the recorded precision's forwards
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=pinned == "bf16"):
+        ref = _reference(models, tokens[:2])
+    keep = keep_mask(tokens[:2])
+    assert torch.equal(_read_all(store)[0], ref[keep].bfloat16().float())
