@@ -4,14 +4,17 @@ Layout of a store directory (DESIGN.md, "Data flow"):
 
     shard-00000.safetensors   acts [n, n_sources, d_in] (bf16/fp16/fp32), tokens [n] int64,
                               positions [n] int64 (flat index seq * seq_len + pos into the token stream)
-    manifest.json             written last, atomically, and rewritten after every shard
+    manifest.json             written atomically when the store is created and when it is finished
+    shards*.jsonl             while it is written: one line per shard, appended by each writer process
 
 `manifest.json` holds the format version, sources (e.g. "step512"), hook, d_in, dtype, the token
 stream's identity (sha256 of the token ids), free metadata, one entry per shard (file, n_tokens, bytes,
 sha256, per-source mean norm) and, once the writer has finished, the per-source normalisation scales
 `scale_s = sqrt(d_in) / E|x_s|` (so every source has mean norm sqrt(d_in) during training;
-Anthropic's crosscoder note, Lindsey et al. 2024). A shard absent from the manifest does not exist:
-an interrupted writer resumes after the last shard the manifest lists.
+Anthropic's crosscoder note, Lindsey et al. 2024). A shard absent from the manifest and the journals
+(`shards*.jsonl`, on disk at its listed size) does not exist: an interrupted writer resumes with the shards
+they list. The manifest is not rewritten per shard (with thousands of shards that is quadratic in writes);
+`finish` folds the journals into it and deletes them.
 
 The reader shuffles across shards in bounded memory: per epoch a seeded permutation of the shard
 order, and a shuffle buffer of `shuffle_buffer_tokens` rows that is refilled shard by shard and
@@ -36,7 +39,7 @@ from safetensors.torch import load as st_load
 from torch import Tensor
 
 from .errors import UserError
-from .io import write_bytes, write_json
+from .io import read_jsonl, write_bytes, write_json
 
 FORMAT = "feature-evolution/activation-store"
 VERSION = 1
@@ -50,6 +53,34 @@ class StoreError(UserError, ValueError):
 
 def shard_name(i: int) -> str:
     return f"shard-{i:05d}.safetensors"
+
+
+def _journal(dir: Path, name: str | None) -> Path:
+    """A writer's journal, its last line completed: a line torn by a crash would swallow the next one."""
+    path = dir / (f"shards.{name}.jsonl" if name else "shards.jsonl")
+    if path.exists() and path.stat().st_size:
+        with open(path, "rb+") as f:
+            f.seek(-1, 2)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+    return path
+
+
+def written_shards(dir: str | Path) -> tuple[list[dict], bool]:
+    """(shards written so far in stream order, complete) of the store being written at `dir`: the manifest's
+    shards plus those its writers' journals list whose file is on disk at its listed size (a line whose
+    shard did not survive a crash is dropped: the harvest writes that shard again). ([], False) if no store."""
+    dir = Path(dir)
+    if not (dir / MANIFEST).exists():
+        return [], False
+    m = _read_manifest(dir / MANIFEST)
+    shards = {s["file"]: s for s in m["shards"]}
+    for j in sorted(dir.glob("shards*.jsonl")):
+        for s in read_jsonl(j):
+            f = dir / s["file"]
+            if f.exists() and f.stat().st_size == s["bytes"]:
+                shards[s["file"]] = s
+    return sorted(shards.values(), key=lambda s: s["last_position"]), bool(m.get("complete"))
 
 
 def tokens_sha256(tokens: Tensor) -> str:
@@ -100,9 +131,11 @@ def _check_finite(acts: Tensor, where: str) -> None:
 class StoreWriter:
     """Writes a store shard by shard; each `add` call is one shard (callers choose the chunking).
 
-    `resume=True` reopens an unfinished store with the same header and continues after its last shard
+    `resume=True` reopens an unfinished store with the same header and continues with the shards it lists
     (`n_shards`, `n_tokens`, `last_position` say where); a header mismatch is an error, never a silent
-    mix. `resume=False` deletes an existing store in `dir` first."""
+    mix. `resume=False` deletes an existing store in `dir` first. Several processes can write one store:
+    this writer creates and finishes it, each other one `attach`es and writes shards at the indices it is
+    given, listing them in its own journal."""
 
     def __init__(self, dir: str | Path, sources: Sequence[str], hook: str, d_in: int,
                  dtype: str | torch.dtype = "bfloat16", metadata: dict | None = None,
@@ -114,6 +147,7 @@ class StoreWriter:
         self.torch_dtype = DTYPES[self.header["dtype"]]
         self.shards: list[dict] = []
         self.complete = False
+        self.journal = _journal(self.dir, None)
         path = self.dir / MANIFEST
         if path.exists() and resume:
             old = _read_manifest(path)
@@ -123,19 +157,33 @@ class StoreWriter:
                 raise StoreError(f"{path}: existing store was written with different {diff} "
                                  f"({[old.get(k) for k in diff]} vs {[header[k] for k in diff]}); "
                                  "use another directory or resume=False to overwrite it")
-            self.shards = list(old["shards"])
-            self.complete = bool(old.get("complete"))
-            for s in self.shards:
+            for s in old["shards"]:
                 f = self.dir / s["file"]
                 if not f.exists() or f.stat().st_size != s["bytes"]:
                     raise StoreError(f"{f}: listed in {path} but missing or of the wrong size; "
                                      "delete the store and harvest again")
-        elif path.exists() or any(self.dir.glob("shard-*.safetensors")):
+            self.shards, self.complete = written_shards(self.dir)
+        elif path.exists() or any(self.dir.glob("shard-*.safetensors")) or any(self.dir.glob("shards*.jsonl")):
             path.unlink(missing_ok=True)
-            for f in self.dir.glob("shard-*.safetensors"):
+            for f in [*self.dir.glob("shard-*.safetensors"), *self.dir.glob("shards*.jsonl")]:
                 f.unlink()
         if not path.exists():
             self._write_manifest()  # the header is fixed from the start: a rerun with other settings is refused
+
+    @classmethod
+    def attach(cls, dir: str | Path, name: str) -> StoreWriter:
+        """Another process's writer of the store that a `StoreWriter` created at `dir` (a torchrun rank merging
+        its share of the shards): `add(..., index=i)` writes shard i and lists it in `shards.<name>.jsonl`;
+        it never writes the manifest (the creating writer's `finish` collects the journals)."""
+        self = cls.__new__(cls)
+        self.dir = Path(dir)
+        m = _read_manifest(self.dir / MANIFEST)
+        self.header = {k: m[k] for k in ("format", "version", "sources", "hook", "d_in", "dtype", "token_stream",
+                                         "metadata")}
+        self.torch_dtype = DTYPES[self.header["dtype"]]
+        self.shards, self.complete = [], bool(m.get("complete"))
+        self.journal = _journal(self.dir, name)
+        return self
 
     @property
     def n_shards(self) -> int:
@@ -151,8 +199,9 @@ class StoreWriter:
         return max((s["last_position"] for s in self.shards), default=-1)
 
     def add(self, acts: Float[Tensor, "n n_sources d_in"], tokens: Int[Tensor, " n"],
-            positions: Int[Tensor, " n"] | None = None) -> Path:
-        """Write one shard atomically, then the manifest listing it. Non-finite values are an error."""
+            positions: Int[Tensor, " n"] | None = None, index: int | None = None) -> Path:
+        """Write one shard atomically (as shard `index`, default the next), then its line in this writer's
+        journal. Non-finite values are an error."""
         if self.complete:
             raise StoreError(f"{self.dir / MANIFEST}: store is finished; cannot add shards")
         S, D = len(self.header["sources"]), self.header["d_in"]
@@ -168,16 +217,17 @@ class StoreWriter:
             raise StoreError(f"{self.dir}: {n} activation rows but {tokens.shape[0]} tokens / "
                              f"{positions.shape[0]} positions")
         stored = acts.detach().to("cpu", self.torch_dtype).contiguous()
-        name = shard_name(self.n_shards)
+        name = shard_name(self.n_shards if index is None else index)
         _check_finite(stored, f"{self.dir / name} (while writing)")
         data = serialize({"acts": stored, "tokens": tokens, "positions": positions},
                          metadata={"format": FORMAT, "hook": self.header["hook"]})
-        write_bytes(self.dir / name, data)
-        self.shards.append({"file": name, "n_tokens": n, "bytes": len(data),
-                            "sha256": hashlib.sha256(data).hexdigest(),
-                            "last_position": int(positions.max()),
-                            "mean_norm": stored.float().norm(dim=-1).mean(0).tolist()})
-        self._write_manifest()
+        write_bytes(self.dir / name, data)  # fsynced before its journal line: a listed shard is on disk
+        entry = {"file": name, "n_tokens": n, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                 "last_position": int(positions.max()), "mean_norm": stored.float().norm(dim=-1).mean(0).tolist()}
+        # no fsync: a line lost in a crash only means that shard is written again on resume
+        with open(self.journal, "a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
+        self.shards.append(entry)
         return self.dir / name
 
     def mean_norms(self) -> Tensor:
@@ -191,6 +241,9 @@ class StoreWriter:
     def finish(self, scales: Sequence[float] | Tensor | None = None) -> ActivationStore:
         """Mark the store complete with its normalisation scales (default: sqrt(d_in) / mean norm over
         all written tokens) and return a reader."""
+        if self.journal != _journal(self.dir, None):
+            raise StoreError(f"{self.dir}: an attached writer does not finish the store; the one that created it does")
+        self.shards, _ = written_shards(self.dir)  # every writer's shards, in stream order
         if scales is None:
             scales = math.sqrt(self.header["d_in"]) / self.mean_norms().clamp(min=1e-12)
         scales = [float(s) for s in torch.as_tensor(scales).reshape(-1)]
@@ -198,6 +251,8 @@ class StoreWriter:
             raise StoreError(f"{self.dir}: need {len(self.header['sources'])} positive finite scales, got {scales}")
         self.complete = True
         self._write_manifest(scales)
+        for j in self.dir.glob("shards*.jsonl"):  # folded into the manifest
+            j.unlink()
         return ActivationStore(self.dir)
 
     def _write_manifest(self, scales: list[float] | None = None) -> None:

@@ -19,7 +19,7 @@ from crosscoders.distributed import shard_batches
 from crosscoders.errors import UserError
 from crosscoders.harvest import keep_mask, model_acts
 from crosscoders.mesh import Mesh
-from crosscoders.store import ActivationStore
+from crosscoders.store import ActivationStore, StoreError
 from crosscoders.stream import ShuffleStream
 from crosscoders.train import check_epochs
 from evolution.context import RunContext
@@ -61,8 +61,8 @@ class Activations:
         if self.store is None:
             return self._stream(tcfg, mesh)
         store = self.store
+        verify_share(store, mesh)
         if mesh.rank == 0:
-            store.verify()
             check_epochs(tcfg, store.n_tokens)  # warns when the run would cycle the stored tokens many times
 
         def batches(start: int):
@@ -97,6 +97,24 @@ class Activations:
         acts = [model_acts(load(), tokens, [h.hook], h.batch_size, "cache", h.autocast)[h.hook][keep]
                 for load in self.ctx.loaders()]  # one snapshot in memory at a time
         return list(torch.stack(acts, 1).split(EVAL_BATCH))
+
+
+def verify_share(store: ActivationStore, mesh: Mesh) -> None:
+    """Every rank checks its share of the shards (size, sha256, shapes, finite values) before training reads
+    them: rank 0 reading the whole store (~150 GB for Pythia-160M x 32 snapshots) kept the others waiting
+    at their first collective, past its timeout. Every rank raises if any shard is damaged."""
+    err = None
+    for i in range(mesh.rank, len(store.shard_sizes), mesh.world):
+        try:
+            store.load_shard(i)
+        except StoreError as e:
+            err = e
+            break
+    bad = mesh.reduce_(torch.tensor([float(err is not None)], device=mesh.device), "world")
+    if err is not None:
+        raise err
+    if bad.item():
+        raise StoreError(f"{store.dir}: another rank found a damaged shard (its message is in its log)")
 
 
 def activations(ctx: RunContext) -> Activations:

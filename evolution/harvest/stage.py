@@ -2,7 +2,8 @@
 
     [harvest] mode = "store"                        # one process: every snapshot into activations/<hook>/
     [harvest] mode = "store", [parallel] nproc_per_node = 8   # torchrun ranks: rank r harvests snapshots
-                                                    # r, r + W, ...; rank 0 merges (the one merge, crosscoders.harvest)
+                                                    # r, r + W, ... then writes its 1/W of the shards; rank 0
+                                                    # creates and finishes the store (crosscoders.harvest)
     [harvest] mode = "stream"                       # no store: the normalisation scales on the first window, in a
                                                     # stream manifest that names the hook and sources for later stages
 
@@ -87,4 +88,5 @@ def harvest_stage(ctx: RunContext) -> None:
     for tokens, store in [(corpus.tokens[: h.n_seqs], "activations"), (corpus.eval_tokens[: h.n_eval_seqs], "activations_eval")]:
         harvest(ctx.loaders(), tokens, h.hook, ctx.run_dir / store / h.hook, sources=sources, batch_size=h.batch_size,
                 dtype=h.dtype, bos_token_id=corpus.bos_token_id, strategy="snapshot", metadata=metadata,
-                autocast=h.autocast, own=mine, merge=ctx.is_writer, wait=mesh.barrier, progress=ctx.is_writer)
+                autocast=h.autocast, own=mine, writer=ctx.is_writer, share=(mesh.rank, mesh.world), wait=mesh.barrier,
+                progress=ctx.is_writer)

@@ -103,10 +103,11 @@ def test_resume_after_interruption_is_identical(tmp_path, models, tokens, strate
     ref = harvest([loader(j) for j in range(3)], tokens, HOOK, tmp_path / "ref", **kw)
     full_calls = len(calls)
     calls.clear()
-    # chunk: loads per chunk for models 1, 2 (model 0 loaded once) -> crash while harvesting chunk 2;
-    # snapshot: crash while loading the third model, after two models' parts are on disk
+    # chunk: loads per forward block of 2 sequences for models 1, 2 (model 0 loaded once) -> crash in block 2,
+    # after shard 0 (sequences 0-2, blocks 0-1) is written; snapshot: crash while loading the third model,
+    # after two models' parts are on disk
     with pytest.raises(Crash):
-        harvest([loader(j, fail_at=5 if strategy == "chunk" else 3) for j in range(3)], tokens, HOOK,
+        harvest([loader(j, fail_at=7 if strategy == "chunk" else 3) for j in range(3)], tokens, HOOK,
                 tmp_path / "run", **kw)
     with pytest.raises(Exception, match="unfinished"):
         ActivationStore(tmp_path / "run")
@@ -132,9 +133,9 @@ def test_processes_sharing_a_harvest_write_the_single_process_store(tmp_path, mo
     loaders = [lambda m=m: m for m in models]
     kw = dict(shard_seqs=4, progress=False, wait=barrier.wait)
     other = threading.Thread(target=harvest, args=(loaders, tokens, HOOK, tmp_path / "two"),
-                             kwargs=dict(own=[1], merge=False, **kw))
+                             kwargs=dict(own=[1], writer=False, share=(1, 2), **kw))
     other.start()
-    two = harvest(loaders, tokens, HOOK, tmp_path / "two", own=[0, 2], merge=True, **kw)
+    two = harvest(loaders, tokens, HOOK, tmp_path / "two", own=[0, 2], writer=True, share=(0, 2), **kw)
     other.join()
     assert two.manifest["shards"] == one.manifest["shards"]  # sha256 of every shard
     assert not (tmp_path / "two" / ".parts").exists()
@@ -150,3 +151,85 @@ def test_mismatched_model_is_a_clear_error(tmp_path, models, tokens):
     cfg = HookedTransformerConfig(n_layers=1, d_model=8, n_ctx=12, d_head=4, n_heads=2, d_vocab=40, act_fn="gelu")
     with pytest.raises(ValueError, match="source 'source1'.*width 8.*gives 16"):
         harvest([models[0], HookedTransformer(cfg)], tokens, HOOK, tmp_path, progress=False)
+
+
+@pytest.mark.parametrize("strategy", ["chunk", "snapshot"])
+def test_forwards_run_at_batch_size_whatever_the_shard_size(tmp_path, models, tokens, strategy, monkeypatch):
+    """At Pythia's shape a 64 MiB shard is one sequence (1024 · 32 · 768 · 2 B): forwards must still take
+    batch_size sequences, and the manifest is not rewritten per shard."""
+    import os
+
+    import crosscoders.store as store_mod
+
+    seen, manifests, fsyncs = [], [], []
+    run = HookedTransformer.run_with_cache
+    monkeypatch.setattr(HookedTransformer, "run_with_cache", lambda self, t, **kw: (seen.append(len(t)), run(self, t, **kw))[1])
+    write_json = store_mod.write_json
+    monkeypatch.setattr(store_mod, "write_json", lambda p, o: (manifests.append(p), write_json(p, o))[1])
+    fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (fsyncs.append(fd), fsync(fd))[1])
+    loaders = [lambda m=m: m for m in models]
+    out = harvest(loaders, tokens, HOOK, tmp_path, batch_size=4, shard_seqs=1, strategy=strategy,
+                  progress=False)
+    assert out.manifest["metadata"]["shard_seqs"] == 1 and len(out.shard_sizes) == 10
+    assert sorted(seen) == [2] * 3 + [4] * 6  # 3 forwards per model, not 10 one-sequence ones
+    assert len(manifests) == 2  # created, finished
+    parts = 3 * 3 if strategy == "snapshot" else 0  # one per source and forward block
+    assert len(fsyncs) == 10 + parts + 2  # the shards, the parts, the two manifests
+    # same bytes as shards of several sequences cut from the same forwards
+    ref = harvest(models, tokens, HOOK, tmp_path / "ref", batch_size=4, shard_seqs=10, progress=False)
+    assert torch.equal(_read_all(out)[0], _read_all(ref)[0])
+
+
+def test_ranks_merge_disjoint_shares_into_the_single_process_store(tmp_path, models, tokens, monkeypatch):
+    """Three ranks (threads here, torchrun ranks in the harvest stage): each computes its snapshot's parts,
+    then writes its own third of the shards; rank 0 writes the manifest once. Byte for byte one process's."""
+    import threading
+
+    import crosscoders.store as store_mod
+
+    loaders = [lambda m=m: m for m in models]
+    kw = dict(batch_size=4, shard_seqs=1, progress=False)
+    one = harvest(loaders, tokens, HOOK, tmp_path / "one", **kw)
+    wrote: dict[str, list[str]] = {}
+    write_bytes = store_mod.write_bytes
+
+    def record(path, data):
+        wrote.setdefault(threading.current_thread().name, []).append(path.name)
+        write_bytes(path, data)
+
+    monkeypatch.setattr(store_mod, "write_bytes", record)
+    barrier = threading.Barrier(3)
+    ranks = [threading.Thread(target=harvest, name=f"rank{r}", args=(loaders, tokens, HOOK, tmp_path / "three"),
+                              kwargs=dict(own=[r], writer=False, share=(r, 3), wait=barrier.wait, **kw))
+             for r in (1, 2)]
+    for t in ranks:
+        t.start()
+    threading.current_thread().name, name = "rank0", threading.current_thread().name
+    try:
+        three = harvest(loaders, tokens, HOOK, tmp_path / "three", own=[0], share=(0, 3), wait=barrier.wait, **kw)
+    finally:
+        threading.current_thread().name = name
+    for t in ranks:
+        t.join()
+    shares = [set(wrote[f"rank{r}"]) for r in range(3)]
+    assert all(shares) and sum(map(len, shares)) == len(set().union(*shares)) == 10  # disjoint, every shard
+    assert three.manifest == {**one.manifest}  # every shard's sha256, the scales, the metadata
+    for s in one.manifest["shards"]:
+        assert (tmp_path / "three" / s["file"]).read_bytes() == (tmp_path / "one" / s["file"]).read_bytes()
+    assert not (tmp_path / "three" / ".parts").exists() and not list((tmp_path / "three").glob("*.jsonl"))
+
+
+@pytest.mark.parametrize("pinned", ["fp32", "bf16"])
+def test_manifest_records_the_forward_precision(tmp_path, models, tokens, monkeypatch, pinned):
+    monkeypatch.setenv("CROSSCODERS_AUTO_PRECISION", pinned)
+    store = harvest(models, tokens[:2], HOOK, tmp_path, progress=False)  # autocast="auto"
+    assert store.manifest["metadata"]["forward"] == {"autocast": "auto", "precision": pinned, "device": "cpu",
+                                                     "store_dtype": "bfloat16"}
+    none = harvest(models, tokens[:2], HOOK, tmp_path / "none", autocast="none", dtype="float32", progress=False)
+    assert none.manifest["metadata"]["forward"]["precision"] == "fp32"
+    # and it is what was used: the stored values are the recorded precision's forwards
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=pinned == "bf16"):
+        ref = _reference(models, tokens[:2])
+    keep = keep_mask(tokens[:2])
+    assert torch.equal(_read_all(store)[0], ref[keep].bfloat16().float())
