@@ -15,7 +15,7 @@ q > 0 wherever p > 0). α is `EvaluateConfig.alpha` (default 0.1, as the per-mec
 The per-token held-out references (`bigram_nll`, `unigram_nll`: −log q of the actual target, with the
 corpus's tokenizer vocabulary as V, the estimator of the loss figure's reference lines) are stored once.
 
-Device and precision (`evolution.compute`): the logits never leave the device the snapshot runs on (the
+Device and precision (`crosscoders.compute`): the logits never leave the device the snapshot runs on (the
 snapshot source's, `[harvest] device`); the softmax, entropy and both KLs are computed there, in fp32 with
 TF32 matmuls on CUDA and in fp64 on the CPU, and only the per-token values [n_tokens] come back.
 
@@ -41,10 +41,10 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from crosscoders.compute import model_device, stat_dtype, tf32
 from crosscoders.dataclass_cli import config_hash, to_dict
 from crosscoders.io import save_safetensors, write_json
 from crosscoders.progress import progress_bar
-from evolution.compute import model_device, stat_dtype, tf32
 from evolution.sources.references import (
     bigram_table,
     expected_bigram_log_q,

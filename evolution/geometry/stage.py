@@ -27,10 +27,10 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from crosscoders.compute import model_device
 from crosscoders.dataclass_cli import config_hash, to_dict
 from crosscoders.io import write_json
 from crosscoders.progress import progress_bar
-from evolution.compute import model_device
 from evolution.geometry.intrinsic_dim import intrinsic_dims
 from evolution.geometry.layer_metrics import anisotropy, linearity_pair, linearity_score
 from evolution.sources.residual import decoder_layers, hf_residual

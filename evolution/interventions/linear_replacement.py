@@ -19,7 +19,7 @@ out (as the geometry stage does). The spliced block keeps its true output there 
 linearised model can store), and the intervention acts on positions ≥ 1; with mixed first tokens it
 acts on every position.
 
-Device and precision (`evolution.compute`): residuals, maps, logits and the NLL sums stay on the device the
+Device and precision (`crosscoders.compute`): residuals, maps, logits and the NLL sums stay on the device the
 snapshot runs on; the fit is float64 there (SVD least squares, as the geometry stage's), the log-softmax is
 fp32 with TF32 matmuls on CUDA and fp64 on the CPU, and per eval batch two numbers come back.
 
@@ -39,7 +39,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from evolution.compute import model_device, stat_dtype, tf32
+from crosscoders.compute import model_device, stat_dtype, tf32
 
 MODES = ("linear", "identity")
 

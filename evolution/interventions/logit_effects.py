@@ -25,7 +25,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from evolution.compute import tf32
+from crosscoders.compute import tf32
 
 
 def norm_parameters(model) -> tuple[Tensor | None, bool]:

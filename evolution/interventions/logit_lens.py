@@ -12,7 +12,7 @@ LLM-Microscope's `logit_lens` applies `lm_head` to HF `hidden_states` without th
 final norm is applied at every layer (as the logit lens is usually defined), since without it the
 intermediate layers' scale, not their content, decides the softmax.
 
-Everything runs on the model's device (fp32 with TF32 matmuls on CUDA, fp64 on the CPU: `evolution.compute`);
+Everything runs on the model's device (fp32 with TF32 matmuls on CUDA, fp64 on the CPU: `crosscoders.compute`);
 per layer two sums come back at the end.
 """
 
@@ -22,7 +22,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from evolution.compute import model_device, stat_dtype, tf32
+from crosscoders.compute import model_device, stat_dtype, tf32
 
 
 def final_norm_and_unembed(model) -> tuple[torch.nn.Module, torch.nn.Module]:

@@ -28,10 +28,10 @@ from pathlib import Path
 
 import torch
 
+from crosscoders.compute import model_device, tf32
 from crosscoders.dataclass_cli import config_hash, to_dict
 from crosscoders.io import write_json
 from crosscoders.progress import progress_bar
-from evolution.compute import model_device, tf32
 from evolution.interventions.linear_replacement import MODES, ReplacementConfig, block_interventions
 from evolution.interventions.logit_effects import logit_effects_matrix, top_effects
 from evolution.interventions.logit_lens import logit_lens
@@ -115,7 +115,7 @@ def interventions(run_dir: str | Path, steps: Sequence[int], loaders: Sequence[C
     bar = progress_bar(total=len(todo), desc="interventions", unit="snapshot")
     for step, loader in todo:
         model = loader()
-        with tf32(model_device(model)):  # TF32 matmuls on CUDA for this snapshot's work (evolution.compute)
+        with tf32(model_device(model)):  # TF32 matmuls on CUDA for this snapshot's work (crosscoders.compute)
             if step not in done:
                 res = block_interventions(model, fit_tokens, eval_tokens, cfg, corpus.bos_token_id)
                 if cfg.logit_lens:

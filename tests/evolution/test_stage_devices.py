@@ -1,6 +1,6 @@
 """The analysis stages (evaluate, geometry, interventions) compute where their model runs: nothing heavy is
 copied to the host, TF32 is allowed on CUDA inside them only, their fp32 path (CUDA's) agrees with the fp64
-reference (the CPU's), and the same bodies run on "cuda" under `-m cuda` (evolution/compute.py)."""
+reference (the CPU's), and the same bodies run on "cuda" under `-m cuda` (crosscoders/compute.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 import evolution.evaluate.snapshots as ev
 import evolution.interventions.linear_replacement as lr
 import evolution.interventions.logit_lens as ll
-from evolution.compute import model_device, stat_dtype, tf32
+from crosscoders.compute import model_device, stat_dtype, tf32
 from evolution.geometry.stage import GeometryConfig, model_geometry
 from evolution.interventions.logit_effects import logit_effects_matrix, top_effects
 from evolution.sources.references import bigram_table, unigram_log_probs_table

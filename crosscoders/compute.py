@@ -1,4 +1,4 @@
-"""Where the analysis stages compute (evaluate, geometry, interventions): on the device their model runs on.
+"""Where the study's analysis stages compute (evaluate, geometry, interventions): on their model's device.
 
 The device is the model's (`model_device`), which the run's config put there (`[harvest] device` for the
 snapshot loaders, `[geometry] device`), never assumed. On CUDA the logit statistics run in fp32 with TF32
