@@ -16,6 +16,14 @@ Position and RNG are functions of the step: window w of epoch e, permuted by a g
 `position(n)` (epoch, window, batch in window, sequences consumed, window seed), which `check_position`
 compares on resume: a killed run resumes to the weights of an uninterrupted one (tests/crosscoders/test_stream.py).
 
+Where the window lives: on `device` (default: the snapshots' own), in the activations' dtype, filled forward
+batch by forward batch, and each batch is gathered from it there. When the snapshots run on the device that
+trains (the default), no activation crosses to the host: GPU → GPU, no round trip. Memory on that device:
+len(data_ranks) × buffer_seqs × (seq_len − 1) × n_sources × d_in × 4 B (fp32 activations; 2 B where they come
+out in bf16) for the window, plus one forward batch's cache and one batch; e.g. the stream recipe
+(runs/pythia-160m-ge2025-stream.toml: 8 × 16 × 1023 × 32 × 768 × 4 B) holds 12.9 GB beside its snapshots.
+Pass device="cpu" to keep the window in host memory instead (each row then crosses once).
+
 Data parallel: D ranks read disjoint sequences (rank d takes the d-th block of each window) and the global
 batch is their concatenation; `data_ranks=range(D)` in one process yields those global batches (the
 reference a D-rank run equals). Source parallel: pass this rank's snapshots only.
@@ -31,7 +39,8 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from .errors import UserError
-from .harvest import ModelLike, _load, keep_mask, model_acts
+from .harvest import ModelLike, _device, _load, keep_mask, model_acts, stop_layer
+from .precision import autocast_context, resolve_autocast
 
 
 class StreamError(UserError, ValueError):
@@ -45,7 +54,7 @@ class ShuffleStream:
                  *, buffer_seqs: int = 256, seed: int = 0, data_size: int = 1, data_ranks: Sequence[int] = (0,),
                  scales: Tensor | None = None, model_batch: int = 32, exclude_bos: bool = True,
                  bos_token_id: int | None = None, pad_token_id: int | None = None, autocast: str = "none",
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device | None = None):
         self.loaders, self.hook, self.batch_size = list(models), hook, int(batch_size)
         self.tokens = torch.as_tensor(tokens)
         self.buffer_seqs, self.seed, self.data_size = int(buffer_seqs), int(seed), int(data_size)
@@ -112,15 +121,31 @@ class ShuffleStream:
         return self._models
 
     def window_acts(self, epoch: int, window: int, rank: int) -> Float[Tensor, "rows n_sources d_in"]:
-        """Raw activations of one rank's window, in token order (before the shuffle)."""
+        """Raw activations of one rank's window, in token order (before the shuffle), on the window's device
+        (module docstring), in the dtype the snapshots give them."""
         order = self._plan(epoch)[0]
         W = self.buffer_seqs
         start = (window * self.data_size + rank) * W
         idx = order[start:start + W].sort().values
-        keep = self.keep[idx]
-        per = [model_acts(m, self.tokens[idx], [self.hook], self.model_batch, "cache", self.autocast)[self.hook][keep]
-               for m in self.models()]
-        return torch.stack(per, 1)
+        tokens, keep = self.tokens[idx], self.keep[idx]
+        models = self.models()
+        out: Tensor | None = None
+        for j, model in enumerate(models):
+            dev = _device(model)
+            amp = autocast_context(resolve_autocast(self.autocast, dev), dev)
+            row = 0
+            for i in range(0, len(tokens), self.model_batch):
+                k = keep[i:i + self.model_batch]
+                with torch.no_grad(), amp:
+                    _, cache = model.run_with_cache(tokens[i:i + self.model_batch].to(dev), names_filter=[self.hook],
+                                                    stop_at_layer=stop_layer(self.hook))
+                acts = cache[self.hook][k.to(dev)]  # [kept rows, d_in], in token order
+                if out is None:  # one buffer for the window: no per-source copies, no stack
+                    window_dev = dev if self.device is None else torch.device(self.device)
+                    out = torch.empty(int(keep.sum()), len(models), acts.shape[-1], dtype=acts.dtype, device=window_dev)
+                out[row:row + len(acts), j] = acts  # copy_: across devices only where the window lives elsewhere
+                row += len(acts)
+        return out
 
     def _window_batches(self, epoch: int, window: int, skip: int) -> Iterator[Tensor]:
         n = self._plan(epoch)[1][window]
@@ -128,11 +153,14 @@ class ShuffleStream:
         for d in self.data_ranks:
             x = self.window_acts(epoch, window, d)
             g = torch.Generator().manual_seed(self._window_seed(epoch, window, d))
-            x = x[torch.randperm(len(x), generator=g)[: n * self.batch_size]]
-            parts.append(x.view(n, self.batch_size, *x.shape[1:]))
-        scale = self.scales[None, :, None] if self.scales is not None else None
+            # the shuffle as row indices (CPU generator: the same order on every device), gathered per batch
+            perm = torch.randperm(len(x), generator=g)[: n * self.batch_size].to(x.device)
+            parts.append((x, perm.view(n, self.batch_size)))
+        scale = None
+        if self.scales is not None:
+            scale = self.scales.to(parts[0][0].device)[None, :, None]
         for b in range(skip, n):
-            x = torch.cat([p[b] for p in parts]).float()
+            x = torch.cat([w[p[b]] for w, p in parts]).float()
             yield x * scale if scale is not None else x
 
     def __call__(self, start_step: int = 0) -> Iterator[Float[Tensor, "batch n_sources d_in"]]:

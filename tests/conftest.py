@@ -41,3 +41,19 @@ def tiny_numbers_run(tmp_path_factory):
     cfg = load_recipe(Path(__file__).parent / "data" / "tiny-numbers.toml", root=str(root))
     run_study(cfg)
     return cfg, cfg.run_dir
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` need a GPU: without one they are skipped, saying why (CI and the 2-core boxes
+    have none; benchmarks/gpu_check.sh runs them on a GPU machine with `-m cuda`)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False); "
+                                   "run `bash benchmarks/gpu_check.sh` on a GPU machine")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+# `DEVICES` parametrises a test body over "cpu" (the normal suite) and "cuda" (marked: a GPU box only).
+DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)]

@@ -15,6 +15,10 @@ q > 0 wherever p > 0). α is `EvaluateConfig.alpha` (default 0.1, as the per-mec
 The per-token held-out references (`bigram_nll`, `unigram_nll`: −log q of the actual target, with the
 corpus's tokenizer vocabulary as V, the estimator of the loss figure's reference lines) are stored once.
 
+Device and precision (`crosscoders.compute`): the logits never leave the device the snapshot runs on (the
+snapshot source's, `[harvest] device`); the softmax, entropy and both KLs are computed there, in fp32 with
+TF32 matmuls on CUDA and in fp64 on the CPU, and only the per-token values [n_tokens] come back.
+
 KL(model ‖ bigram) is the statistical-phase probe of the papers: it falls while the model learns the
 bigram statistics and rises again once the model uses more context than the previous token; where it
 stops falling is "where the model stops tracking the bigram distribution" (`phases.signals.stops_tracking`).
@@ -37,6 +41,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from crosscoders.compute import model_device, stat_dtype, tf32
 from crosscoders.dataclass_cli import config_hash, to_dict
 from crosscoders.io import save_safetensors, write_json
 from crosscoders.progress import progress_bar
@@ -68,14 +73,17 @@ class EvaluateConfig:
 def token_metrics(
     logits: Float[Tensor, "b s V"], tokens: Int[Tensor, "b s"], log_q1: Float[Tensor, " V"], table: dict
 ) -> dict[str, Float[Tensor, "b s_minus_1"]]:
-    """Per target position (1..s−1): nll, KL to the unigram and bigram references, the model's entropy."""
-    logp = torch.log_softmax(logits[:, :-1].double(), -1)
+    """Per target position (1..s−1): nll, KL to the unigram and bigram references, the model's entropy.
+
+    Computed on `logits`' device (`log_q1` and `table` must live there too) in `stat_dtype` of it."""
+    logp = torch.log_softmax(logits[:, :-1].to(stat_dtype(logits.device)), -1)
     p = logp.exp()
+    tokens = tokens.to(logits.device)
     tgt, ctx = tokens[:, 1:], tokens[:, :-1]
     neg_h = (p * logp).sum(-1)
     flat_p = p.reshape(-1, p.shape[-1])
     e_log_q2 = expected_bigram_log_q(flat_p, ctx.reshape(-1), table).reshape(tgt.shape)
-    return {"nll": -logp.gather(-1, tgt[..., None])[..., 0], "kl_unigram": neg_h - p @ log_q1,
+    return {"nll": -logp.gather(-1, tgt[..., None])[..., 0], "kl_unigram": neg_h - p @ log_q1.to(p.dtype),
             "kl_bigram": neg_h - e_log_q2, "entropy": -neg_h}
 
 
@@ -86,17 +94,20 @@ def _logits(model, batch: Tensor) -> Tensor:
 
 def evaluate_snapshot(model, tokens: Int[Tensor, "n s"], keep: Tensor, log_q1: Tensor, table: dict,
                       batch_size: int = 16) -> dict[str, Tensor]:
-    """Every per-token value of one model on `tokens`, flattened over the kept (non-BOS) targets, float32."""
-    device = next(model.parameters()).device if hasattr(model, "parameters") else "cpu"
+    """Every per-token value of one model on `tokens`, flattened over the kept (non-BOS) targets, float32
+    on the CPU (the logits and the statistics stay on the model's device)."""
+    device = model_device(model)
+    log_q1 = log_q1.to(device)
+    table = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in table.items()}
+    keep = keep.to(device)
     parts: dict[str, list[Tensor]] = {k: [] for k in PER_TOKEN}
-    with torch.no_grad():
+    with torch.no_grad(), tf32(device):
         for start in range(0, len(tokens), batch_size):
-            batch = tokens[start : start + batch_size]
-            logits = _logits(model, batch.to(device)).float().cpu()
-            vals = token_metrics(logits, batch, log_q1, table)
+            batch = tokens[start : start + batch_size].to(device)
+            vals = token_metrics(_logits(model, batch), batch, log_q1, table)
             for k in PER_TOKEN:
                 parts[k].append(vals[k][keep[start : start + batch_size]].float())
-    return {k: torch.cat(v) for k, v in parts.items()}
+    return {k: torch.cat(v).cpu() for k, v in parts.items()}
 
 
 def _summary_row(step: int, vals: dict[str, Tensor], mech: Tensor | None, names: Sequence[str] | None) -> dict:
@@ -150,7 +161,7 @@ def evaluate_snapshots(
     tables: dict[int, tuple[Tensor, dict]] = {}
     for step, load in progress_bar(todo, desc="evaluate", unit="snapshot"):
         model = load()
-        V = int(getattr(getattr(model, "cfg", None), "d_vocab_out", 0) or 0) or int(_logits(model, tokens[:1, :2]).shape[-1])
+        V = int(getattr(getattr(model, "cfg", None), "d_vocab_out", 0) or 0) or int(_logits(model, tokens[:1, :2].to(model_device(model))).shape[-1])
         if V not in tables:  # reference distributions over the model's output vocabulary
             tables[V] = (unigram_log_probs_table(corpus.tokens, V, cfg.alpha, bos), bigram_table(corpus.tokens, V, cfg.alpha, bos))
         vals = evaluate_snapshot(model, tokens, keep, *tables[V], batch_size=cfg.batch_size)

@@ -38,17 +38,18 @@ def knn_distances(X: Float[Tensor, "n d"], k: int, chunk: int = 1024) -> Float[T
     """Euclidean distances from each point to its k nearest *other* points, ascending; float64.
 
     Distances come from ‖x‖² + ‖y‖² − 2x·y in float64 (exact enough for ratios of distances near 1e-6
-    of the cloud's scale); the n × n matrix is formed `chunk` rows at a time to bound memory."""
+    of the cloud's scale; in fp32 the expansion cancels to noise there), on X's device; the n × n matrix
+    is formed `chunk` rows at a time to bound memory."""
     X = X.to(torch.float64)
     n = X.shape[0]
     if n <= k:
         raise ValueError(f"need more than k={k} points for a {k}-NN search, got {n}")
     sq = (X * X).sum(1)
-    out = torch.empty(n, k, dtype=torch.float64)
+    out = torch.empty(n, k, dtype=torch.float64, device=X.device)
     for start in range(0, n, chunk):
         rows = slice(start, min(start + chunk, n))
         d2 = sq[rows, None] + sq[None, :] - 2.0 * X[rows] @ X.T
-        idx = torch.arange(rows.start, rows.stop)
+        idx = torch.arange(rows.start, rows.stop, device=X.device)
         d2[idx - start, idx] = float("inf")  # a point is not its own neighbour
         out[rows] = d2.clamp_min(0).topk(k, dim=1, largest=False).values.sqrt()
     return out
@@ -58,7 +59,7 @@ def twonn_from_knn(r: Float[Tensor, "n k"], discard_fraction: float = 0.1) -> fl
     """TwoNN from the first two neighbour distances (columns 0, 1 of `knn_distances`)."""
     r1, r2 = r[:, 0], r[:, 1]
     ok = r1 > 0  # only reachable with duplicates left in (or float ties)
-    mu = torch.sort(r2[ok] / r1[ok]).values.numpy()
+    mu = torch.sort(r2[ok] / r1[ok]).values.cpu().numpy()  # n ratios: the fit is a few numpy lines
     n = len(mu)
     n_keep = int(n * (1 - discard_fraction))
     if n_keep < 2:

@@ -27,6 +27,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from crosscoders.compute import model_device
 from crosscoders.dataclass_cli import config_hash, to_dict
 from crosscoders.io import write_json
 from crosscoders.progress import progress_bar
@@ -63,7 +64,8 @@ class GeometryConfig:
     seed: int = 0
     """Seed of the token-position sample."""
     device: str = "cpu"
-    """Device the models run on (metrics are computed on CPU in float64)."""
+    """Device the models run on; the residual streams stay there and every metric is computed there, in
+    float64 (layer_metrics and intrinsic_dim say why), so on "cuda" nothing large crosses to the host."""
     resume: bool = True
     """Keep steps already in geometry.json when it was written with the same config."""
     n_resamples: int = 10
@@ -90,19 +92,21 @@ def collect_resid(
     positions: Int[Tensor, "n 2"],
     batch_size: int = 16,
 ) -> tuple[Float[Tensor, "n_layers_plus_1 n d_model"], list[str]]:
-    """Residual stream at every layer for the sampled positions, float32 on CPU, plus the hook names."""
+    """Residual stream at every layer for the sampled positions, float32 on the model's device (the metrics
+    run there), plus the hook names."""
     from transformer_lens import HookedTransformer
 
     hooked = isinstance(model, HookedTransformer)
     n_layers = model.cfg.n_layers if hooked else len(decoder_layers(model))
     names = [f"blocks.{i}.hook_resid_pre" for i in range(n_layers)] + [f"blocks.{n_layers - 1}.hook_resid_post"]
-    device = next(model.parameters()).device
+    device = model_device(model)
+    positions, tokens = positions.to(device), tokens.to(device)  # token ids: small
     seqs = positions[:, 0].unique()
     out: list[Tensor] = []
     with torch.no_grad():
         for start in range(0, len(seqs), batch_size):
             batch_seqs = seqs[start : start + batch_size]
-            batch = tokens[batch_seqs].to(device)
+            batch = tokens[batch_seqs]
             if hooked:
                 _, cache = model.run_with_cache(batch, names_filter=lambda n: n in names)
                 acts = [cache[n] for n in names]
@@ -110,7 +114,7 @@ def collect_resid(
                 acts = hf_residual(model, batch)[1]
             rows = positions[torch.isin(positions[:, 0], batch_seqs)]
             local = torch.searchsorted(batch_seqs, rows[:, 0].contiguous())
-            out.append(torch.stack([a[local, rows[:, 1]].float().cpu() for a in acts]))
+            out.append(torch.stack([a[local, rows[:, 1]].float() for a in acts]))
     return torch.cat(out, 1), names
 
 
@@ -123,7 +127,7 @@ def resampled_metrics(resid: Float[Tensor, "n_layers_plus_1 n d_model"], cfg: Ge
     n_points, n = resid.shape[0], resid.shape[1]
     g = torch.Generator().manual_seed(cfg.seed + 1)
     for _ in range(cfg.n_resamples):
-        half = torch.randperm(n, generator=g)[: n // 2]
+        half = torch.randperm(n, generator=g)[: n // 2].to(resid.device)
         sub = resid[:, half]
         rows: dict[str, list] = {m: [] for m in RESAMPLED}
         for layer in range(n_points):

@@ -19,6 +19,10 @@ out (as the geometry stage does). The spliced block keeps its true output there 
 linearised model can store), and the intervention acts on positions ≥ 1; with mixed first tokens it
 acts on every position.
 
+Device and precision (`crosscoders.compute`): residuals, maps, logits and the NLL sums stay on the device the
+snapshot runs on; the fit is float64 there (SVD least squares, as the geometry stage's), the log-softmax is
+fp32 with TF32 matmuls on CUDA and fp64 on the CPU, and per eval batch two numbers come back.
+
 Δloss = mean NLL of the intervened model − mean NLL of the original, on the same held-out targets
 (BOS targets excluded), paired per eval batch; its CI is a percentile bootstrap over eval batches
 (ratio of resampled sums, so batches with more targets weigh more, as in the point estimate).
@@ -35,28 +39,33 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from crosscoders.compute import model_device, stat_dtype, tf32
+
 MODES = ("linear", "identity")
 
 
 @dataclass
 class AffineMap:
-    """Y ≈ X @ W + b for one block (float64)."""
+    """Y ≈ X @ W + b for one block (fitted in float64, on the device of the residuals it was fitted on)."""
 
     W: Float[Tensor, "d_model d_model"]
     b: Float[Tensor, " d_model"]
 
     def __call__(self, X: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
-        # on X's device: the map is fitted from CPU residuals and spliced into a model that may run elsewhere
-        W, b = self.W.to(X.device), self.b.to(X.device)
-        return (X.to(torch.float64) @ W + b).to(X.dtype)
+        # on X's device and in its statistics precision (a map loaded or fitted elsewhere still applies)
+        dt = stat_dtype(X.device)
+        return (X.to(dt) @ self.W.to(X.device, dt) + self.b.to(X.device, dt)).to(X.dtype)
 
 
 def fit_affine(X: Float[Tensor, "n d"], Y: Float[Tensor, "n d"]) -> AffineMap:
-    """Least-squares affine map from X to Y (float64, gelsd: rank-deficient X is fine)."""
+    """Least-squares affine map from X to Y on X's device (float64, minimum-norm SVD solve as gelsd's:
+    rank-deficient X is fine; layer_metrics says why float64)."""
+    from evolution.geometry.layer_metrics import lstsq
+
     if X.shape[0] != Y.shape[0]:
         raise ValueError(f"X and Y must hold the same tokens, got {X.shape[0]} and {Y.shape[0]} rows")
-    Xa = torch.cat([X.to(torch.float64), torch.ones(X.shape[0], 1, dtype=torch.float64)], 1)
-    sol = torch.linalg.lstsq(Xa, Y.to(torch.float64), driver="gelsd").solution
+    Xa = torch.cat([X.to(torch.float64), torch.ones(X.shape[0], 1, dtype=torch.float64, device=X.device)], 1)
+    sol = lstsq(Xa, Y.to(Xa.device, torch.float64))
     return AffineMap(sol[:-1], sol[-1])
 
 
@@ -119,19 +128,21 @@ def _logits(model, batch: Tensor) -> Tensor:
 
 def batch_nll(model, tokens: Int[Tensor, "n s"], batch_size: int, bos_token_id: int | None = None
               ) -> tuple[np.ndarray, np.ndarray]:
-    """(sum of NLL, number of targets) per batch of `batch_size` rows; BOS targets are excluded."""
-    device = next(model.parameters()).device
+    """(sum of NLL, number of targets) per batch of `batch_size` rows; BOS targets are excluded. The logits
+    stay on the model's device; the sums come back once, at the end."""
+    device = model_device(model)
+    dt = stat_dtype(device)
     sums, counts = [], []
-    with torch.no_grad():
+    with torch.no_grad(), tf32(device):
         for start in range(0, len(tokens), batch_size):
-            batch = tokens[start : start + batch_size]
-            logp = torch.log_softmax(_logits(model, batch.to(device)).double().cpu()[:, :-1], -1)
+            batch = tokens[start : start + batch_size].to(device)
+            logp = torch.log_softmax(_logits(model, batch)[:, :-1].to(dt), -1)
             tgt = batch[:, 1:]
             nll = -logp.gather(-1, tgt[..., None])[..., 0]
             keep = tgt != bos_token_id if bos_token_id is not None else torch.ones_like(tgt, dtype=torch.bool)
-            sums.append(float(nll[keep].sum()))
-            counts.append(int(keep.sum()))
-    return np.array(sums), np.array(counts, dtype=np.float64)
+            sums.append(nll[keep].double().sum())
+            counts.append(keep.sum())
+    return torch.stack(sums).cpu().numpy(), torch.stack(counts).cpu().numpy().astype(np.float64)
 
 
 def delta_with_ci(base: tuple[np.ndarray, np.ndarray], other: tuple[np.ndarray, np.ndarray],
@@ -213,7 +224,7 @@ def _score(X: Tensor, Y: Tensor, residual: bool) -> float | None:
 def distill_map(model, block: int, m: AffineMap, tokens: Int[Tensor, "n s"], cfg: ReplacementConfig,
                 bos_token_id: int | None, keep_first: bool) -> AffineMap:
     """Fine-tune (W, b) on the LM loss with block `block` replaced by it and every weight of the model frozen."""
-    device = next(model.parameters()).device  # the parameters live where the model runs
+    device = model_device(model)  # the parameters live where the model runs
     W = torch.nn.Parameter(m.W.float().clone().to(device))
     b = torch.nn.Parameter(m.b.float().clone().to(device))
     opt = torch.optim.Adam([W, b], lr=cfg.distill_lr)
@@ -222,7 +233,8 @@ def distill_map(model, block: int, m: AffineMap, tokens: Int[Tensor, "n s"], cfg
         p.requires_grad_(False)
     g = torch.Generator().manual_seed(cfg.seed + 2)
     try:
-        with spliced(model, {block: lambda x: x @ W.to(x.dtype) + b.to(x.dtype)}, keep_first), torch.enable_grad():
+        with (spliced(model, {block: lambda x: x @ W.to(x.dtype) + b.to(x.dtype)}, keep_first), torch.enable_grad(),
+              tf32(device)):
             for _ in range(cfg.distill_steps):
                 batch = tokens[torch.randint(0, len(tokens), (cfg.eval_batch_size,), generator=g)].to(device)
                 logp = torch.log_softmax(_logits(model, batch)[:, :-1].float(), -1)
@@ -236,7 +248,7 @@ def distill_map(model, block: int, m: AffineMap, tokens: Int[Tensor, "n s"], cfg
     finally:
         for p in frozen:
             p.requires_grad_(True)
-    return AffineMap(W.detach().double().cpu(), b.detach().double().cpu())
+    return AffineMap(W.detach().double(), b.detach().double())
 
 
 def block_interventions(model, fit_tokens: Int[Tensor, "n s"], eval_tokens: Int[Tensor, "m s"],

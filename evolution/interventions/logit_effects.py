@@ -14,12 +14,18 @@ left out; LayerNorm's bias β and W_U's bias add the same to every feature and a
 values are logits per unit of normalised residual: compare them within one snapshot, not across.
 For a crosscoder on a hook before the last block this is the direct path only (later blocks are skipped),
 as in SAE dashboards.
+
+The [d_sae, d_vocab] matrix (24,576 × 50,304 fp32 = 4.9 GB for Pythia-160M) is formed and ranked on the
+model's device, with TF32 matmuls on CUDA; only the top-k ids and values come back to the host.
 """
 
 from __future__ import annotations
 
+import torch
 from jaxtyping import Float
 from torch import Tensor
+
+from crosscoders.compute import tf32
 
 
 def norm_parameters(model) -> tuple[Tensor | None, bool]:
@@ -32,26 +38,29 @@ def norm_parameters(model) -> tuple[Tensor | None, bool]:
         gain = getattr(norm, "weight", None)
     name = type(norm).__name__.lower()
     centres = "rms" not in name  # LayerNorm / LayerNormPre centre; RMSNorm does not
-    return (None if gain is None else gain.detach().float().cpu()), centres
+    return (None if gain is None else gain.detach().float()), centres
 
 
 def unembedding(model) -> Float[Tensor, "d_model d_vocab"]:
     from transformer_lens import HookedTransformer
 
     if isinstance(model, HookedTransformer):
-        return model.W_U.detach().float().cpu()
-    return model.get_output_embeddings().weight.detach().float().cpu().T
+        return model.W_U.detach().float()
+    return model.get_output_embeddings().weight.detach().float().T
 
 
 def logit_effects_matrix(model, W_dec: Float[Tensor, "d_sae d_model"]) -> Float[Tensor, "d_sae d_vocab"]:
-    """Every feature's logit effect through `model`'s final norm and unembedding (module docstring)."""
+    """Every feature's logit effect through `model`'s final norm and unembedding (module docstring), on the
+    model's device."""
     gain, centres = norm_parameters(model)
-    D = W_dec.detach().float().cpu()
+    W_U = unembedding(model)
+    D = W_dec.detach().to(W_U.device, torch.float32)
     if centres:
         D = D - D.mean(-1, keepdim=True)
     if gain is not None:
         D = D * gain
-    return D @ unembedding(model)
+    with tf32(W_U.device):
+        return D @ W_U
 
 
 def top_effects(effects: Float[Tensor, "d_sae d_vocab"], k: int = 5, features: list[int] | None = None
@@ -59,8 +68,8 @@ def top_effects(effects: Float[Tensor, "d_sae d_vocab"], k: int = 5, features: l
     """{feature: {"promoted": [[token id, value], ...], "suppressed": [...]}}, k each, largest first."""
     feats = list(range(effects.shape[0])) if features is None else features
     E = effects[feats]
-    up_v, up_i = E.topk(k, dim=-1)
-    dn_v, dn_i = (-E).topk(k, dim=-1)
+    up_v, up_i = (t.cpu() for t in E.topk(k, dim=-1))  # ranked on the device, k per feature come back
+    dn_v, dn_i = (t.cpu() for t in (-E).topk(k, dim=-1))
     return {f: {"promoted": [[int(t), round(float(v), 4)] for t, v in zip(up_i[j], up_v[j], strict=True)],
                 "suppressed": [[int(t), round(float(-v), 4)] for t, v in zip(dn_i[j], dn_v[j], strict=True)]}
             for j, f in enumerate(feats)}

@@ -11,6 +11,9 @@ At l = L both are the model's own (loss = the model's loss, agreement = 1), a bu
 LLM-Microscope's `logit_lens` applies `lm_head` to HF `hidden_states` without the final norm; here the
 final norm is applied at every layer (as the logit lens is usually defined), since without it the
 intermediate layers' scale, not their content, decides the softmax.
+
+Everything runs on the model's device (fp32 with TF32 matmuls on CUDA, fp64 on the CPU: `crosscoders.compute`);
+per layer two sums come back at the end.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from __future__ import annotations
 import torch
 from jaxtyping import Int
 from torch import Tensor
+
+from crosscoders.compute import model_device, stat_dtype, tf32
 
 
 def final_norm_and_unembed(model) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -41,10 +46,11 @@ def logit_lens(model, tokens: Int[Tensor, "n s"], batch_size: int = 8, bos_token
 
     norm, unembed = final_norm_and_unembed(model)
     hooked = isinstance(model, HookedTransformer)
-    device = next(model.parameters()).device
+    device = model_device(model)
+    dt = stat_dtype(device)
     nll_sum = agree = None
     count = 0
-    with torch.no_grad():
+    with torch.no_grad(), tf32(device):
         for start in range(0, len(tokens), batch_size):
             batch = tokens[start : start + batch_size].to(device)
             if hooked:
@@ -56,12 +62,14 @@ def logit_lens(model, tokens: Int[Tensor, "n s"], batch_size: int = 8, bos_token
                 resid = hf_residual(model, batch)[1]
             tgt = batch[:, 1:]
             keep = (tgt != bos_token_id) if bos_token_id is not None else torch.ones_like(tgt, dtype=torch.bool)
-            logits = [unembed(norm(r)).double()[:, :-1] for r in resid]
+            logits = [unembed(norm(r)).to(dt)[:, :-1] for r in resid]
             final_top = logits[-1].argmax(-1)
-            nll = torch.stack([-torch.log_softmax(lg, -1).gather(-1, tgt[..., None])[..., 0][keep].sum() for lg in logits])
+            nll = torch.stack([-torch.log_softmax(lg, -1).gather(-1, tgt[..., None])[..., 0][keep].double().sum()
+                               for lg in logits])
             ag = torch.stack([(lg.argmax(-1) == final_top)[keep].sum() for lg in logits])
             nll_sum = nll if nll_sum is None else nll_sum + nll
             agree = ag if agree is None else agree + ag
-            count += int(keep.sum())
+            count = keep.sum() + count
+    count = int(count)
     return {"layers": list(range(len(nll_sum))), "loss": (nll_sum / count).tolist(),
             "top1_agreement": (agree.double() / count).tolist(), "n_targets": count}

@@ -5,7 +5,8 @@ greedy pruning), the logit lens, and the logit effects of the crosscoder's featu
 `steps[i]`'s model, one in memory at a time: the same loaders as harvest, so pretrain, `local:` and `hf:`
 sources all work), writes `interventions.json` after every snapshot (an interrupted stage resumes at the
 next snapshot when the config is unchanged) and, at the end, its figures and
-`analysis/logit_effects.json`. Definitions: `linear_replacement`, `logit_lens`, `logit_effects`.
+`analysis/logit_effects.json`. Definitions: `linear_replacement`, `logit_lens`, `logit_effects`. Each runs on
+the device the snapshot loader put the model on (`[harvest] device`), TF32 matmuls allowed there on CUDA.
 
 interventions.json:
     {steps, config, config_hash, complete, tolerance,
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from crosscoders.compute import model_device, tf32
 from crosscoders.dataclass_cli import config_hash, to_dict
 from crosscoders.io import write_json
 from crosscoders.progress import progress_bar
@@ -113,14 +115,15 @@ def interventions(run_dir: str | Path, steps: Sequence[int], loaders: Sequence[C
     bar = progress_bar(total=len(todo), desc="interventions", unit="snapshot")
     for step, loader in todo:
         model = loader()
-        if step not in done:
-            res = block_interventions(model, fit_tokens, eval_tokens, cfg, corpus.bos_token_id)
-            if cfg.logit_lens:
-                res["logit_lens"] = logit_lens(model, eval_tokens, cfg.eval_batch_size, corpus.bos_token_id)
-            done[step] = res
-            _write(path, done, cfg, key, complete=False)
-        if step in effects_src:
-            effects[step] = top_effects(logit_effects_matrix(model, effects_src[step]), cfg.top_k)
+        with tf32(model_device(model)):  # TF32 matmuls on CUDA for this snapshot's work (crosscoders.compute)
+            if step not in done:
+                res = block_interventions(model, fit_tokens, eval_tokens, cfg, corpus.bos_token_id)
+                if cfg.logit_lens:
+                    res["logit_lens"] = logit_lens(model, eval_tokens, cfg.eval_batch_size, corpus.bos_token_id)
+                done[step] = res
+                _write(path, done, cfg, key, complete=False)
+            if step in effects_src:
+                effects[step] = top_effects(logit_effects_matrix(model, effects_src[step]), cfg.top_k)
         del model
         bar.update(1)
     bar.close()

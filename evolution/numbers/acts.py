@@ -98,6 +98,7 @@ def number_acts(
         tokens = torch.tensor([p[2] for p in group])
         rows = torch.tensor([(r, q) for r, p in enumerate(group) for q in p[3]])
         resid, names = collect_resid(model, tokens, rows, batch_size)  # [points, n_rows, d], rows in order
+        resid = resid.cpu()  # collect_resid leaves it on the model's device; the pooling here is small
         owner = torch.tensor([r for r, p in enumerate(group) for _ in p[3]])
         pooled = torch.zeros(resid.shape[0], len(group), resid.shape[2]).index_add_(1, owner, resid)
         pooled /= torch.bincount(owner, minlength=len(group)).clamp(min=1)[None, :, None].float()

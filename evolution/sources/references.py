@@ -301,8 +301,9 @@ def expected_bigram_log_q(
     crow, col, l1p = table["crow"], table["col"], table["log1p"]
     context = context.long()
     start, lengths = crow[context], crow[context + 1] - crow[context]
-    row = torch.repeat_interleave(torch.arange(len(context)), lengths)
+    dev = context.device  # the table lives where p does (evaluate moves it to the model's device)
+    row = torch.repeat_interleave(torch.arange(len(context), device=dev), lengths)
     first = torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
-    idx = torch.repeat_interleave(start, lengths) + torch.arange(int(lengths.sum())) - first
-    seen = torch.zeros(len(context), dtype=torch.float64).index_add_(0, row, p[row, col[idx]].double() * l1p[idx])
+    idx = torch.repeat_interleave(start, lengths) + torch.arange(int(lengths.sum()), device=dev) - first
+    seen = torch.zeros(len(context), dtype=torch.float64, device=dev).index_add_(0, row, p[row, col[idx]].double() * l1p[idx])
     return table["log_alpha"] - table["log_den"][context] + seen
