@@ -141,24 +141,25 @@ def penalty_name(activation: str, sparsity: str) -> str | None:
 
 def batch_topk(pre: Tensor, dec_norm: Tensor, k: float, mesh: Mesh) -> tuple[Tensor, Tensor]:
     """`activations.batch_topk` over the global batch: on one data rank exactly that; on D data ranks keep the
-    k B_global largest relu(pre) N over all of them (each rank sends its own top k B_global scores; the
-    k B_global-th largest of their union is the global cut; ties at the cut keep every tied entry)."""
+    k B_global largest relu(pre) N over all of them, exactly that many, ties at the cut broken by the lowest
+    flat index of the global batch (rank d holds its rows d B/D ...), as one process breaks them. Each rank
+    sends its own top k B_global scores (their union holds the global top) and its counts above and at the
+    cut; no host sync."""
     if mesh.data == 1:
         return A.batch_topk(pre, dec_norm, k)
     with torch.no_grad():
-        scores = (pre * dec_norm).clamp_(min=0)
-        n_keep = max(1, min(scores.numel() * mesh.data, int(round(k * pre.shape[0] * mesh.data))))
-        local = torch.topk(scores.flatten(), min(n_keep, scores.numel()), sorted=False).values
-        cut = torch.topk(mesh.gather_data(local), n_keep, sorted=False).values.min()
-        keep = scores >= cut if cut > 0 else scores > 0
-        if cut > 0:
-            min_kept = cut
-        else:  # fewer positive scores than k B: the smallest positive one anywhere
-            pos = scores[scores > 0]
-            m = (pos.min() if pos.numel() else scores.new_tensor(float("inf"))).reshape(1)
-            min_kept = mesh.reduce_(m, "data", dist.ReduceOp.MIN)[0]
-            min_kept = min_kept if torch.isfinite(min_kept) else scores.new_zeros(())
-    return torch.relu(pre) * keep.to(pre.dtype), min_kept
+        scores = (pre * dec_norm).clamp_(min=0).flatten()
+        n_keep = A.kept_count(k, pre.shape[0] * mesh.data, scores.numel() * mesh.data)
+        local = torch.topk(scores, min(n_keep, scores.numel()), sorted=False).values
+        values = torch.topk(mesh.gather_data(local), n_keep, sorted=False).values  # the global top n_keep
+        cut = values.min()
+        above, tie = scores > cut, scores == cut
+        counts = mesh.gather_data(torch.stack([above.sum(), tie.sum()])).view(mesh.data, 2)
+        # ties go to the lowest global indices: this rank takes what is left after every rank's entries
+        # above the cut and the ties of the ranks before it
+        left = n_keep - counts[:, 0].sum() - counts[: mesh.data_rank, 1].sum()
+        keep = above | A.first_true(tie, left)
+    return torch.relu(pre) * keep.view_as(pre).to(pre.dtype), A.min_positive(values)
 
 
 def pre_act_loss(pre: Tensor, dec_norm: Tensor, threshold: Tensor, dead: Bool[Tensor, " d_sae"]) -> Tensor:

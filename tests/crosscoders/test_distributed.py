@@ -29,9 +29,8 @@ def make_store(path: Path, n_sources: int = 4) -> Path:
     w = StoreWriter(path, [f"step{i}" for i in range(n_sources)], "blocks.0.hook_resid_post", d_in=8, dtype="float32")
     g = torch.Generator().manual_seed(0)
     for i in range(6):
-        # 1536 distinct tokens, more than the 20 x 64 a test reads: a token met twice in one batch (the reader's
-        # buffer spans epochs) ties with itself at BatchTopK's cut, where one process keeps one of the tied
-        # entries (torch.topk's pick) and ranks keep both
+        # 1536 distinct tokens, more than the 20 x 64 a test reads (a token met twice in one batch ties with
+        # itself at BatchTopK's cut; both sides now break such ties by index, tests/crosscoders/test_losses.py)
         x = TRUTH.batch(i, 256)[:, :n_sources]
         w.add(x + 1e-3 * torch.randn(x.shape, generator=g), torch.arange(256))
     w.finish()
@@ -166,3 +165,22 @@ def test_a_rank_killed_leaves_the_last_complete_checkpoint_and_the_run_resumes(t
     diff = max_diff(train_main(single_args), Crosscoder.load(tmp_path / "two"))
     print(f"max |w_1 - w_2| after kill -9 and resume: {diff:.3g}")
     assert diff < 10 * TOL
+
+
+def test_source_parallel_pre_activations_are_summed_in_fp32_under_bf16():
+    """The partial pre-activations all-reduced over the source group are fp32 (one process accumulates its one
+    GEMM in fp32), and the result has the dtype one process returns."""
+    from crosscoders.config import CrosscoderConfig
+    from crosscoders.distributed import ShardedCrosscoder
+    from crosscoders.mesh import Mesh
+
+    mesh = Mesh(rank=0, world=2, data=1, source=2, data_rank=0, source_rank=0)
+    reduced = []
+    mesh.sum_sources = lambda t: reduced.append(t.dtype) or 2 * t  # this rank's part twice: a stand-in peer
+    cfg = CrosscoderConfig(n_sources=4, d_in=8, d_sae=16, activation="relu")
+    m = ShardedCrosscoder(cfg, mesh)
+    x = torch.randn(5, 2, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pre = m.pre_acts(x)
+        one = Crosscoder(cfg).pre_acts(torch.randn(5, 4, 8))
+    assert reduced == [torch.float32] and pre.dtype == one.dtype == torch.bfloat16
