@@ -91,6 +91,16 @@ def _bag_sum(table: Float[Tensor, "n_sources n_table d"], index: Tensor, starts:
     return out.view(S, starts.numel(), D)
 
 
+def latent_sum(values: Float[Tensor, " nnz"], act: Active) -> Float[Tensor, " d_sae"]:
+    """out[i] = sum of `values` over latent i's entries. `index_add_` is the obvious form, but on CUDA it adds
+    with atomics in an order that changes from run to run: not bitwise reproducible, so an exact resume
+    would drift. An embedding_bag over the entries in latent order (a table of one 1) sums each latent's bag
+    in sequence on every device; on the CPU these are index_add_'s additions in index_add_'s order (a
+    latent's entries by ascending row), so the result is bitwise the same (tests/crosscoders/test_sparse.py)."""
+    one = values.new_ones(1, 1, 1)
+    return _bag_sum(one, torch.zeros_like(act.rows_by_col), act.col_starts, values[act.by_col])[0, :, 0]
+
+
 class _ActivePre(torch.autograd.Function):
     """pre[b, i] = sum_s <x[b, s], W_enc[s, :, i]> + b_enc[i] at the active entries. The values come from
     the dense encoder forward already done (the top-k needed all of them); the backward reads only them."""
@@ -108,7 +118,7 @@ class _ActivePre(torch.autograd.Function):
         # dL/dW_enc[s, :, i] = sum_b g[b, i] x[b, s]: bags are latents, the table is x per source.
         x_s = x.transpose(0, 1).contiguous()  # [n_sources, batch, d_in]
         grad_W = _bag_sum(x_s, act.rows_by_col, act.col_starts, g[act.by_col])  # [S, d_sae, d_in]
-        grad_b = g.new_zeros(act.d_sae).index_add_(0, act.cols, g)
+        grad_b = latent_sum(g, act)
         # A transposed view: autograd's AccumulateGrad lays it out like W_enc in its one copy.
         return None, None, grad_W.transpose(1, 2), grad_b, None
 
