@@ -17,6 +17,12 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 
+def host_sync_is_free(t: Tensor) -> bool:
+    """Whether reading a value of `t` on the host (a size from `nonzero`, `.item()`) costs nothing: on the CPU;
+    on CUDA it stalls the host until the device catches up, so the training step takes sync-free forms there."""
+    return t.device.type == "cpu"
+
+
 def relu(pre: Float[Tensor, "... d_sae"]) -> Float[Tensor, "... d_sae"]:
     return torch.relu(pre)
 
@@ -115,7 +121,7 @@ def first_true(mask: Bool[Tensor, " n"], n: Tensor | int, sync_free: bool | None
     CPU (where a sync costs nothing) the True positions, ~5x cheaper than a cumsum over the whole batch.
     Both give the same mask (tests/crosscoders/test_losses.py)."""
     if sync_free is None:
-        sync_free = mask.device.type != "cpu"
+        sync_free = not host_sync_is_free(mask)
     if sync_free:
         return mask & (mask.cumsum(0, dtype=torch.int64) <= n)
     idx = mask.nonzero().squeeze(1)[: max(int(n), 0)]
@@ -130,7 +136,7 @@ def top_of_batch(scores: Float[Tensor, "batch d_sae"], n_keep: int) -> tuple[Ten
     Which of tied entries the indices name is unspecified (as for torch.topk); the values are exact."""
     flat = scores.flatten()
     m = 2 * -(-n_keep // scores.shape[0])
-    if 4 * m > scores.shape[-1] or flat.device.type != "cpu":  # rows' top m is most of them: nothing to filter
+    if 4 * m > scores.shape[-1] or not host_sync_is_free(flat):  # rows' top m is most of them: nothing to filter
         return torch.topk(flat, n_keep, sorted=False)
     pool = torch.topk(scores, m, dim=-1, sorted=False).values.flatten()
     bound = torch.topk(pool, n_keep, sorted=False).values.min()

@@ -181,20 +181,23 @@ def auxk_loss(
 ) -> Tensor:
     """AuxK (Gao et al. 2024, App. A.2): the top-k_aux dead latents per token reconstruct the residual of
     the live ones, with W_dec and no bias; scaled down when fewer than k_aux latents are dead. `sparse`:
-    through the selected latents only (`pre` then carries no gradient; sparse.py gives the same one)."""
-    n_dead = int(dead.sum())
-    if n_dead == 0:
-        return pre.new_zeros(())
-    k = min(k_aux, n_dead)
+    through the selected latents only (`pre` then carries no gradient; sparse.py gives the same one).
+    The number of dead latents stays on the device (no host sync): the top k_aux are taken whatever it is,
+    and those that are not dead (fewer than k_aux dead) are masked out of the reconstruction."""
+    if A.host_sync_is_free(dead) and not dead.any():
+        return pre.new_zeros(())  # nothing dead: skip the work where asking costs nothing (the CPU)
+    k = min(k_aux, pre.shape[-1])
     residual = (x - x_hat).detach()
     scores = (torch.relu(pre) * dec_norm).masked_fill(~dead, -1.0)
     top = torch.topk(scores, k, dim=-1)
+    use = dead[top.indices]
     if sparse:
-        recon = S.decode_topk(model, x, pre, top.indices)
+        recon = S.decode_topk(model, x, pre, top.indices, use)
     else:
-        acts = torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(pre).gather(-1, top.indices))
+        vals = torch.relu(pre).gather(-1, top.indices) * use.to(pre.dtype)
+        acts = torch.zeros_like(pre).scatter(-1, top.indices, vals)
         recon = einsum(acts.to(model.W_dec.dtype), model.W_dec, "b h, s h d -> b s d")
-    scale = min(n_dead / k_aux, 1.0)
+    scale = (dead.sum() / k_aux).clamp(max=1.0)
     return scale * (recon - residual).pow(2).sum((-1, -2)).mean()
 
 
@@ -255,7 +258,9 @@ def crosscoder_loss(
         f, min_kept = batch_topk(pre, dec_norm, cfg.k, mesh)
     else:
         f = model.activate(pre)
-    x_hat = S.decode_code(model, x, pre, f) if sparse else model.decode(f)
+    # BatchTopK keeps exactly this many entries: the sparse kernels find them without a host sync
+    n_keep = A.kept_count(cfg.k, x.shape[0], x.shape[0] * cfg.d_sae)
+    x_hat = S.decode_code(model, x, pre, f, n_keep) if sparse else model.decode(f)
     err = (x_hat.float() - x.float()).pow(2).sum(-1)  # [batch, n_sources]
     mse_per_source = err.mean(0)
     mse = mse_per_source.sum()
@@ -276,7 +281,8 @@ def crosscoder_loss(
     nested = None
     if cfg.activation == "batchtopk" and nested_k_frac > 0 and nested_k_coef > 0:
         f_nested = batch_topk(pre, dec_norm, nested_k_frac * cfg.k, mesh)[0]  # the top of the same scores
-        x_nested = S.decode_code(model, x, pre, f_nested) if sparse else model.decode(f_nested)
+        n_nested = A.kept_count(nested_k_frac * cfg.k, x.shape[0], x.shape[0] * cfg.d_sae)
+        x_nested = S.decode_code(model, x, pre, f_nested, n_nested) if sparse else model.decode(f_nested)
         nested = nested_k_coef * nested_topk_mse(x, x_nested)
     total = mse + sparsity_coef * sparsity + aux + (zero if nested is None else nested)
     return LossOutput(total, mse, sparsity, aux, mse_per_source.detach(), f, x_hat, min_kept, nested)

@@ -28,7 +28,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 if TYPE_CHECKING:
@@ -155,27 +155,43 @@ class _Decode(torch.autograd.Function):
 
 
 def sparse_decode(model: Crosscoder, x: Float[Tensor, "batch n_sources d_in"], pre: Float[Tensor, "batch d_sae"],
-                  rows: Int[Tensor, " nnz"], cols: Int[Tensor, " nnz"]) -> Float[Tensor, "batch n_sources d_in"]:
+                  rows: Int[Tensor, " nnz"], cols: Int[Tensor, " nnz"],
+                  use: Bool[Tensor, " nnz"] | None = None) -> Float[Tensor, "batch n_sources d_in"]:
     """W_dec^T f with f = pre at the given entries (each with pre > 0, rows sorted) and 0 elsewhere, no
     bias; gradients reach W_enc, b_enc (through pre) and W_dec from those entries only. `pre` is the dense
-    encoder output computed without gradient."""
+    encoder output computed without gradient. `use`: entries to count (False: padding, value and gradient 0),
+    so that the number of entries can be fixed in advance instead of read from the device."""
     act = active(rows, cols, x.shape[0], model.cfg.d_sae)
     vals = _ActivePre.apply(pre, x.to(model.W_enc.dtype), model.W_enc, model.b_enc, act)
+    if use is not None:
+        vals = vals * use.to(vals.dtype)
     return _Decode.apply(vals, model.W_dec, act)
 
 
 def decode_code(model: Crosscoder, x: Float[Tensor, "batch n_sources d_in"], pre: Float[Tensor, "batch d_sae"],
-                f: Float[Tensor, "batch d_sae"]) -> Float[Tensor, "batch n_sources d_in"]:
+                f: Float[Tensor, "batch d_sae"], max_nnz: int | None = None) -> Float[Tensor, "batch n_sources d_in"]:
     """`model.decode(f)` for a top-k code f = relu(pre) * mask (computed without gradient), with the
-    gradients the dense path would give: where f > 0, df/dpre = 1; elsewhere f and its gradient are 0."""
-    rows, cols = f.nonzero(as_tuple=True)
-    return sparse_decode(model, x, pre, rows, cols) + model.b_dec
+    gradients the dense path would give: where f > 0, df/dpre = 1; elsewhere f and its gradient are 0.
+    `max_nnz`: a bound on f's nonzeros known on the host (BatchTopK keeps exactly k B entries); the entries
+    are then found by `nonzero_static` and padded, with no host sync (`nonzero` has to read its size)."""
+    if max_nnz is None:
+        rows, cols = f.nonzero(as_tuple=True)
+        return sparse_decode(model, x, pre, rows, cols) + model.b_dec
+    B, H = f.shape
+    # padding after the real entries (nonzero_static keeps them first, in row order), at the last position
+    idx = torch.nonzero_static(f.flatten(), size=max_nnz, fill_value=B * H - 1).squeeze(1)
+    real = torch.arange(max_nnz, device=f.device) < (f != 0).sum()
+    return sparse_decode(model, x, pre, idx // H, idx % H, real) + model.b_dec
 
 
 def decode_topk(model: Crosscoder, x: Float[Tensor, "batch n_sources d_in"], pre: Float[Tensor, "batch d_sae"],
-                indices: Int[Tensor, "batch k"]) -> Float[Tensor, "batch n_sources d_in"]:
-    """W_dec^T relu(pre) over `indices` per token (AuxK's reconstruction, no bias); entries with pre <= 0
-    give nothing and no gradient, as in the dense form, and are dropped."""
+                indices: Int[Tensor, "batch k"], use: Bool[Tensor, "batch k"] | None = None,
+                ) -> Float[Tensor, "batch n_sources d_in"]:
+    """W_dec^T relu(pre) over `indices` per token (AuxK's reconstruction, no bias), over the entries `use`
+    (default all); entries with pre <= 0 give nothing and no gradient, as in the dense form. They are masked,
+    not dropped: dropping them would make the number of entries a host sync."""
     rows = torch.arange(x.shape[0], device=pre.device)[:, None].expand_as(indices)
     keep = pre.gather(1, indices) > 0
-    return sparse_decode(model, x, pre, rows[keep], indices[keep])
+    if use is not None:
+        keep = keep & use
+    return sparse_decode(model, x, pre, rows.flatten(), indices.flatten(), keep.flatten())

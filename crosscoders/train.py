@@ -114,6 +114,11 @@ def _check_batch(model: Crosscoder, x: Tensor, step: int) -> None:
         )
 
 
+def _check_finite_loss(bad_step: Tensor) -> None:
+    if (s := int(bad_step)) >= 0:
+        raise FloatingPointError(f"loss became non-finite at step {s} (finite inputs); try a lower lr or autocast=none")
+
+
 def _resume_key(cfg: TrainConfig) -> dict:
     return {k: v for k, v in to_dict(cfg).items() if k not in _RESUME_FREE}
 
@@ -199,14 +204,16 @@ def train(
     model.train()
     bar = progress_bar(total=cfg.steps, initial=step, disable=not (cfg.progress and par.is_writer), desc="crosscoder", unit="step")
     t0, tok0 = time.perf_counter(), tokens_seen
+    bad_step = torch.full((), -1, dtype=torch.long, device=dev)
     while step < cfg.steps:
         try:
             x = next(it)
         except StopIteration:
             bar.write(f"batches ran out at step {step} of {cfg.steps}; stopping there")
             break
-        x = torch.as_tensor(x).to(dev, torch.float32)
-        _check_batch(model, x, step)
+        x = torch.as_tensor(x)
+        _check_batch(model, x, step)  # where the batch was made (the CPU, for a store): no device sync
+        x = x.to(dev, torch.float32)
         if step == 0 and cfg.b_dec_init == "mean":
             with torch.no_grad():
                 model.b_dec.copy_(par.batch_mean(x))
@@ -216,9 +223,10 @@ def train(
             loss = crosscoder_loss(model, x, coef, dead, cfg.auxk_coef, cfg.k_aux, cfg.pre_act_coef,
                                    sparsity=cfg.sparsity, frequency_scale=cfg.frequency_scale,
                                    nested_k_frac=cfg.nested_k_frac, nested_k_coef=cfg.nested_k_coef, mesh=par.mesh)
-        if not torch.isfinite(loss.total):
-            raise FloatingPointError(f"loss became {loss.total.item()} at step {step} (finite inputs); "
-                                     "try a lower lr or autocast=none")
+        # the first step whose loss was not finite, kept on the device: reading it every step would make the
+        # host wait for each step; it is read at every log row and before every checkpoint, which then never
+        # holds the diverged weights
+        bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.total.detach()), step, bad_step)
         opt.zero_grad(set_to_none=True)
         loss.total.backward()
         par.sync_grads(model)
@@ -229,7 +237,7 @@ def train(
         with torch.no_grad():
             fired = par.any_(active_latents(loss.f).any(0))
             since_fired += par.global_rows(x.shape[0])
-            since_fired[fired] = 0
+            since_fired.masked_fill_(fired, 0)  # `since_fired[fired] = 0` would read the mask's size on the host
             if cfg.crosscoder.activation == "batchtopk" and loss.min_kept is not None:
                 # Inference threshold: running mean of the smallest kept activation (Bussmann et al. 2024).
                 r = 1.0 if step == 0 else cfg.topk_threshold_lr
@@ -238,7 +246,10 @@ def train(
                 model.threshold.clamp_(min=0)  # a negative gate would pass negative pre-activations
         step += 1
         tokens_seen += par.global_rows(x.shape[0])
-        if par.is_writer and (step % cfg.log_every == 0 or step == cfg.steps):
+        logs = par.is_writer and (step % cfg.log_every == 0 or step == cfg.steps)
+        if logs or step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            _check_finite_loss(bad_step)
+        if logs:
             xc = x - x.mean(0)
             fvu = (loss.mse_per_source / xc.pow(2).sum(-1).mean(0).clamp(min=1e-12)).tolist()
             row = {"step": step, "tokens_seen": tokens_seen, "lr": sched.get_last_lr()[0],
@@ -262,6 +273,7 @@ def train(
                                                if hasattr(batches, "position") else {})})
         bar.update(1)
     bar.close()
+    _check_finite_loss(bad_step)
     model.eval()
     if eval_batch is not None:
         append_jsonl(out / LOG, {"step": step, "eval": evaluate(model, [eval_batch.to(dev)]), "final": True})
