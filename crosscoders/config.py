@@ -142,6 +142,9 @@ class TrainConfig:
     """Write out_dir/checkpoint/state.pt every this many steps (exact resume from there)."""
     progress: bool = True
     """Show a tqdm progress bar."""
+    prefetch: int = 2
+    """Batches read, checked and (for CUDA) pinned ahead of the step on a background thread
+    (crosscoders/prefetch.py); 0 = read each in the loop. The batches are the same either way."""
 
     @property
     def lr_resolved(self) -> float:

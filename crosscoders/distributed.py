@@ -62,7 +62,10 @@ class ShardedCrosscoder(Crosscoder):
             return super().pre_acts(x)
         S, D, H = self.W_enc.shape
         part = x.to(self.W_enc.dtype).reshape(-1, S * D) @ self.W_enc.reshape(S * D, H)
-        return self.mesh.sum_sources(part) + self.b_enc
+        # Summed in fp32: one process accumulates its single GEMM in fp32 and rounds once; a bf16 all-reduce
+        # (under autocast the partial is bf16) would round at every hop of the ring. Each partial is still
+        # rounded to bf16 once by its GEMM; the result takes the dtype one process would return.
+        return (self.mesh.sum_sources(part.float()) + self.b_enc.float()).to(part.dtype)
 
     def gate_norms(self) -> Tensor:
         n = self.decoder_norms()

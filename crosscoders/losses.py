@@ -141,24 +141,25 @@ def penalty_name(activation: str, sparsity: str) -> str | None:
 
 def batch_topk(pre: Tensor, dec_norm: Tensor, k: float, mesh: Mesh) -> tuple[Tensor, Tensor]:
     """`activations.batch_topk` over the global batch: on one data rank exactly that; on D data ranks keep the
-    k B_global largest relu(pre) N over all of them (each rank sends its own top k B_global scores; the
-    k B_global-th largest of their union is the global cut; ties at the cut keep every tied entry)."""
+    k B_global largest relu(pre) N over all of them, exactly that many, ties at the cut broken by the lowest
+    flat index of the global batch (rank d holds its rows d B/D ...), as one process breaks them. Each rank
+    sends its own top k B_global scores (their union holds the global top) and its counts above and at the
+    cut; no host sync."""
     if mesh.data == 1:
         return A.batch_topk(pre, dec_norm, k)
     with torch.no_grad():
-        scores = (pre * dec_norm).clamp_(min=0)
-        n_keep = max(1, min(scores.numel() * mesh.data, int(round(k * pre.shape[0] * mesh.data))))
-        local = torch.topk(scores.flatten(), min(n_keep, scores.numel()), sorted=False).values
-        cut = torch.topk(mesh.gather_data(local), n_keep, sorted=False).values.min()
-        keep = scores >= cut if cut > 0 else scores > 0
-        if cut > 0:
-            min_kept = cut
-        else:  # fewer positive scores than k B: the smallest positive one anywhere
-            pos = scores[scores > 0]
-            m = (pos.min() if pos.numel() else scores.new_tensor(float("inf"))).reshape(1)
-            min_kept = mesh.reduce_(m, "data", dist.ReduceOp.MIN)[0]
-            min_kept = min_kept if torch.isfinite(min_kept) else scores.new_zeros(())
-    return torch.relu(pre) * keep.to(pre.dtype), min_kept
+        scores = (pre * dec_norm).clamp_(min=0).flatten()
+        n_keep = A.kept_count(k, pre.shape[0] * mesh.data, scores.numel() * mesh.data)
+        local = torch.topk(scores, min(n_keep, scores.numel()), sorted=False).values
+        values = torch.topk(mesh.gather_data(local), n_keep, sorted=False).values  # the global top n_keep
+        cut = values.min()
+        above, tie = scores > cut, scores == cut
+        counts = mesh.gather_data(torch.stack([above.sum(), tie.sum()])).view(mesh.data, 2)
+        # ties go to the lowest global indices: this rank takes what is left after every rank's entries
+        # above the cut and the ties of the ranks before it
+        left = n_keep - counts[:, 0].sum() - counts[: mesh.data_rank, 1].sum()
+        keep = above | A.first_true(tie, left)
+    return torch.relu(pre) * keep.view_as(pre).to(pre.dtype), A.min_positive(values)
 
 
 def pre_act_loss(pre: Tensor, dec_norm: Tensor, threshold: Tensor, dead: Bool[Tensor, " d_sae"]) -> Tensor:
@@ -180,20 +181,23 @@ def auxk_loss(
 ) -> Tensor:
     """AuxK (Gao et al. 2024, App. A.2): the top-k_aux dead latents per token reconstruct the residual of
     the live ones, with W_dec and no bias; scaled down when fewer than k_aux latents are dead. `sparse`:
-    through the selected latents only (`pre` then carries no gradient; sparse.py gives the same one)."""
-    n_dead = int(dead.sum())
-    if n_dead == 0:
-        return pre.new_zeros(())
-    k = min(k_aux, n_dead)
+    through the selected latents only (`pre` then carries no gradient; sparse.py gives the same one).
+    The number of dead latents stays on the device (no host sync): the top k_aux are taken whatever it is,
+    and those that are not dead (fewer than k_aux dead) are masked out of the reconstruction."""
+    if A.host_sync_is_free(dead) and not dead.any():
+        return pre.new_zeros(())  # nothing dead: skip the work where asking costs nothing (the CPU)
+    k = min(k_aux, pre.shape[-1])
     residual = (x - x_hat).detach()
     scores = (torch.relu(pre) * dec_norm).masked_fill(~dead, -1.0)
     top = torch.topk(scores, k, dim=-1)
+    use = dead[top.indices]
     if sparse:
-        recon = S.decode_topk(model, x, pre, top.indices)
+        recon = S.decode_topk(model, x, pre, top.indices, use)
     else:
-        acts = torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(pre).gather(-1, top.indices))
+        vals = torch.relu(pre).gather(-1, top.indices) * use.to(pre.dtype)
+        acts = torch.zeros_like(pre).scatter(-1, top.indices, vals)
         recon = einsum(acts.to(model.W_dec.dtype), model.W_dec, "b h, s h d -> b s d")
-    scale = min(n_dead / k_aux, 1.0)
+    scale = (dead.sum() / k_aux).clamp(max=1.0)
     return scale * (recon - residual).pow(2).sum((-1, -2)).mean()
 
 
@@ -254,7 +258,9 @@ def crosscoder_loss(
         f, min_kept = batch_topk(pre, dec_norm, cfg.k, mesh)
     else:
         f = model.activate(pre)
-    x_hat = S.decode_code(model, x, pre, f) if sparse else model.decode(f)
+    # BatchTopK keeps exactly this many entries: the sparse kernels find them without a host sync
+    n_keep = A.kept_count(cfg.k, x.shape[0], x.shape[0] * cfg.d_sae)
+    x_hat = S.decode_code(model, x, pre, f, n_keep) if sparse else model.decode(f)
     err = (x_hat.float() - x.float()).pow(2).sum(-1)  # [batch, n_sources]
     mse_per_source = err.mean(0)
     mse = mse_per_source.sum()
@@ -275,7 +281,8 @@ def crosscoder_loss(
     nested = None
     if cfg.activation == "batchtopk" and nested_k_frac > 0 and nested_k_coef > 0:
         f_nested = batch_topk(pre, dec_norm, nested_k_frac * cfg.k, mesh)[0]  # the top of the same scores
-        x_nested = S.decode_code(model, x, pre, f_nested) if sparse else model.decode(f_nested)
+        n_nested = A.kept_count(nested_k_frac * cfg.k, x.shape[0], x.shape[0] * cfg.d_sae)
+        x_nested = S.decode_code(model, x, pre, f_nested, n_nested) if sparse else model.decode(f_nested)
         nested = nested_k_coef * nested_topk_mse(x, x_nested)
     total = mse + sparsity_coef * sparsity + aux + (zero if nested is None else nested)
     return LossOutput(total, mse, sparsity, aux, mse_per_source.detach(), f, x_hat, min_kept, nested)

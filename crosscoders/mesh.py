@@ -27,6 +27,49 @@ class MeshError(UserError, ValueError):
     """A distributed layout that cannot work (sizes that do not divide, a resume on another layout)."""
 
 
+DEFAULT_TIMEOUT_S = 3 * 3600.0
+"""How long a collective (a barrier included) waits for the slowest rank before the job fails. Generous: at
+Pythia scale rank 0 alone merges and verifies ~150 GB of harvested shards while the other ranks wait in a
+barrier; at a few hundred MB/s of disk and sha256 that is tens of minutes, and torch's usual 10 minutes
+(NCCL) killed the job there. A dead rank is still noticed at once: torchrun ends the job when a process exits."""
+
+
+def check_device(device: str | torch.device, ranks: int = 1) -> torch.device:
+    """The device `device` names, refused with one clear error if this machine has no such device or fewer
+    GPUs than `ranks` (one GPU per rank): before any model runs, not as a CUDA error deep in the first step."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise UserError(f"device {device!r} is not a torch device ({e}): use 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type != "cuda":
+        if ranks > 1 and dev.type != "cpu":
+            raise UserError(f"{ranks} ranks on device {device!r}: distributed runs use 'cuda' (one GPU per rank) or 'cpu'")
+        return dev
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n == 0:
+        raise UserError(f"device {device!r} but this machine has no usable CUDA GPU (torch.cuda.is_available() is "
+                        "False): set device = 'cpu', or run where a GPU is visible (CUDA_VISIBLE_DEVICES)")
+    if dev.index is not None and dev.index >= n:
+        raise UserError(f"device {device!r} but this machine has {n} CUDA GPU(s) (cuda:0 .. cuda:{n - 1})")
+    if ranks > n:
+        raise UserError(f"{ranks} ranks on device {device!r} but this machine has {n} CUDA GPU(s): one rank per GPU; "
+                        f"set [parallel] nproc_per_node = {n} (or \"auto\")")
+    return dev
+
+
+def resolve_nproc(nproc: int | str, device: str | torch.device) -> int:
+    """Ranks per node: "auto" = one per visible GPU where `device` is CUDA, else 1; a number is checked against
+    the GPUs there are (`check_device`)."""
+    if nproc == "auto":
+        check_device(device)  # "auto" on a CUDA device with no GPU: the same clear error
+        return torch.cuda.device_count() if torch.device(device).type == "cuda" else 1
+    n = int(nproc)
+    if n < 1:
+        raise UserError(f"nproc_per_node must be >= 1 or \"auto\", got {nproc!r}")
+    check_device(device, n)
+    return n
+
+
 class _AllReduceSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, t: Tensor, group: Any) -> Tensor:  # type: ignore[override]
@@ -65,14 +108,21 @@ class Mesh:
 
     @classmethod
     def init(cls, source_parallel: int = 1, device: str = "cpu", backend: str | None = None,
-             timeout_s: float = 600.0) -> Mesh:
-        """Join the torch.distributed job started by torchrun (env:// rendezvous) and build the groups."""
+             timeout_s: float = DEFAULT_TIMEOUT_S) -> Mesh:
+        """Join the torch.distributed job started by torchrun (env:// rendezvous) and build the groups. On CUDA
+        each rank takes `cuda:{LOCAL_RANK}` (the mesh's `device`); a device this node lacks, or more ranks on it
+        than GPUs, is one clear error before the process group starts."""
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        cuda = torch.device(device).type == "cuda"
+        if cuda:
+            check_device(device, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+            device = f"cuda:{local_rank}"
         if not dist.is_initialized():
             if "RANK" not in os.environ:
                 raise MeshError("no torch.distributed job: launch with `torchrun --nproc_per_node=N -m ...`")
-            backend = backend or ("nccl" if str(device).startswith("cuda") else "gloo")
-            if str(device).startswith("cuda"):
-                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            backend = backend or ("nccl" if cuda else "gloo")
+            if cuda:
+                torch.cuda.set_device(local_rank)
             dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
         world, rank = dist.get_world_size(), dist.get_rank()
         P = int(source_parallel)
@@ -81,7 +131,7 @@ class Mesh:
                             f"(torchrun --nproc_per_node): choose a divisor of {world}")
         D = world // P
         d, p = divmod(rank, P)
-        mesh = cls(rank, world, D, P, d, p, device=device)
+        mesh = cls(rank, world, D, P, d, p, device=str(device))
         # every rank must create every group, in the same order (torch.distributed.new_group)
         for dd in range(D):
             g = dist.new_group([dd * P + pp for pp in range(P)])

@@ -28,7 +28,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 if TYPE_CHECKING:
@@ -91,6 +91,16 @@ def _bag_sum(table: Float[Tensor, "n_sources n_table d"], index: Tensor, starts:
     return out.view(S, starts.numel(), D)
 
 
+def latent_sum(values: Float[Tensor, " nnz"], act: Active) -> Float[Tensor, " d_sae"]:
+    """out[i] = sum of `values` over latent i's entries. `index_add_` is the obvious form, but on CUDA it adds
+    with atomics in an order that changes from run to run: not bitwise reproducible, so an exact resume
+    would drift. An embedding_bag over the entries in latent order (a table of one 1) sums each latent's bag
+    in sequence on every device; on the CPU these are index_add_'s additions in index_add_'s order (a
+    latent's entries by ascending row), so the result is bitwise the same (tests/crosscoders/test_sparse.py)."""
+    one = values.new_ones(1, 1, 1)
+    return _bag_sum(one, torch.zeros_like(act.rows_by_col), act.col_starts, values[act.by_col])[0, :, 0]
+
+
 class _ActivePre(torch.autograd.Function):
     """pre[b, i] = sum_s <x[b, s], W_enc[s, :, i]> + b_enc[i] at the active entries. The values come from
     the dense encoder forward already done (the top-k needed all of them); the backward reads only them."""
@@ -108,7 +118,7 @@ class _ActivePre(torch.autograd.Function):
         # dL/dW_enc[s, :, i] = sum_b g[b, i] x[b, s]: bags are latents, the table is x per source.
         x_s = x.transpose(0, 1).contiguous()  # [n_sources, batch, d_in]
         grad_W = _bag_sum(x_s, act.rows_by_col, act.col_starts, g[act.by_col])  # [S, d_sae, d_in]
-        grad_b = g.new_zeros(act.d_sae).index_add_(0, act.cols, g)
+        grad_b = latent_sum(g, act)
         # A transposed view: autograd's AccumulateGrad lays it out like W_enc in its one copy.
         return None, None, grad_W.transpose(1, 2), grad_b, None
 
@@ -145,27 +155,43 @@ class _Decode(torch.autograd.Function):
 
 
 def sparse_decode(model: Crosscoder, x: Float[Tensor, "batch n_sources d_in"], pre: Float[Tensor, "batch d_sae"],
-                  rows: Int[Tensor, " nnz"], cols: Int[Tensor, " nnz"]) -> Float[Tensor, "batch n_sources d_in"]:
+                  rows: Int[Tensor, " nnz"], cols: Int[Tensor, " nnz"],
+                  use: Bool[Tensor, " nnz"] | None = None) -> Float[Tensor, "batch n_sources d_in"]:
     """W_dec^T f with f = pre at the given entries (each with pre > 0, rows sorted) and 0 elsewhere, no
     bias; gradients reach W_enc, b_enc (through pre) and W_dec from those entries only. `pre` is the dense
-    encoder output computed without gradient."""
+    encoder output computed without gradient. `use`: entries to count (False: padding, value and gradient 0),
+    so that the number of entries can be fixed in advance instead of read from the device."""
     act = active(rows, cols, x.shape[0], model.cfg.d_sae)
     vals = _ActivePre.apply(pre, x.to(model.W_enc.dtype), model.W_enc, model.b_enc, act)
+    if use is not None:
+        vals = vals * use.to(vals.dtype)
     return _Decode.apply(vals, model.W_dec, act)
 
 
 def decode_code(model: Crosscoder, x: Float[Tensor, "batch n_sources d_in"], pre: Float[Tensor, "batch d_sae"],
-                f: Float[Tensor, "batch d_sae"]) -> Float[Tensor, "batch n_sources d_in"]:
+                f: Float[Tensor, "batch d_sae"], max_nnz: int | None = None) -> Float[Tensor, "batch n_sources d_in"]:
     """`model.decode(f)` for a top-k code f = relu(pre) * mask (computed without gradient), with the
-    gradients the dense path would give: where f > 0, df/dpre = 1; elsewhere f and its gradient are 0."""
-    rows, cols = f.nonzero(as_tuple=True)
-    return sparse_decode(model, x, pre, rows, cols) + model.b_dec
+    gradients the dense path would give: where f > 0, df/dpre = 1; elsewhere f and its gradient are 0.
+    `max_nnz`: a bound on f's nonzeros known on the host (BatchTopK keeps exactly k B entries); the entries
+    are then found by `nonzero_static` and padded, with no host sync (`nonzero` has to read its size)."""
+    if max_nnz is None:
+        rows, cols = f.nonzero(as_tuple=True)
+        return sparse_decode(model, x, pre, rows, cols) + model.b_dec
+    B, H = f.shape
+    # padding after the real entries (nonzero_static keeps them first, in row order), at the last position
+    idx = torch.nonzero_static(f.flatten(), size=max_nnz, fill_value=B * H - 1).squeeze(1)
+    real = torch.arange(max_nnz, device=f.device) < (f != 0).sum()
+    return sparse_decode(model, x, pre, idx // H, idx % H, real) + model.b_dec
 
 
 def decode_topk(model: Crosscoder, x: Float[Tensor, "batch n_sources d_in"], pre: Float[Tensor, "batch d_sae"],
-                indices: Int[Tensor, "batch k"]) -> Float[Tensor, "batch n_sources d_in"]:
-    """W_dec^T relu(pre) over `indices` per token (AuxK's reconstruction, no bias); entries with pre <= 0
-    give nothing and no gradient, as in the dense form, and are dropped."""
+                indices: Int[Tensor, "batch k"], use: Bool[Tensor, "batch k"] | None = None,
+                ) -> Float[Tensor, "batch n_sources d_in"]:
+    """W_dec^T relu(pre) over `indices` per token (AuxK's reconstruction, no bias), over the entries `use`
+    (default all); entries with pre <= 0 give nothing and no gradient, as in the dense form. They are masked,
+    not dropped: dropping them would make the number of entries a host sync."""
     rows = torch.arange(x.shape[0], device=pre.device)[:, None].expand_as(indices)
     keep = pre.gather(1, indices) > 0
-    return sparse_decode(model, x, pre, rows[keep], indices[keep])
+    if use is not None:
+        keep = keep & use
+    return sparse_decode(model, x, pre, rows.flatten(), indices.flatten(), keep.flatten())

@@ -33,6 +33,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from jaxtyping import Float, Int
 from safetensors.torch import load as st_load
@@ -101,6 +102,8 @@ def _dtype_name(dtype: str | torch.dtype) -> str:
 
 
 _ST_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.int64: "I64"}
+_NP_STORAGE = {"bfloat16": np.uint16, "float16": np.float16, "float32": np.float32}
+"""numpy types that hold the stored bytes (numpy has no bf16: its bits, viewed back as torch.bfloat16)."""
 
 
 def serialize(tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> bytes:
@@ -304,6 +307,7 @@ class ActivationStore:
         self.shard_sizes = [int(s["n_tokens"]) for s in m["shards"]]
         self.n_tokens = sum(self.shard_sizes)
         self._offsets = torch.tensor([0, *self.shard_sizes]).cumsum(0)
+        self._maps: dict[int, np.ndarray] = {}
 
     @property
     def scales(self) -> Float[Tensor, " n_sources"]:
@@ -396,48 +400,88 @@ class ActivationStore:
     def batches(self, batch_size: int, seed: int = 0, normalize: bool = True,
                 shuffle_buffer_tokens: int | None = None, n_epochs: int | None = None,
                 start_batch: int = 0, drop_last: bool = False, device: str | torch.device = "cpu",
-                shuffle_buffer: int | None = None) -> Iterator[Float[Tensor, "batch n_sources d_in"]]:
+                shuffle_buffer: int | None = None, rows: tuple[int, int] = (0, 1),
+                sources: slice = slice(None)) -> Iterator[Float[Tensor, "batch n_sources d_in"]]:
         """Float32 batches `[batch, n_sources, d_in]`, shuffled across shards, deterministic given `seed`.
 
         `n_epochs=None` streams forever (epochs follow each other without a partial batch between them).
-        `shuffle_buffer_tokens` (alias `shuffle_buffer`) bounds memory: the buffer holds that many rows
-        plus at most one shard (default: four average shards). `start_batch=n` yields from batch n on,
-        exactly as if the first n had been consumed. `normalize` multiplies by the manifest's scales."""
+        `shuffle_buffer_tokens` (alias `shuffle_buffer`) bounds the shuffle: it mixes that many rows plus at
+        most one shard (default: four average shards). `start_batch=n` yields from batch n on, exactly as if
+        the first n had been consumed. `normalize` multiplies by the manifest's scales.
+
+        `rows=(d, D)`, `sources`: only block d of D equal row blocks, and those sources, of every batch (a
+        data-parallel rank's share, crosscoders/distributed.py): only those rows are read from disk. The
+        shuffle runs on token indices, so the batches are the same whoever reads them; each row is read
+        where it lies in its shard (memory-mapped), and each shard's sha256 is checked once per reader by
+        one rank, shards d, d + D, ... by rank d (every shard by some rank; rows are checked finite as read)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        d, D = rows
         buf_tokens = shuffle_buffer_tokens if shuffle_buffer_tokens is not None else shuffle_buffer
         if buf_tokens is None:
             buf_tokens = 4 * math.ceil(self.n_tokens / len(self.shard_sizes))
         buf_tokens = max(int(buf_tokens), batch_size)
-        scale = self.scales.to(device)[None, :, None] if normalize else None
+        scale = self.scales[sources].to(device)[None, :, None] if normalize else None
         idx = torch.empty(0, dtype=torch.long)  # global token indices in the buffer
-        data: Tensor | None = None  # their activations (stored dtype) once past start_batch
-        n_batch = 0
+        n_batch, checked = 0, set()
         for kind, val in self._index_stream(batch_size, seed, buf_tokens, n_epochs, drop_last):
             if kind == "shard":
                 lo, hi = int(self._offsets[val]), int(self._offsets[val + 1])
                 idx = torch.cat([idx, torch.arange(lo, hi)])
-                if data is not None:
-                    data = torch.cat([data, self.load_shard(val)["acts"]])
             elif kind == "perm":
                 idx = idx[val]
-                if data is not None:
-                    data = data[val]
             else:
                 if n_batch >= start_batch:
-                    if data is None:
-                        data = self._gather(idx)
-                    x = data[:val].to(device=device, dtype=torch.float32)
-                    data = data[val:]
+                    if val % D:
+                        raise StoreError(f"a global batch of {val} rows does not split over {D} data ranks: "
+                                         "choose a batch_size divisible by the data-parallel size")
+                    mine = idx[:val][d * (val // D):(d + 1) * (val // D)]
+                    self._check_shards(mine, d, D, checked)
+                    x = self._read_rows(mine, sources).to(device=device, dtype=torch.float32)
                     yield x * scale if scale is not None else x
                 idx = idx[val:]
                 n_batch += 1
 
-    def _gather(self, idx: Tensor) -> Tensor:
-        """Activations of global token indices `idx` (in that order), reading one shard at a time."""
-        out = torch.empty((len(idx), self.n_sources, self.d_in), dtype=DTYPES[self.manifest["dtype"]])
-        shard = torch.searchsorted(self._offsets, idx, right=True) - 1
+    def _shard_of(self, idx: Tensor) -> Tensor:
+        return torch.searchsorted(self._offsets, idx, right=True) - 1
+
+    def _check_shards(self, idx: Tensor, d: int, D: int, checked: set) -> None:
+        """sha256 (and shape, dtype, values) of the shards of `idx` that fall to this rank, once each."""
+        for i in self._shard_of(idx).unique().tolist():
+            if i % D == d and i not in checked:
+                self.load_shard(i)
+                checked.add(i)
+
+    def _rows_map(self, i: int) -> np.ndarray:
+        """Shard i's acts as a read-only memory map [n, n_sources, d_in] (raw storage: bf16 as uint16)."""
+        if i not in self._maps:
+            f = self.dir / self.manifest["shards"][i]["file"]
+            try:
+                with open(f, "rb") as fh:
+                    n = int.from_bytes(fh.read(8), "little")
+                    header = json.loads(fh.read(n))
+            except (OSError, ValueError) as e:
+                raise StoreError(f"{f}: not a readable safetensors file ({e})") from None
+            acts, shape = header.get("acts", {}), [self.shard_sizes[i], self.n_sources, self.d_in]
+            if acts.get("shape") != shape or acts.get("dtype") != _ST_DTYPES[DTYPES[self.manifest["dtype"]]]:
+                raise StoreError(f"{f}: acts {acts.get('shape')} {acts.get('dtype')} disagree with "
+                                 f"{self.manifest_path} ({shape}, {self.manifest['dtype']})")
+            self._maps[i] = np.memmap(f, dtype=_NP_STORAGE[self.manifest["dtype"]], mode="r",
+                                      offset=8 + n + acts["data_offsets"][0], shape=tuple(shape))
+        return self._maps[i]
+
+    def _read_rows(self, idx: Tensor, sources: slice = slice(None)) -> Tensor:
+        """Activations (stored dtype) of global token indices `idx`, in that order, sources `sources`: only
+        these rows are read, each shard's in file order."""
+        dtype = DTYPES[self.manifest["dtype"]]
+        n_src = len(range(self.n_sources)[sources])
+        out = torch.empty((len(idx), n_src, self.d_in), dtype=dtype)
+        shard = self._shard_of(idx)
         for i in shard.unique().tolist():
-            rows = (shard == i).nonzero().squeeze(1)
-            out[rows] = self.load_shard(i)["acts"][idx[rows] - self._offsets[i]]
+            pos = (shard == i).nonzero().squeeze(1)
+            local = idx[pos] - self._offsets[i]
+            order = local.argsort()
+            block = self._rows_map(i)[local[order].numpy(), sources]
+            out[pos[order]] = torch.from_numpy(np.ascontiguousarray(block)).view(dtype)
+        _check_finite(out, f"{self.dir} (rows of shards {shard.unique().tolist()})")
         return out

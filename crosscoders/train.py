@@ -37,16 +37,18 @@ from .errors import UserError
 from .evaluation import active_latents, evaluate
 from .io import append_jsonl, read_jsonl, write_json, write_text
 from .losses import crosscoder_loss
+from .mesh import DEFAULT_TIMEOUT_S, check_device
 from .model import Crosscoder
 from .parallel import Local
 from .precision import autocast_context, describe, resolve_autocast
+from .prefetch import Prefetcher
 from .progress import progress_bar
 
 BatchSource = Iterable[Tensor] | Callable[[int], Iterable[Tensor]]
 CHECKPOINT = "checkpoint/state.pt"
 LOG = "train_log.jsonl"
 # Fields that may change between a run and its resume without changing the result.
-_RESUME_FREE = {"progress", "log_every", "eval_every", "checkpoint_every"}
+_RESUME_FREE = {"progress", "log_every", "eval_every", "checkpoint_every", "prefetch"}
 
 
 def warmup_decay(step: int, total: int, warmup: int, decay_start: int, min_frac: float, shape: str) -> float:
@@ -101,6 +103,13 @@ def _iterate(batches: BatchSource, start_step: int) -> Iterator[Tensor]:
     return itertools.islice(iter(batches), start_step, None)
 
 
+def _inputs(it: Iterator[Tensor], dev: torch.device, depth: int, prepare) -> Iterator[Tensor]:
+    """The loop's batches on `dev` in fp32: prefetched `depth` ahead on a thread, or (0) read in the loop."""
+    if depth > 0:
+        return Prefetcher(it, dev, depth, prepare)
+    return (prepare(torch.as_tensor(x), i).to(dev, torch.float32) for i, x in enumerate(it))
+
+
 def _check_batch(model: Crosscoder, x: Tensor, step: int) -> None:
     try:
         model.check_input(x)
@@ -112,6 +121,11 @@ def _check_batch(model: Crosscoder, x: Tensor, step: int) -> None:
             f"batch of step {step} holds {bad} non-finite activation value(s) (NaN/inf); "
             "check the activation store or the model that produced it"
         )
+
+
+def _check_finite_loss(bad_step: Tensor) -> None:
+    if (s := int(bad_step)) >= 0:
+        raise FloatingPointError(f"loss became non-finite at step {s} (finite inputs); try a lower lr or autocast=none")
 
 
 def _resume_key(cfg: TrainConfig) -> dict:
@@ -139,6 +153,9 @@ def train(
     `norm_scale` folded in) and return the saved model (it works on raw activations).
     `parallel`: this rank's share of a torch.distributed run (crosscoders/distributed.py); None = one process."""
     par = parallel or Local()
+    dev = check_device(cfg.device)  # a device this machine lacks: one clear error before any batch is made
+    if par.mesh.world > 1 and dev.type == "cuda":
+        dev = torch.device(par.mesh.device)  # this rank's GPU, cuda:{LOCAL_RANK} (Mesh.init)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / CHECKPOINT
@@ -162,7 +179,6 @@ def train(
     it = _iterate(batches, step)
     cfg, it = _resolve_shapes(cfg, it)
 
-    dev = torch.device(cfg.device)
     model = par.build_model(cfg.crosscoder, dev)
     opt_cls = torch.optim.AdamW if cfg.weight_decay > 0 else torch.optim.Adam
     # fused: one kernel over all parameters; on CPU the step at 8 × 256 × 16384 took 112 ms against 633 ms
@@ -199,69 +215,79 @@ def train(
     model.train()
     bar = progress_bar(total=cfg.steps, initial=step, disable=not (cfg.progress and par.is_writer), desc="crosscoder", unit="step")
     t0, tok0 = time.perf_counter(), tokens_seen
-    while step < cfg.steps:
-        try:
-            x = next(it)
-        except StopIteration:
-            bar.write(f"batches ran out at step {step} of {cfg.steps}; stopping there")
-            break
-        x = torch.as_tensor(x).to(dev, torch.float32)
-        _check_batch(model, x, step)
-        if step == 0 and cfg.b_dec_init == "mean":
+    bad_step = torch.full((), -1, dtype=torch.long, device=dev)
+    # the batches come from a thread that reads and checks them ahead of the step (crosscoders/prefetch.py);
+    # the check runs there, on the tensor the source made (the CPU for a store): no device sync in the loop
+    inputs = _inputs(it, dev, cfg.prefetch, lambda x, i, s0=step: _check_batch(model, x, s0 + i) or x)
+    try:
+        while step < cfg.steps:
+            try:
+                x = next(inputs)
+            except StopIteration:
+                bar.write(f"batches ran out at step {step} of {cfg.steps}; stopping there")
+                break
+            if step == 0 and cfg.b_dec_init == "mean":
+                with torch.no_grad():
+                    model.b_dec.copy_(par.batch_mean(x))
+            coef = sparsity_coef(cfg) * sparsity_factor(cfg, step)
+            dead = since_fired >= cfg.dead_tokens_resolved
+            with amp:
+                loss = crosscoder_loss(model, x, coef, dead, cfg.auxk_coef, cfg.k_aux, cfg.pre_act_coef,
+                                       sparsity=cfg.sparsity, frequency_scale=cfg.frequency_scale,
+                                       nested_k_frac=cfg.nested_k_frac, nested_k_coef=cfg.nested_k_coef, mesh=par.mesh)
+            # the first step whose loss was not finite, kept on the device: reading it every step would make the
+            # host wait for each step; it is read at every log row and before every checkpoint, which then never
+            # holds the diverged weights
+            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.total.detach()), step, bad_step)
+            opt.zero_grad(set_to_none=True)
+            loss.total.backward()
+            par.sync_grads(model)
+            if cfg.grad_clip > 0:
+                par.clip_grad_norm_(model, cfg.grad_clip)
+            opt.step()
+            sched.step()
             with torch.no_grad():
-                model.b_dec.copy_(par.batch_mean(x))
-        coef = sparsity_coef(cfg) * sparsity_factor(cfg, step)
-        dead = since_fired >= cfg.dead_tokens_resolved
-        with amp:
-            loss = crosscoder_loss(model, x, coef, dead, cfg.auxk_coef, cfg.k_aux, cfg.pre_act_coef,
-                                   sparsity=cfg.sparsity, frequency_scale=cfg.frequency_scale,
-                                   nested_k_frac=cfg.nested_k_frac, nested_k_coef=cfg.nested_k_coef, mesh=par.mesh)
-        if not torch.isfinite(loss.total):
-            raise FloatingPointError(f"loss became {loss.total.item()} at step {step} (finite inputs); "
-                                     "try a lower lr or autocast=none")
-        opt.zero_grad(set_to_none=True)
-        loss.total.backward()
-        par.sync_grads(model)
-        if cfg.grad_clip > 0:
-            par.clip_grad_norm_(model, cfg.grad_clip)
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            fired = par.any_(active_latents(loss.f).any(0))
-            since_fired += par.global_rows(x.shape[0])
-            since_fired[fired] = 0
-            if cfg.crosscoder.activation == "batchtopk" and loss.min_kept is not None:
-                # Inference threshold: running mean of the smallest kept activation (Bussmann et al. 2024).
-                r = 1.0 if step == 0 else cfg.topk_threshold_lr
-                model.threshold.mul_(1 - r).add_(r * loss.min_kept.float())
-            if cfg.crosscoder.activation == "jumprelu":
-                model.threshold.clamp_(min=0)  # a negative gate would pass negative pre-activations
-        step += 1
-        tokens_seen += par.global_rows(x.shape[0])
-        if par.is_writer and (step % cfg.log_every == 0 or step == cfg.steps):
-            xc = x - x.mean(0)
-            fvu = (loss.mse_per_source / xc.pow(2).sum(-1).mean(0).clamp(min=1e-12)).tolist()
-            row = {"step": step, "tokens_seen": tokens_seen, "lr": sched.get_last_lr()[0],
-                   "sparsity_coef": coef, "loss": loss.total.item(), "mse": loss.mse.item(),
-                   "sparsity": loss.sparsity.item(), "aux": loss.aux.item(), "fvu": fvu,
-                   **({"nested": loss.nested.item()} if loss.nested is not None else {}),
-                   "l0": active_latents(loss.f).sum(-1).float().mean().item(),
-                   "dead_frac": (since_fired >= cfg.dead_tokens_resolved).float().mean().item(),
-                   "tok_per_s": (tokens_seen - tok0) / max(time.perf_counter() - t0, 1e-9)}
-            append_jsonl(out / LOG, row)
-            bar.set_postfix(loss=f"{row['loss']:.4g}", fvu=f"{sum(fvu) / len(fvu):.3f}", l0=f"{row['l0']:.1f}")
-        if eval_batch is not None and cfg.eval_every and step % cfg.eval_every == 0:
-            append_jsonl(out / LOG, {"step": step, "eval": evaluate(model, [eval_batch])})
-            model.train()
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            par.save_checkpoint(ckpt_path, {"step": step, "tokens_seen": tokens_seen, "model": model.state_dict(),
-                                            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                                            "since_fired": since_fired, "rng": torch.get_rng_state(),
-                                            "train_config": to_dict(cfg),
-                                            **({"data_position": batches.position(step)}
-                                               if hasattr(batches, "position") else {})})
-        bar.update(1)
+                fired = par.any_(active_latents(loss.f).any(0))
+                since_fired += par.global_rows(x.shape[0])
+                since_fired.masked_fill_(fired, 0)  # `since_fired[fired] = 0` would read the mask's size on the host
+                if cfg.crosscoder.activation == "batchtopk" and loss.min_kept is not None:
+                    # Inference threshold: running mean of the smallest kept activation (Bussmann et al. 2024).
+                    r = 1.0 if step == 0 else cfg.topk_threshold_lr
+                    model.threshold.mul_(1 - r).add_(r * loss.min_kept.float())
+                if cfg.crosscoder.activation == "jumprelu":
+                    model.threshold.clamp_(min=0)  # a negative gate would pass negative pre-activations
+            step += 1
+            tokens_seen += par.global_rows(x.shape[0])
+            logs = par.is_writer and (step % cfg.log_every == 0 or step == cfg.steps)
+            if logs or step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                _check_finite_loss(bad_step)
+            if logs:
+                xc = x - x.mean(0)
+                fvu = (loss.mse_per_source / xc.pow(2).sum(-1).mean(0).clamp(min=1e-12)).tolist()
+                row = {"step": step, "tokens_seen": tokens_seen, "lr": sched.get_last_lr()[0],
+                       "sparsity_coef": coef, "loss": loss.total.item(), "mse": loss.mse.item(),
+                       "sparsity": loss.sparsity.item(), "aux": loss.aux.item(), "fvu": fvu,
+                       **({"nested": loss.nested.item()} if loss.nested is not None else {}),
+                       "l0": active_latents(loss.f).sum(-1).float().mean().item(),
+                       "dead_frac": (since_fired >= cfg.dead_tokens_resolved).float().mean().item(),
+                       "tok_per_s": (tokens_seen - tok0) / max(time.perf_counter() - t0, 1e-9)}
+                append_jsonl(out / LOG, row)
+                bar.set_postfix(loss=f"{row['loss']:.4g}", fvu=f"{sum(fvu) / len(fvu):.3f}", l0=f"{row['l0']:.1f}")
+            if eval_batch is not None and cfg.eval_every and step % cfg.eval_every == 0:
+                append_jsonl(out / LOG, {"step": step, "eval": evaluate(model, [eval_batch])})
+                model.train()
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                par.save_checkpoint(ckpt_path, {"step": step, "tokens_seen": tokens_seen, "model": model.state_dict(),
+                                                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                                                "since_fired": since_fired, "rng": torch.get_rng_state(),
+                                                "train_config": to_dict(cfg),
+                                                **({"data_position": batches.position(step)}
+                                                   if hasattr(batches, "position") else {})})
+            bar.update(1)
+    finally:
+        inputs.close()
     bar.close()
+    _check_finite_loss(bad_step)
     model.eval()
     if eval_batch is not None:
         append_jsonl(out / LOG, {"step": step, "eval": evaluate(model, [eval_batch.to(dev)]), "final": True})
@@ -292,6 +318,8 @@ def parser() -> argparse.ArgumentParser:
                             help="end this job after that step (a checkpoint step: set checkpoint_every to divide it), "
                                  "to go on later from the checkpoint, e.g. in scheduler slots shorter than the run (0 = never)")
     dist_group.add_argument("--backend", default=None, help="torch.distributed backend (default: nccl on cuda, gloo on cpu)")
+    dist_group.add_argument("--timeout-s", type=float, default=DEFAULT_TIMEOUT_S,
+                            help="seconds a collective waits for the slowest rank (crosscoders/mesh.py, DEFAULT_TIMEOUT_S)")
     add_arguments(p.add_argument_group("training (TrainConfig)"), TrainConfig)
     add_arguments(p.add_argument_group("model (CrosscoderConfig)"), CrosscoderConfig)
     return p
@@ -308,6 +336,7 @@ def main(argv: list[str] | None = None) -> Crosscoder:
     store_dir, out_dir = ns.pop("store"), ns.pop("out")
     seed_data, eval_tokens = ns.pop("seed_data"), ns.pop("eval_tokens")
     source_parallel, backend, stop = ns.pop("source_parallel"), ns.pop("backend"), ns.pop("stop_at_step")
+    timeout_s = ns.pop("timeout_s")
     cc_fields = set(CrosscoderConfig.__dataclass_fields__)
     cc = json.loads(ns.pop("crosscoder")) if "crosscoder" in ns else {}
     cc.update({k: ns.pop(k) for k in list(ns) if k in cc_fields})
@@ -319,13 +348,14 @@ def main(argv: list[str] | None = None) -> Crosscoder:
     cc.setdefault("n_sources", len(scales))
     cc.setdefault("d_in", int(store.manifest["d_in"]))
     cfg = from_dict(TrainConfig, {**ns, "crosscoder": cc})
+    check_device(cfg.device)
     store.check_matches(cfg.crosscoder.n_sources, cfg.crosscoder.d_in)
     parallel, mesh = None, None
     if "RANK" in os.environ or source_parallel > 1:  # one rank of a torchrun job
         from .distributed import Distributed
         from .mesh import Mesh
 
-        mesh = Mesh.init(source_parallel, device=cfg.device, backend=backend)
+        mesh = Mesh.init(source_parallel, device=cfg.device, backend=backend, timeout_s=timeout_s)
         mesh.source_slice(cfg.crosscoder.n_sources)  # refuse a split that does not divide before any work
         parallel = Distributed(mesh)
         if eval_tokens:
@@ -338,11 +368,10 @@ def main(argv: list[str] | None = None) -> Crosscoder:
 
     def source(start: int) -> Iterator[Tensor]:
         # The store's reader is deterministic for a seed: skip what the checkpoint already consumed.
-        glob = store.batches(cfg.batch_size, seed=seed_data, normalize=True, start_batch=start)
-        if mesh is not None:
-            from .distributed import shard_batches
-
-            glob = shard_batches(mesh, glob, cfg.crosscoder.n_sources)  # this rank's block of each global batch
+        # this rank's rows and sources of each global batch, and only those are read from disk
+        mine = {} if mesh is None else {"rows": (mesh.data_rank, mesh.data),
+                                        "sources": mesh.source_slice(cfg.crosscoder.n_sources)}
+        glob = store.batches(cfg.batch_size, seed=seed_data, normalize=True, start_batch=start, **mine)
         return itertools.islice(glob, max(stop - start, 0)) if stop else glob
 
     try:

@@ -15,8 +15,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 from crosscoders.distributed import Distributed
+from crosscoders.errors import UserError
 from crosscoders.evaluation import evaluate
 from crosscoders.io import write_json
+from crosscoders.mesh import resolve_nproc
 from crosscoders.train import train
 from evolution.context import RunContext
 from evolution.crosscoder.plots import quality_figure
@@ -29,17 +31,27 @@ from evolution.harvest import activations
 class ParallelConfig:
     """How many processes run the harvest (store mode) and crosscoder stages, and how they split the crosscoder."""
 
-    nproc_per_node: int = 1
-    """Ranks torchrun starts for the crosscoder stage (and a store-mode harvest), one per GPU; 1 = this process."""
+    nproc_per_node: int | Literal["auto"] = 1
+    """Ranks torchrun starts for the crosscoder stage (and a store-mode harvest), one per GPU; 1 = this process;
+    "auto" = one per visible GPU where [train] device is CUDA, else 1 (`crosscoders.mesh.resolve_nproc`). More
+    ranks than GPUs, or a CUDA device on a machine without one, is refused before any model runs."""
     source_parallel: int = 1
     """Ranks that split the snapshots (must divide nproc_per_node and the number of snapshots); memory per
     rank falls as 1 / source_parallel. The other factor, nproc_per_node / source_parallel, splits the batch."""
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     """torch.distributed backend: auto = NCCL on CUDA, gloo on the CPU."""
 
+    def __post_init__(self):
+        if self.nproc_per_node != "auto":  # a flag's "8" arrives as a string
+            try:
+                self.nproc_per_node = int(self.nproc_per_node)
+            except ValueError:
+                raise UserError(f"[parallel] nproc_per_node must be a number or \"auto\", got {self.nproc_per_node!r}") from None
+
 
 def crosscoder_ranks(cfg) -> int:
-    return cfg.parallel.nproc_per_node
+    """Ranks of the crosscoder stage: `nproc_per_node` resolved and checked against the GPUs of [train] device."""
+    return resolve_nproc(cfg.parallel.nproc_per_node, cfg.train.device)
 
 
 def crosscoder_stage(ctx: RunContext) -> None:

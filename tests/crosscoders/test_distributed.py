@@ -29,9 +29,8 @@ def make_store(path: Path, n_sources: int = 4) -> Path:
     w = StoreWriter(path, [f"step{i}" for i in range(n_sources)], "blocks.0.hook_resid_post", d_in=8, dtype="float32")
     g = torch.Generator().manual_seed(0)
     for i in range(6):
-        # 1536 distinct tokens, more than the 20 x 64 a test reads: a token met twice in one batch (the reader's
-        # buffer spans epochs) ties with itself at BatchTopK's cut, where one process keeps one of the tied
-        # entries (torch.topk's pick) and ranks keep both
+        # 1536 distinct tokens, more than the 20 x 64 a test reads (a token met twice in one batch ties with
+        # itself at BatchTopK's cut; both sides now break such ties by index, tests/crosscoders/test_losses.py)
         x = TRUTH.batch(i, 256)[:, :n_sources]
         w.add(x + 1e-3 * torch.randn(x.shape, generator=g), torch.arange(256))
     w.finish()
@@ -166,3 +165,77 @@ def test_a_rank_killed_leaves_the_last_complete_checkpoint_and_the_run_resumes(t
     diff = max_diff(train_main(single_args), Crosscoder.load(tmp_path / "two"))
     print(f"max |w_1 - w_2| after kill -9 and resume: {diff:.3g}")
     assert diff < 10 * TOL
+
+
+def test_source_parallel_pre_activations_are_summed_in_fp32_under_bf16():
+    """The partial pre-activations all-reduced over the source group are fp32 (one process accumulates its one
+    GEMM in fp32), and the result has the dtype one process returns."""
+    from crosscoders.config import CrosscoderConfig
+    from crosscoders.distributed import ShardedCrosscoder
+    from crosscoders.mesh import Mesh
+
+    mesh = Mesh(rank=0, world=2, data=1, source=2, data_rank=0, source_rank=0)
+    reduced = []
+    mesh.sum_sources = lambda t: reduced.append(t.dtype) or 2 * t  # this rank's part twice: a stand-in peer
+    cfg = CrosscoderConfig(n_sources=4, d_in=8, d_sae=16, activation="relu")
+    m = ShardedCrosscoder(cfg, mesh)
+    x = torch.randn(5, 2, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pre = m.pre_acts(x)
+        one = Crosscoder(cfg).pre_acts(torch.randn(5, 4, 8))
+    assert reduced == [torch.float32] and pre.dtype == one.dtype == torch.bfloat16
+
+
+def gpus(monkeypatch, n: int) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: n > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
+
+
+def test_devices_this_machine_lacks_are_one_clear_error(monkeypatch, tmp_path):
+    from crosscoders.errors import UserError
+    from crosscoders.mesh import check_device, resolve_nproc
+
+    gpus(monkeypatch, 0)
+    with pytest.raises(UserError, match="no usable CUDA GPU"):
+        check_device("cuda")
+    assert resolve_nproc("auto", "cpu") == 1 and check_device("cpu").type == "cpu"
+    with pytest.raises(UserError, match="not a torch device"):
+        check_device("gpu")
+    gpus(monkeypatch, 2)
+    assert resolve_nproc("auto", "cuda") == 2 and resolve_nproc("auto", "cpu") == 1 and resolve_nproc(2, "cuda") == 2
+    with pytest.raises(UserError, match="has 2 CUDA GPU"):
+        check_device("cuda:3")
+    with pytest.raises(UserError, match="4 ranks on device 'cuda' but this machine has 2"):
+        resolve_nproc(4, "cuda")
+    # the trainer refuses before it asks for a batch (a stream would run the snapshot models for it)
+    gpus(monkeypatch, 0)
+    asked = []
+    with pytest.raises(UserError, match="no usable CUDA GPU"):
+        from crosscoders.config import TrainConfig
+        from crosscoders.train import train
+        train(TrainConfig(device="cuda", steps=2, progress=False), lambda s: asked.append(s) or iter([]), tmp_path)
+    assert asked == []
+
+
+def test_each_rank_takes_its_gpu_and_the_barrier_timeout_is_generous(monkeypatch):
+    import crosscoders.mesh as M
+
+    gpus(monkeypatch, 2)
+    calls = {}
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(M.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(M.torch.cuda, "set_device", lambda i: calls.setdefault("set_device", i))
+    monkeypatch.setattr(M.dist, "init_process_group", lambda backend, timeout: calls.update(backend=backend, timeout=timeout))
+    monkeypatch.setattr(M.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(M.dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(M.dist, "new_group", lambda ranks: tuple(ranks))
+    mesh = M.Mesh.init(2, device="cuda")
+    assert mesh.device == "cuda:1" and calls["set_device"] == 1 and calls["backend"] == "nccl"
+    assert calls["timeout"].total_seconds() >= 3600  # rank 0's merge of a Pythia-scale store outlasts 10 minutes
+    M.Mesh.init(2, device="cuda", timeout_s=60)
+    assert calls["timeout"].total_seconds() == 60
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    with pytest.raises(M.UserError, match="4 ranks on device 'cuda' but this machine has 2"):
+        M.Mesh.init(4, device="cuda")

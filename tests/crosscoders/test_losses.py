@@ -1,19 +1,24 @@
 """Sparsity schemes and losses against hand-written references and analytic expectations."""
 
 import math
+import threading
 
+import pytest
 import torch
+import torch.distributed as dist
 
 from crosscoders import activations as A
 from crosscoders.config import CrosscoderConfig
 from crosscoders.losses import (
     auxk_loss,
+    batch_topk,
     crosscoder_loss,
     l1_penalty,
     tanh_joint_penalty,
     tanh_penalty,
     tanh_quad_penalty,
 )
+from crosscoders.mesh import Mesh
 from crosscoders.model import Crosscoder
 
 
@@ -206,3 +211,85 @@ def test_nested_topk_term_reconstructs_from_the_strongest_entries_of_the_batch()
     torch.testing.assert_close(out.nested, expect)
     torch.testing.assert_close(out.total, out.mse + out.nested)  # no dead latents given: no AuxK
     assert crosscoder_loss(m, x, 1.0).nested is None  # the loss function's default: off
+
+
+class ThreadMesh(Mesh):
+    """Rank `rank` of D data ranks run as threads of this process: the collectives `losses.batch_topk` uses,
+    over shared slots, so the multi-rank rules are checked without torch.distributed."""
+
+    def __init__(self, rank: int, shared: dict):
+        D = shared["barrier"].parties
+        super().__init__(rank, D, D, 1, rank, 0)
+        self.shared = shared
+
+    def _all(self, t):
+        s = self.shared
+        s["slots"][self.rank] = t.clone()
+        s["barrier"].wait()
+        out = list(s["slots"])
+        s["barrier"].wait()
+        return out
+
+    def gather_data(self, t):
+        return torch.cat(self._all(t))
+
+    def reduce_(self, t, group, op=None):
+        parts = torch.stack(self._all(t))
+        return t.copy_(parts.amin(0) if op == dist.ReduceOp.MIN else
+                       parts.amax(0) if op == dist.ReduceOp.MAX else parts.sum(0))
+
+
+def on_data_ranks(D, fn, *args):
+    """`fn(mesh, rank, *args)` on D threaded ranks; their results in rank order."""
+    shared = {"barrier": threading.Barrier(D), "slots": [None] * D}
+    out = [None] * D
+
+    def run(r):
+        out[r] = fn(ThreadMesh(r, shared), r, *args)
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(D)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return out
+
+
+def tied_scores(B=16, H=12):
+    """Pre-activations on a coarse grid, whole rows repeated: many ties, also at the cut (as when the store's
+    reader puts one token twice into a batch)."""
+    g = torch.Generator().manual_seed(4)
+    pre = torch.randint(-2, 4, (B // 2, H), generator=g).float() / 2
+    return torch.cat([pre, pre]), torch.ones(H)
+
+
+def test_batch_topk_keeps_exactly_k_ties_to_the_lowest_index():
+    pre, norm = tied_scores()
+    f, min_kept = A.batch_topk(pre, norm, k=1.5)
+    n_keep = 24  # 1.5 x 16
+    scores = pre.relu().flatten()
+    order = sorted(range(scores.numel()), key=lambda i: (-scores[i].item(), i))  # by score, then index
+    expect = torch.zeros(scores.numel(), dtype=torch.bool)
+    expect[order[:n_keep]] = True
+    assert (scores[expect] == scores[order[n_keep - 1]]).sum() < (scores == scores[order[n_keep - 1]]).sum()  # a tie is cut
+    assert torch.equal(f.flatten() != 0, expect & (scores > 0))
+    assert min_kept.item() == scores[expect].min().item()
+
+
+def test_first_true_sync_free_path_equals_the_cpu_path():
+    g = torch.Generator().manual_seed(0)
+    mask = torch.rand(1000, generator=g) < 0.3
+    for n in (-3, 0, 1, 57, int(mask.sum()), 5000):
+        a = A.first_true(mask, torch.tensor(n), sync_free=True)
+        b = A.first_true(mask, torch.tensor(n), sync_free=False)
+        assert torch.equal(a, b) and int(a.sum()) == min(max(n, 0), int(mask.sum()))
+
+
+@pytest.mark.parametrize("D", [2, 4])
+def test_batch_topk_on_data_ranks_is_the_one_process_code_exactly(D):
+    pre, norm = tied_scores()
+    f_one, min_one = A.batch_topk(pre, norm, k=1.5)
+    rows = pre.shape[0] // D
+    parts = on_data_ranks(D, lambda mesh, r: batch_topk(pre[r * rows:(r + 1) * rows], norm, 1.5, mesh))
+    f = torch.cat([p[0] for p in parts])
+    assert int((f != 0).sum()) <= 24 and torch.equal(f, f_one)  # every tied entry at the cut kept: more than 24
+    assert all(p[1].item() == min_one.item() for p in parts)

@@ -160,3 +160,74 @@ def test_manifest_disagreeing_with_shards(tmp_path):
     mpath.write_text("{not json")
     with pytest.raises(StoreError, match="manifest.json: unreadable"):
         ActivationStore(tmp_path)
+
+
+def _bf16_store(tmp_path):
+    _write(tmp_path, sizes=(30, 17, 41, 30, 25, 33), dtype="bfloat16")
+    return StoreWriter(tmp_path, [f"step{i}" for i in range(S)], "blocks.0.hook_resid_post", D, dtype="bfloat16").finish()
+
+
+def _digest(batches):
+    import hashlib
+
+    h = hashlib.sha256()
+    for x in batches:
+        h.update(str(list(x.shape)).encode())
+        h.update(x.contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def test_reader_batches_are_the_ones_it_read_before_the_row_reads(tmp_path):
+    # digests of the batches of the reader that loaded whole shards into its buffer (commit d8ce1f2)
+    store = _bf16_store(tmp_path)
+    assert _digest(store.batches(20, seed=3, n_epochs=3, shuffle_buffer_tokens=70)) == "972836a528dbe54e"
+    assert _digest(store.batches(20, seed=3, n_epochs=3, shuffle_buffer_tokens=70, start_batch=5)) == "d3d28f14c8b8b45e"
+    assert _digest(store.batches(24, seed=1, normalize=False, n_epochs=2)) == "25be2d8d47dd0cb0"
+
+
+@pytest.mark.parametrize("D,sources", [(2, slice(None)), (4, slice(1, 3))])
+def test_a_data_rank_reads_only_its_rows_and_checks_its_share_of_shards(tmp_path, monkeypatch, D, sources):
+    store = _bf16_store(tmp_path)
+    full = list(store.batches(20, seed=3, n_epochs=2, shuffle_buffer_tokens=70, start_batch=2))
+    read, checked = [], []
+    rows_of, load = ActivationStore._read_rows, ActivationStore.load_shard
+    monkeypatch.setattr(ActivationStore, "_read_rows", lambda self, idx, src=slice(None): read.append(len(idx)) or rows_of(self, idx, src))
+    monkeypatch.setattr(ActivationStore, "load_shard", lambda self, i, check_sha=True: checked.append(i) or load(self, i, check_sha))
+    parts = []
+    for d in range(D):
+        read.clear(), checked.clear()
+        parts.append(list(ActivationStore(tmp_path).batches(20, seed=3, n_epochs=2, shuffle_buffer_tokens=70,
+                                                           start_batch=2, rows=(d, D), sources=sources)))
+        assert read == [len(x) // D for x in full]  # its rows of each batch, nothing else
+        assert checked and all(i % D == d for i in checked) and len(set(checked)) == len(checked)
+    for k, x in enumerate(full):
+        assert torch.equal(torch.cat([p[k] for p in parts]), x[:, sources])
+    with pytest.raises(StoreError, match="does not split over 3 data ranks"):
+        next(store.batches(20, rows=(0, 3)))
+
+
+def test_prefetcher_gives_the_same_batches_stops_cleanly_and_resumes(tmp_path, monkeypatch):
+    from crosscoders.prefetch import Prefetcher
+
+    store = _bf16_store(tmp_path)
+    ref = list(store.batches(16, seed=2, n_epochs=2))
+    with Prefetcher(store.batches(16, seed=2, n_epochs=2), "cpu", depth=3) as p:
+        assert all(torch.equal(a, b) for a, b in zip(p, ref, strict=True))
+    p = Prefetcher(store.batches(16, seed=2, n_epochs=2), "cpu", depth=2)
+    head = [next(p) for _ in range(4)]
+    p.close()  # mid-stream: the thread ends, the reader is closed
+    assert not p._thread.is_alive() and p._source.gi_frame is None
+    with Prefetcher(store.batches(16, seed=2, n_epochs=2, start_batch=4), "cpu") as q:  # a resume at batch 4
+        assert all(torch.equal(a, b) for a, b in zip(head + list(q), ref, strict=True))
+
+    def dies_at_2():
+        yield from ref[:2]
+        raise OSError("disk gone")
+    with Prefetcher(dies_at_2(), "cpu") as p:
+        assert torch.equal(next(p), ref[0]) and torch.equal(next(p), ref[1])
+        with pytest.raises(OSError, match="disk gone"):
+            next(p)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not Prefetcher(iter([]), "cuda").pin  # pinned buffers only where a CUDA driver is there
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert Prefetcher(iter([]), "cuda").pin and not Prefetcher(iter([]), "cpu").pin

@@ -4,7 +4,10 @@ import json
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from crosscoders import activations as A
+from crosscoders import sparse as S
 from crosscoders.config import CrosscoderConfig, TrainConfig
 from crosscoders.dataclass_cli import replace
 from crosscoders.evaluation import evaluate
@@ -185,3 +188,71 @@ def test_ge2025_recipe_is_theirs_and_does_not_cycle_the_store():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert check_epochs(r.train, r.harvest.n_seqs * r.corpus.seq_len) <= 4
+
+
+class HostSyncs(TorchDispatchMode):
+    """Counts the ops that make the host wait for a CUDA device: a scalar read (`.item()`, `bool(t)`, `int(t)`),
+    `nonzero` and boolean-mask indexing (their output size is data-dependent), and copies to the CPU. On the
+    CPU nothing waits, so they are counted here to show what a GPU run would stall on."""
+
+    SIZE_DEPENDENT = {torch.ops.aten.nonzero.default, torch.ops.aten.masked_select.default,
+                      torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default,
+                      torch.ops.aten.equal.default}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        sync = func in self.SIZE_DEPENDENT
+        if func in (torch.ops.aten.index.Tensor, torch.ops.aten.index_put_.default, torch.ops.aten.index_put.default):
+            sync = any(i is not None and i.dtype in (torch.bool, torch.uint8) for i in args[1])
+        if sync:
+            self.count += 1
+            self.ops.append(str(func))
+        return func(*args, **kwargs)
+
+
+def syncs_per_step(monkeypatch, tmp_path, c, src):
+    """Host syncs of each training step (between two calls of the loss), with `.tolist()` / `.cpu()` /
+    `.numpy()` counted too; the devices' sync-free paths taken on the CPU as on CUDA."""
+    import crosscoders.train as T
+
+    monkeypatch.setattr(A, "host_sync_is_free", lambda t: False)
+    counter, marks = HostSyncs(), []
+    loss = T.crosscoder_loss
+    monkeypatch.setattr(T, "crosscoder_loss", lambda *a, **k: marks.append((counter.count, list(counter.ops))) or loss(*a, **k))
+    for name in ("tolist", "cpu", "numpy"):
+        orig = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _orig=orig, _name=name, **k):
+            counter.count += 1
+            counter.ops.append(_name)
+            return _orig(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    with counter:
+        train(c, src, tmp_path)
+    return [(b - a, ops_b[len(ops_a):]) for (a, ops_a), (b, ops_b) in zip(marks, marks[1:], strict=False)]
+
+
+@pytest.mark.parametrize("activation,sparse", [("batchtopk", False), ("batchtopk", True), ("jumprelu", False)])
+def test_training_steps_do_not_wait_for_the_device(tmp_path, monkeypatch, activation, sparse):
+    # steps 1..10 of 12: no log (every 4 -> steps 4 and 8 log), no checkpoint; step 0 initialises b_dec
+    monkeypatch.setitem(S.CROSSOVER, "cpu", 1.0 if sparse else 0.0)
+    c = cfg(activation, steps=12, log_every=4, checkpoint_every=12, autocast="none")
+    per_step = syncs_per_step(monkeypatch, tmp_path, c, TRUTH.batch_source(64))
+    quiet = [n for i, n in enumerate(per_step, 1) if i % 4]  # the step that ends at a log row is not quiet
+    print(f"host syncs per step ({activation}, sparse={sparse}): {[n for n, _ in per_step]}")
+    # the input batch's finite check runs on the prefetch thread (which the counter, thread-local, does not see)
+    assert all(n == 0 for n, _ in quiet), quiet
+
+
+def test_a_diverged_loss_names_its_step_and_is_never_checkpointed(tmp_path):
+    def src(start):
+        for i in range(start, 100):
+            yield TRUTH.batch(i, 32) * (1e25 if i == 5 else 1.0)  # finite, but its squared error overflows
+    with pytest.raises(FloatingPointError, match="non-finite at step 5"):
+        train(cfg(checkpoint_every=6, log_every=100), src, tmp_path)  # read before the checkpoint of step 6
+    assert not (tmp_path / "checkpoint/state.pt").exists()

@@ -95,3 +95,24 @@ def test_harvest_key_leaves_store_runs_cached():
     store, stream = key(HarvestConfig()), key(HarvestConfig(mode="stream", stream_shards=8))
     assert "stream" not in store and store.endswith("autocast='auto')")  # the key runs had before `mode` existed
     assert "mode='stream'" in stream and "stream_shards=8" in stream
+
+
+def test_nproc_per_node_auto_is_one_rank_per_gpu_of_the_training_device(monkeypatch):
+    from types import SimpleNamespace
+
+    from crosscoders.dataclass_cli import from_dict
+    from crosscoders.errors import UserError
+    from evolution.crosscoder.stage import ParallelConfig, crosscoder_ranks
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    cfg = SimpleNamespace(parallel=from_dict(ParallelConfig, {"nproc_per_node": "auto"}), train=SimpleNamespace(device="cuda"))
+    assert crosscoder_ranks(cfg) == 4
+    cfg.train.device = "cpu"
+    assert crosscoder_ranks(cfg) == 1
+    assert from_dict(ParallelConfig, {"nproc_per_node": "8"}).nproc_per_node == 8
+    cfg = SimpleNamespace(parallel=ParallelConfig(nproc_per_node=8), train=SimpleNamespace(device="cuda"))
+    with pytest.raises(UserError, match="8 ranks on device 'cuda' but this machine has 4"):
+        crosscoder_ranks(cfg)
+    with pytest.raises(UserError, match="a number or"):
+        ParallelConfig(nproc_per_node="many")
