@@ -39,6 +39,7 @@ from evolution.geometry.stage import geometry_stage
 from evolution.harvest import harvest_stage
 from evolution.harvest.stage import harvest_ranks
 from evolution.interventions.stage import interventions_stage
+from evolution.memory import check_fits
 from evolution.numbers.stage import numbers_on, numbers_stage
 from evolution.phases.stage import phases_stage
 from evolution.recipe import RunConfig
@@ -187,6 +188,7 @@ def run_study(cfg: RunConfig, force: Sequence[str] = (), only: Sequence[str] = (
         by_name(name)  # an unknown name is an error before anything runs
     stages = study_stages(cfg, only)
     force = tuple(force) + tuple(only)
+    check_fits(cfg, [s.name for s in stages])  # devices exist and every stage fits its memory, before any model runs
     ctx = RunContext(cfg)  # the one snapshot source every stage of this run gets
     kind, repo = parse_source(cfg.snapshots.source)
     if kind == "hf":

@@ -23,14 +23,9 @@ import argparse
 import dataclasses
 import json
 import sys
-from dataclasses import dataclass
 
-# Biderman et al. 2023 (Pythia), Table 1: parameters, layers, d_model.
-PYTHIA = {"pythia-14m": (14_067_712, 6, 128), "pythia-70m": (70_426_624, 6, 512),
-          "pythia-160m": (162_322_944, 12, 768), "pythia-410m": (405_334_016, 24, 1024),
-          "pythia-1b": (1_011_781_632, 16, 2048), "pythia-1.4b": (1_414_647_808, 24, 2048),
-          "pythia-2.8b": (2_775_208_960, 32, 2560), "pythia-6.9b": (6_857_302_016, 32, 4096),
-          "pythia-12b": (11_846_072_320, 36, 5120)}
+from evolution.memory import Shape, shape_of, train_memory
+
 # GPU: (dense bf16 TFLOP/s, GiB of memory, memory TB/s), from the vendors' data sheets (SXM parts).
 GPUS = {"H100": (989.0, 80, 3.35), "H200": (989.0, 141, 4.8), "A100": (312.0, 80, 2.0), "L40S": (362.0, 48, 0.86)}
 ASSUMPTIONS = {
@@ -47,41 +42,6 @@ ASSUMPTIONS = {
 snapshots' forwards (small models run far below peak), local NVMe and NVLink bandwidths, hub download rate,
 fp16 checkpoints on the hub, and the elementwise passes over the fp32 code [batch, (n_sources,) d_sae] per
 training step (gate, penalty, their gradients; memory-bound, at the GPU's memory bandwidth)."""
-
-
-@dataclass
-class Shape:
-    n_sources: int
-    d_model: int
-    n_layers: int
-    params: int
-    layers_run: int
-    seq_len: int
-    tokens_per_seq: int
-
-
-def shape_of(cfg) -> Shape:
-    from crosscoders.harvest import stop_layer
-    from evolution.sources.snapshot_source import parse_source
-
-    kind, hub = parse_source(cfg.snapshots.source)
-    if kind == "hf":
-        from evolution.sources.snapshots import GE2025_STEPS
-
-        key = hub.split("/")[-1].removesuffix("-deduped")
-        if key not in PYTHIA:
-            raise ValueError(f"plan: unknown hub model {hub!r}; known: {', '.join(PYTHIA)}")
-        params, layers, d = PYTHIA[key]
-        n_sources = len(cfg.snapshots.steps or GE2025_STEPS)
-    else:
-        from evolution.sources.pretrain import snapshot_schedule
-
-        m = cfg.pretrain.model.resolved(cfg.corpus.seq_len)
-        d, layers = m.d_model, m.n_layers
-        params = layers * (4 * d * d + 2 * d * m.d_mlp) + 2 * cfg.corpus.vocab_size * d
-        n_sources = len(cfg.snapshots.steps or snapshot_schedule(cfg.pretrain))
-    run = stop_layer(cfg.harvest.hook) or layers
-    return Shape(n_sources, d, layers, params, min(run, layers), cfg.corpus.seq_len, cfg.corpus.seq_len - 1)
 
 
 def plan(cfg, n_gpus: int, gpu: str = "H100", source_parallel: int | None = None) -> dict:
@@ -122,7 +82,7 @@ def plan(cfg, n_gpus: int, gpu: str = "H100", source_parallel: int | None = None
              and (not source_parallel or p == source_parallel)]
     if not cands:
         raise ValueError(f"plan: source_parallel={source_parallel} must divide {n_gpus} GPUs and {sh.n_sources} sources")
-    rows = [(P, _memory(cfg, sh, cc, n_gpus // P, P), _hours(cfg, sh, cc, n_gpus, P, out, fwd_per_tok, gpu))
+    rows = [(P, train_memory(cfg, sh, cc, n_gpus // P, P), _hours(cfg, sh, cc, n_gpus, P, out, fwd_per_tok, gpu))
             for P in cands]
     fits = [r for r in rows if r[1]["total_GiB"] <= 0.9 * gib]
     P, mem, hours = min(fits, key=lambda r: r[2]["total"]) if fits else min(rows, key=lambda r: r[1]["total_GiB"])
@@ -166,23 +126,6 @@ def _hours(cfg, sh: Shape, cc: dict, n_gpus: int, P: int, out: dict, fwd_per_tok
     return hours
 
 
-def _memory(cfg, sh: Shape, cc: dict, D: int, P: int) -> dict:
-    from crosscoders.distributed import state_bytes
-
-    t, h = cfg.train, cfg.harvest
-    B, S, d, H = t.batch_size // D, sh.n_sources // P, sh.d_model, t.crosscoder.d_sae
-    per_source = t.crosscoder.gate == "per_source"
-    code = B * H * (S if per_source else 1)
-    state = state_bytes(cc, P) + 4 * (2 * S * d * H)  # + gradients of W_enc, W_dec
-    acts = 4 * (4 * B * S * d + 2 * B * H + 4 * code)  # x, x_hat and grads; pre and grad; code, gate, penalty, grad
-    models = 4 * S * sh.params if h.mode == "stream" else 0
-    g = 1 << 30
-    return {"state": round(state / g, 2), "activations": round(acts / g, 2), "snapshots": round(models / g, 2),
-            "total_GiB": round((state + acts + models) / g, 2),
-            "host_buffer_GiB": round(4 * h.stream_buffer_seqs * sh.tokens_per_seq * S * d
-                                     * max(1, h.stream_shards // D) / g, 2) if h.mode == "stream" else 0.0}
-
-
 def format_plan(p: dict) -> str:
     m, hrs = p["memory_per_rank_GiB"], p["hours"]
     lines = [f"{p['recipe']} ({p['mode']} mode) on {p['gpus']} x {p['gpu']}: data {p['layout']['data']} x source "
@@ -194,7 +137,7 @@ def format_plan(p: dict) -> str:
              f"{p['activation_disk_GB']['this_recipe']} GB",
              f"  crosscoder: {p['tokens_seen']:,} tokens seen ({p['epochs']} epochs), {p['crosscoder_PFLOP']} PFLOP",
              f"  memory per rank: {m['total_GiB']} GiB (state {m['state']}, batch activations {m['activations']}, "
-             f"snapshots {m['snapshots']}); host shuffle buffer {m['host_buffer_GiB']} GiB",
+             f"snapshots {m['snapshots']}, stream window {m['stream_window']})",
              "  hours: " + ", ".join(f"{k} {v}" for k, v in hrs.items())]
     return "\n".join(lines)
 

@@ -21,7 +21,7 @@ LAYERS = [
     ("evolution.features", "evolution.geometry", "evolution.evaluate", "evolution.numbers", "evolution.interventions"),
     ("evolution.phases",),
     ("evolution.report",),
-    ("evolution.recipe",),
+    ("evolution.recipe", "evolution.memory"),
     ("evolution.pipeline",),
     ("evolution.plan", "evolution.api", "evolution.cli", "evolution"),
 ]

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from crosscoders.distributed import shard_batches
 from crosscoders.errors import UserError
 from crosscoders.harvest import keep_mask, model_acts
 from crosscoders.mesh import Mesh
@@ -65,9 +64,13 @@ class Activations:
         if mesh.rank == 0:
             check_epochs(tcfg, store.n_tokens)  # warns when the run would cycle the stored tokens many times
 
-        def batches(start: int):
-            b = store.batches(tcfg.batch_size, seed=tcfg.crosscoder.seed, normalize=True, start_batch=start)
-            return shard_batches(mesh, b, self.n_sources) if mesh.world > 1 else b
+        if tcfg.batch_size % mesh.data:
+            raise UserError(f"[train] batch_size = {tcfg.batch_size} does not split over {mesh.data} data ranks: "
+                            "choose a batch_size divisible by the data-parallel size")
+
+        def batches(start: int):  # this rank reads only its rows and snapshots of every global batch
+            return store.batches(tcfg.batch_size, seed=tcfg.crosscoder.seed, normalize=True, start_batch=start,
+                                 rows=(mesh.data_rank, mesh.data), sources=mesh.source_slice(self.n_sources))
         return batches
 
     def _stream(self, tcfg, mesh: Mesh) -> ShuffleStream:
@@ -81,7 +84,8 @@ class Activations:
         return ShuffleStream(self.ctx.loaders()[block], corpus.tokens[: h.n_seqs], h.hook, tcfg.batch_size // K,
                              buffer_seqs=h.stream_buffer_seqs, seed=tcfg.crosscoder.seed, data_size=K,
                              data_ranks=range(d * K // D, (d + 1) * K // D), scales=self.scales[block],
-                             model_batch=h.batch_size, bos_token_id=corpus.bos_token_id, autocast=h.autocast)
+                             model_batch=h.batch_size, bos_token_id=corpus.bos_token_id, autocast=h.autocast,
+                             device=h.device)
 
     def eval_batches(self) -> list[Tensor] | object:
         """Raw held-out activations [rows, n_sources, d_in] in batches: the held-out store, or (stream mode)

@@ -20,6 +20,7 @@ from typing import Literal
 from crosscoders.errors import UserError
 from crosscoders.harvest import harvest
 from crosscoders.io import write_json
+from crosscoders.mesh import resolve_nproc
 from crosscoders.stream import measure_stream_scales
 from evolution.context import RunContext
 
@@ -57,7 +58,7 @@ class HarvestConfig:
 
 def harvest_ranks(cfg) -> int:
     """Processes the harvest stage runs on: store mode shares the snapshots over `[parallel] nproc_per_node`."""
-    return cfg.parallel.nproc_per_node if cfg.harvest.mode == "store" else 1
+    return resolve_nproc(cfg.parallel.nproc_per_node, cfg.harvest.device) if cfg.harvest.mode == "store" else 1
 
 
 def store_metadata(ctx: RunContext) -> dict:
