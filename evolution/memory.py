@@ -107,22 +107,26 @@ def saved_tensors(activation: str, gate: str, sparsity: str, k: float = 32.0) ->
     return out
 
 
-def train_memory(cfg, sh: Shape, cc: dict, D: int, P: int) -> dict:
+def train_memory(cfg, sh: Shape, cc: dict, D: int, P: int, snapshot_bytes: int = 4,
+                 saved_code: int | None = None) -> dict:
     """Bytes one rank holds at the peak of a training step: the optimiser state of its block, the gradients,
     the batch (fp32 on the device), the tensors the loss saves (`saved_tensors`) and, at the backward's peak,
-    two more code-sized gradients (the code's and its gate's); in stream mode its snapshots and its shuffle window."""
+    two more code-sized gradients (the code's and its gate's); in stream mode its snapshots (fp32 as they run
+    today: `snapshot_bytes` per parameter) and its shuffle window."""
     from crosscoders.distributed import state_bytes
 
     t, h = cfg.train, cfg.harvest
     B, S, d, H = t.batch_size // D, sh.n_sources // P, sh.d_model, t.crosscoder.d_sae
     per_source = t.crosscoder.gate == "per_source"
     code = B * H * (S if per_source else 1)
-    n = saved_tensors(t.crosscoder.activation, t.crosscoder.gate, t.sparsity, t.crosscoder.k)
+    n = dict(saved_tensors(t.crosscoder.activation, t.crosscoder.gate, t.sparsity, t.crosscoder.k))
+    if saved_code is not None:  # a what-if of `plan --full-study`
+        n["code"] = saved_code
     state = state_bytes(cc, P) + 4 * (2 * S * d * H)  # + gradients of W_enc, W_dec
     acts = 4 * (n["code"] * B * S * H + n["bh"] * B * H + (n["x"] + 2) * B * S * d + n["w"] * S * d * H
                 + (n["sh"] * S + n["h"]) * H + 2 * code)
     stream = h.mode == "stream"
-    models = 4 * S * sh.params if stream else 0
+    models = snapshot_bytes * S * sh.params if stream else 0
     # the shuffle window lives on the snapshots' device (crosscoders/stream.py), fp32 activations
     window = 4 * h.stream_buffer_seqs * sh.tokens_per_seq * S * d * max(1, h.stream_shards // D) if stream else 0
     g = 1 << 30

@@ -37,16 +37,20 @@ ASSUMPTIONS = {
     "hub_download_MBps": 100.0,
     "checkpoint_bytes_per_param": 2,
     "code_passes_per_step": 24,
+    "crosscoder_flop_fraction": 1.0,
 }
 """Assumed, not measured here: fraction of the bf16 dense peak reached by the crosscoder's GEMMs and by the
 snapshots' forwards (small models run far below peak), local NVMe and NVLink bandwidths, hub download rate,
-fp16 checkpoints on the hub, and the elementwise passes over the fp32 code [batch, (n_sources,) d_sae] per
-training step (gate, penalty, their gradients; memory-bound, at the GPU's memory bandwidth)."""
+fp16 checkpoints on the hub, the elementwise passes over the fp32 code [batch, (n_sources,) d_sae] per
+training step (gate, penalty, their gradients; memory-bound, at the GPU's memory bandwidth), and the fraction of
+the dense crosscoder FLOPs the kernels run (1: every gate's training step is dense today but BatchTopK's)."""
 
 
-def plan(cfg, n_gpus: int, gpu: str = "H100", source_parallel: int | None = None) -> dict:
+def plan(cfg, n_gpus: int, gpu: str = "H100", source_parallel: int | None = None, rates: dict | None = None,
+         memory: dict | None = None) -> dict:
     """The plan's figures for `n_gpus` ranks; the layout is the fastest (data x source) split that fits in 90% of
-    the GPU's memory, or `source_parallel` source ranks where given."""
+    the GPU's memory, or `source_parallel` source ranks where given. `rates` replace ASSUMPTIONS entries and
+    `memory` train_memory's what-if arguments (`full_study`)."""
     from crosscoders.distributed import state_bytes
 
     if gpu not in GPUS:
@@ -54,7 +58,7 @@ def plan(cfg, n_gpus: int, gpu: str = "H100", source_parallel: int | None = None
     sh, h, t = shape_of(cfg), cfg.harvest, cfg.train
     cc = {"n_sources": sh.n_sources, "d_in": sh.d_model, "d_sae": t.crosscoder.d_sae, "activation": t.crosscoder.activation}
     gib = GPUS[gpu][1]
-    a = ASSUMPTIONS
+    a = {**ASSUMPTIONS, **(rates or {})}
     fwd_per_tok = 2 * 12 * sh.d_model ** 2 * sh.layers_run + 2 * sh.layers_run * sh.seq_len * sh.d_model
     stored = h.n_seqs * sh.tokens_per_seq
     seen = t.steps * t.batch_size
@@ -82,8 +86,8 @@ def plan(cfg, n_gpus: int, gpu: str = "H100", source_parallel: int | None = None
              and (not source_parallel or p == source_parallel)]
     if not cands:
         raise ValueError(f"plan: source_parallel={source_parallel} must divide {n_gpus} GPUs and {sh.n_sources} sources")
-    rows = [(P, train_memory(cfg, sh, cc, n_gpus // P, P), _hours(cfg, sh, cc, n_gpus, P, out, fwd_per_tok, gpu))
-            for P in cands]
+    rows = [(P, train_memory(cfg, sh, cc, n_gpus // P, P, **(memory or {})),
+             _hours(cfg, sh, cc, n_gpus, P, out, fwd_per_tok, gpu, a)) for P in cands]
     fits = [r for r in rows if r[1]["total_GiB"] <= 0.9 * gib]
     P, mem, hours = min(fits, key=lambda r: r[2]["total"]) if fits else min(rows, key=lambda r: r[1]["total_GiB"])
     out["layout"] = {"data": n_gpus // P, "source": P, "fits": bool(fits)}
@@ -93,17 +97,17 @@ def plan(cfg, n_gpus: int, gpu: str = "H100", source_parallel: int | None = None
     return out
 
 
-def _hours(cfg, sh: Shape, cc: dict, n_gpus: int, P: int, out: dict, fwd_per_tok: float, gpu: str) -> dict:
+def _hours(cfg, sh: Shape, cc: dict, n_gpus: int, P: int, out: dict, fwd_per_tok: float, gpu: str, a: dict) -> dict:
     """Hours per part: the crosscoder and the forwards divide over the ranks (the store-mode harvest over at most
     n_sources of them, one snapshot each); collectives per step: the pre-activation all-reduce in each source group (forward and
     backward) and the gradient all-reduce in each data group (ring: twice the gradient's bytes)."""
     from crosscoders.distributed import state_bytes
 
-    a, t, h = ASSUMPTIONS, cfg.train, cfg.harvest
+    t, h = cfg.train, cfg.harvest
     tflops, _, tbps = GPUS[gpu]
     peak, D = tflops * 1e12, n_gpus // P
     B = t.batch_size // D
-    t_cc = out["crosscoder_FLOP"] / (peak * a["crosscoder_mfu"] * n_gpus)
+    t_cc = out["crosscoder_FLOP"] * a["crosscoder_flop_fraction"] / (peak * a["crosscoder_mfu"] * n_gpus)
     code = B * t.crosscoder.d_sae * (sh.n_sources // P if t.crosscoder.gate == "per_source" else 1)
     t_code = t.steps * a["code_passes_per_step"] * 4 * code / (tbps * 1e12)
     # stream: every rank runs its snapshots on its tokens; store: the harvest splits the snapshots over the ranks
@@ -124,6 +128,48 @@ def _hours(cfg, sh: Shape, cc: dict, n_gpus: int, P: int, out: dict, fwd_per_tok
     hours = {k: round(v / 3600, 3) for k, v in parts.items()}
     hours["total"] = round(sum(parts.values()) / 3600, 2)
     return hours
+
+
+GE2025_TOKENS = 800_000_000
+"""Ge et al. 2025's crosscoder training tokens (OpenMOSS train_pythia_crosscoder.py: total_training_tokens)."""
+FULL_STUDY_STEPS = [
+    ("today's code", {}, {}),
+    ("+ sparse JumpReLU kernels (issue 23 item 3): the encoder forward stays dense, the decoder and the weight "
+     "gradients run through the active entries, ~1/6 of the dense FLOPs", {"crosscoder_flop_fraction": 1 / 6}, {}),
+    ("+ one fused pass over the per-source code per direction instead of ~24 (gate, tanh-quad penalty and their "
+     "gradients in one kernel, as _JumpReLU recomputes the gate)", {"code_passes_per_step": 4}, {"saved_code": 1}),
+    ("+ snapshots in bf16 (fp32 today: SnapshotSource.dtype) with fused attention (SDPA) in the forwards, at MFU 0.4 "
+     "instead of transformer-lens's eager attention at 0.15", {"forward_mfu": 0.4}, {"snapshot_bytes": 2}),
+]
+"""What stands between today's code and Ge et al.'s full study on one GPU in 6 hours, one change at a time; each row
+keeps the ones above it. The rates are the plan's assumptions (no GPU has measured this code yet)."""
+
+
+def full_study(cfg, gpu: str = "H100", n_gpus: int = 1) -> list[dict]:
+    """Ge et al.'s full study, 32 snapshots x 800M tokens in stream mode (zero activation disk), planned on `n_gpus`
+    x `gpu` after each change of FULL_STUDY_STEPS in turn."""
+    t = cfg.train
+    steps = GE2025_TOKENS // t.batch_size
+    h = dataclasses.replace(cfg.harvest, mode="stream", n_seqs=-(-GE2025_TOKENS // (cfg.corpus.seq_len - 1)))
+    full = dataclasses.replace(cfg, harvest=h, train=dataclasses.replace(t, steps=steps))
+    rows, rates, memory = [], {}, {}
+    for name, r, m in FULL_STUDY_STEPS:
+        rates, memory = {**rates, **r}, {**memory, **m}
+        p = plan(full, n_gpus, gpu, rates=rates, memory=memory)
+        rows.append({"change": name, "hours": p["hours"], "memory_GiB": p["memory_per_rank_GiB"]["total_GiB"],
+                     "fits": p["layout"]["fits"], "layout": p["layout"], "tokens_seen": p["tokens_seen"]})
+    return rows
+
+
+def format_full_study(rows: list[dict], gpu: str, n_gpus: int) -> str:
+    lines = [f"Ge et al.'s full study (32 snapshots, {rows[0]['tokens_seen']:,} tokens, stream mode, no activation "
+             f"disk) on {n_gpus} x {gpu}:"]
+    for r in rows:
+        h = r["hours"]
+        lines.append(f"  {h['total']:>6.1f} h  {r['memory_GiB']:>6.1f} GiB{'' if r['fits'] else ' (DOES NOT FIT)'}  "
+                     f"[forwards {h['forwards']:.1f}, matmuls {h['crosscoder_matmuls']:.1f}, elementwise "
+                     f"{h['crosscoder_elementwise']:.1f}, collectives {h['collectives']:.1f}]  {r['change']}")
+    return "\n".join(lines)
 
 
 def format_plan(p: dict) -> str:
@@ -154,6 +200,9 @@ def plan_cli(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--steps", type=int, default=None, help="plan for this many crosscoder steps instead of the recipe's")
     ap.add_argument("--n-seqs", type=int, default=None, help="plan for this many training sequences ([harvest] n_seqs)")
     ap.add_argument("--json", action="store_true", help="print JSON lines instead of text")
+    ap.add_argument("--full-study", action="store_true",
+                    help="also plan Ge et al.'s full study (32 snapshots x 800M tokens, stream mode) after each change "
+                         "that stands between today's code and it")
     ns = ap.parse_args(argv)
     cfg = load_recipe(ns.recipe)
     if ns.steps:
@@ -163,6 +212,11 @@ def plan_cli(argv: list[str] | None = None) -> list[dict]:
     plans = [plan(cfg, int(n), ns.gpu, ns.source_parallel) for n in ns.gpus.split(",")]
     for p in plans:
         print(json.dumps(p) if ns.json else format_plan(p))
+    if ns.full_study:
+        for n in ns.gpus.split(","):
+            rows = full_study(cfg, ns.gpu, int(n))
+            print(json.dumps({"full_study": rows, "gpus": int(n), "gpu": ns.gpu}) if ns.json
+                  else format_full_study(rows, ns.gpu, int(n)))
     if not ns.json:
         print("assumed rates (not measured; see evolution/plan.py): " + json.dumps(ASSUMPTIONS), file=sys.stdout)
     return plans
