@@ -45,16 +45,8 @@ from torch import Tensor, nn
 from .io import save_safetensors
 from .precision import autocast_context, resolve_autocast
 from .progress import progress_bar
-from .store import (
-    DTYPES,
-    MANIFEST,
-    ActivationStore,
-    StoreError,
-    StoreWriter,
-    _read_manifest,
-    tokens_sha256,
-    written_shards,
-)
+from .store import DTYPES, MANIFEST, ActivationStore, StoreError, read_manifest
+from .store_writer import StoreWriter, tokens_sha256, written_shards
 
 ModelLike = nn.Module | Callable[[], nn.Module]
 PARTS = ".parts"
@@ -266,7 +258,7 @@ def harvest(models: Sequence[ModelLike], tokens: Int[Tensor, "n_seq seq_len"], h
         writers = {h: StoreWriter(dirs[h], sources, h, d_in, dtype, meta, stream_id, resume=resume) for h in hooks}
     wait()  # the others read what the writer found (or created) on disk
     if not writer:  # compute in the writer's precision: one store, one precision, as its manifest says
-        m = _read_manifest(dirs[hooks[0]] / MANIFEST)
+        m = read_manifest(dirs[hooks[0]] / MANIFEST)
         precision = "bf16" if m["metadata"]["forward"]["precision"] == "bf16" else "none"
         writers = {h: StoreWriter.attach(dirs[h], f"share{share[0]}") for h in hooks}
     missing = {h: _missing(dirs[h], grid, seq_len) for h in hooks}

@@ -136,7 +136,6 @@ def load_local_snapshot(
     """A local Hugging Face checkpoint directory as a `HookedTransformer`, offline: config, weights and
     tokenizer all come from `path` (transformer-lens 3.9 conversion: `convert_hf_model_config` + the
     family's `convert_*_weights`). Families: FAMILIES (GPT-NeoX/Pythia, GPT-2, Llama-style)."""
-    from transformer_lens import HookedTransformer
     from transformer_lens import loading_from_pretrained as loading
     from transformers import AutoModelForCausalLM
 

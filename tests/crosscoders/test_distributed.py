@@ -14,7 +14,7 @@ import torch
 
 from crosscoders.distributed import _state_bytes, state_bytes
 from crosscoders.model import Crosscoder
-from crosscoders.store import StoreWriter
+from crosscoders.store_writer import StoreWriter
 from crosscoders.synthetic import PlantedFeatures, SyntheticConfig
 from crosscoders.train import main as train_main
 

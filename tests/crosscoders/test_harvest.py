@@ -159,13 +159,13 @@ def test_forwards_run_at_batch_size_whatever_the_shard_size(tmp_path, models, to
     batch_size sequences, and the manifest is not rewritten per shard."""
     import os
 
-    import crosscoders.store as store_mod
+    import crosscoders.store_writer as writer_mod
 
     seen, manifests, fsyncs = [], [], []
     run = HookedTransformer.run_with_cache
     monkeypatch.setattr(HookedTransformer, "run_with_cache", lambda self, t, **kw: (seen.append(len(t)), run(self, t, **kw))[1])
-    write_json = store_mod.write_json
-    monkeypatch.setattr(store_mod, "write_json", lambda p, o: (manifests.append(p), write_json(p, o))[1])
+    write_json = writer_mod.write_json
+    monkeypatch.setattr(writer_mod, "write_json", lambda p, o: (manifests.append(p), write_json(p, o))[1])
     fsync = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: (fsyncs.append(fd), fsync(fd))[1])
     loaders = [lambda m=m: m for m in models]
@@ -186,19 +186,19 @@ def test_ranks_merge_disjoint_shares_into_the_single_process_store(tmp_path, mod
     then writes its own third of the shards; rank 0 writes the manifest once. Byte for byte one process's."""
     import threading
 
-    import crosscoders.store as store_mod
+    import crosscoders.store_writer as writer_mod
 
     loaders = [lambda m=m: m for m in models]
     kw = dict(batch_size=4, shard_seqs=1, progress=False)
     one = harvest(loaders, tokens, HOOK, tmp_path / "one", **kw)
     wrote: dict[str, list[str]] = {}
-    write_bytes = store_mod.write_bytes
+    write_bytes = writer_mod.write_bytes
 
     def record(path, data):
         wrote.setdefault(threading.current_thread().name, []).append(path.name)
         write_bytes(path, data)
 
-    monkeypatch.setattr(store_mod, "write_bytes", record)
+    monkeypatch.setattr(writer_mod, "write_bytes", record)
     barrier = threading.Barrier(3)
     ranks = [threading.Thread(target=harvest, name=f"rank{r}", args=(loaders, tokens, HOOK, tmp_path / "three"),
                               kwargs=dict(own=[r], writer=False, share=(r, 3), wait=barrier.wait, **kw))

@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from crosscoders.store import ActivationStore, StoreError, StoreWriter, shard_name, tokens_sha256
+from crosscoders.store import ActivationStore, StoreError
+from crosscoders.store_writer import StoreWriter, shard_name, tokens_sha256
 
 S, D = 3, 8
 

@@ -135,7 +135,7 @@ def test_evaluate_against_definitions():
 
 
 def test_cli_trains_from_an_activation_store(tmp_path):
-    store = pytest.importorskip("crosscoders.store")
+    store = pytest.importorskip("crosscoders.store_writer")
     from crosscoders.train import main
 
     w = store.StoreWriter(tmp_path / "acts", sources=["step0", "step1", "step2"], hook="blocks.0.hook_resid_post",
@@ -157,7 +157,7 @@ def test_cli_trains_from_an_activation_store(tmp_path):
 
 
 def test_training_many_epochs_over_the_store_warns(tmp_path):
-    from crosscoders.store import StoreWriter
+    from crosscoders.store_writer import StoreWriter
     from crosscoders.train import check_epochs, main
 
     assert check_epochs(TrainConfig(steps=10, batch_size=100), 1000) == 1.0  # 1 epoch: silent

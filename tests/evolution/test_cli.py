@@ -60,7 +60,7 @@ def test_train_module_reports_a_corrupted_store_without_a_traceback(tmp_path):
 
     import torch
 
-    from crosscoders.store import StoreWriter
+    from crosscoders.store_writer import StoreWriter
 
     store = tmp_path / "store"
     w = StoreWriter(store, ["a", "b"], "blocks.0.hook_resid_post", 8, dtype="float32")

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from crosscoders.mesh import Mesh
-from crosscoders.store import ActivationStore, StoreError, StoreWriter
+from crosscoders.store import ActivationStore, StoreError
+from crosscoders.store_writer import StoreWriter
 from crosscoders.train import TrainConfig
 from evolution.harvest.read import Activations
 
@@ -31,7 +32,7 @@ def test_each_rank_verifies_its_share_of_the_shards(tmp_path, monkeypatch):
     for r in range(3):
         monkeypatch.setattr(ActivationStore, "load_shard", lambda self, i, *a, r=r, **k: (
             read.setdefault(r, []).append(i), load(self, i, *a, **k))[1])
-        Activations(None, store.manifest, store).training_batches(TrainConfig(steps=1, batch_size=5), _rank(r, 3))
+        Activations(None, store.manifest, store).training_batches(TrainConfig(steps=1, batch_size=6), _rank(r, 3))
     assert read == {0: [0, 3, 6], 1: [1, 4], 2: [2, 5]}
 
 
@@ -42,7 +43,7 @@ def test_a_damaged_shard_stops_every_rank(tmp_path, monkeypatch):
     data[len(data) // 2] ^= 0xFF  # same size, another sha256
     f.write_bytes(bytes(data))
     acts = Activations(None, store.manifest, store)
-    cfg = TrainConfig(steps=1, batch_size=5)
+    cfg = TrainConfig(steps=1, batch_size=6)
     monkeypatch.setattr(Mesh, "reduce_", lambda self, t, group, op=None: t + 1)  # the other rank's verdict
     with pytest.raises(StoreError, match="shard-00004.*sha256"):
         acts.training_batches(cfg, _rank(1, 3))  # shard 4 is rank 1's
