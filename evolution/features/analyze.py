@@ -110,6 +110,13 @@ def _hook(run: Path) -> str | None:
     return None
 
 
+def _harvest_autocast(run: Path) -> str:
+    """The probes' forwards run in the precision the harvest recorded in the store manifest."""
+    from evolution.features.snapshot_acts import harvest_autocast
+
+    return next((harvest_autocast(m) for m in _manifests(run) if m.get("hook")), "none")
+
+
 def _evenly(steps: list[int], n: int) -> list[int]:
     if n <= 0 or n >= len(steps):
         return list(steps)
@@ -144,7 +151,8 @@ def run_probes(run: Path, crosscoder, steps: list[int], cfg: AnalyzeConfig, sour
     result = probe_features(
         # every source's snapshot: the pre-activation is shared; only `probe_steps` are scored
         crosscoder.to(cfg.device), source.iter(steps, device=cfg.device),
-        tokens, hook, mechanism=mech, steps=steps, cfg=ProbeConfig(max_seqs=cfg.probe_max_seqs),
+        tokens, hook, mechanism=mech, steps=steps,
+        cfg=ProbeConfig(max_seqs=cfg.probe_max_seqs, autocast=_harvest_autocast(run)),
         tokenizer=corpus.tokenizer, bos_token_id=corpus.bos_token_id, probe_steps=probe_steps, **kwargs)
     result.save(run / "analysis")
     return result.table, result.contexts
@@ -190,7 +198,7 @@ def analyze(run_dir: str | Path, cfg: AnalyzeConfig | None = None, source=None) 
         from evolution.features.type_probe import types_for_run
 
         cols = types_for_run(run, crosscoder, steps, _evenly(steps, cfg.probe_snapshots), _hook(run),
-                             cfg.probe_max_seqs, cfg.device, source=source)
+                             cfg.probe_max_seqs, cfg.device, source=source, autocast=_harvest_autocast(run))
         for k, v in (cols or {}).items():
             features[k] = v
         if cols:

@@ -94,6 +94,8 @@ class ProbeConfig:
     """tokens of context shown after the firing token"""
     batch_size: int = 16
     """sequences per forward pass"""
+    autocast: str = "none"
+    """the snapshots' forward precision: the harvest's, read from the store manifest by analyze"""
     max_seqs: int = 256
     """probe stream length cap (sequences); the stream is also the held-out data for the R² scores"""
     max_groups: int = 4096
@@ -300,7 +302,8 @@ def probe_features(
     seq_len = min(cfg.induction_len, (first[1].cfg.n_ctx - 1) // 2, len(vocab))
     ind_tokens = induction_tokens(vocab, seq_len, cfg.induction_seqs, bos, cfg.seed)
     (pre, ind_pre), tok, all_steps = shared_pre_acts(crosscoder, itertools.chain([first], snapshots),
-                                                     [tokens, ind_tokens], hook, steps, cfg.batch_size)
+                                                     [tokens, ind_tokens], hook, steps, cfg.batch_size,
+                                                     autocast=cfg.autocast)
     probe_at = list(probe_steps) if probe_steps is not None else all_steps
     decode = decoder_for(tokenizer or tok)
 

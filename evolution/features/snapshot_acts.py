@@ -19,6 +19,7 @@ from torch import Tensor
 
 from crosscoders.errors import UserError
 from crosscoders.harvest import stop_layer
+from crosscoders.precision import autocast_context, resolve_autocast
 from crosscoders.progress import progress_bar
 
 MAX_PRE_ACT_BYTES = 8 * 2**30
@@ -46,21 +47,26 @@ def check_memory(token_sets: Sequence[Tensor], d_sae: int, max_bytes: int | None
 
 
 @torch.no_grad()
-def _hook_acts(model, hook: str, tokens: Tensor) -> Tensor:
-    _, cache = model.run_with_cache(tokens.to(model.cfg.device), names_filter=hook, stop_at_layer=stop_layer(hook))
+def _hook_acts(model, hook: str, tokens: Tensor, autocast: str = "none") -> Tensor:
+    """`hook`'s activations on `tokens`, the forward in the precision the harvest recorded (`autocast`), so that the
+    probes read the activations the crosscoder was trained on."""
+    dev = torch.device(model.cfg.device)
+    with autocast_context(resolve_autocast(autocast, dev), dev):
+        _, cache = model.run_with_cache(tokens.to(dev), names_filter=hook, stop_at_layer=stop_layer(hook))
     return cache[hook]
 
 
 @torch.no_grad()
 def shared_pre_acts(
     crosscoder, snapshots: Iterable[tuple[int, object]], token_sets: Sequence[Tensor], hook: str,
-    steps: Sequence[int] | None = None, batch_size: int = 16, max_bytes: int | None = None,
+    steps: Sequence[int] | None = None, batch_size: int = 16, max_bytes: int | None = None, autocast: str = "none",
 ) -> tuple[list[Tensor], object, list[int]]:
     """`sum_s W_enc[s] x_s + b_enc` on each token set `[n_seq, seq_len]`, running each source's snapshot once
     (one model held at a time). `snapshots` must cover every source (`steps`: the sources' steps in order;
     without it the snapshots are the sources in order). Returns the pre-activations `[n_seq, seq_len, d_sae]`
     (float32, CPU), the first snapshot's tokenizer (or None) and each source's step. Refuses (`check_memory`)
-    before running any model when that would exceed `max_bytes` (default `MAX_PRE_ACT_BYTES`)."""
+    before running any model when that would exceed `max_bytes` (default `MAX_PRE_ACT_BYTES`). `autocast`: the
+    snapshots' forward precision, the harvest's (`harvest_autocast`)."""
     n_sources, _, d_sae = crosscoder.W_enc.shape
     check_memory(token_sets, d_sae, max_bytes)
     W_enc, dtype = crosscoder.W_enc.detach(), crosscoder.W_enc.dtype
@@ -74,7 +80,7 @@ def shared_pre_acts(
                              f"(steps {list(steps) if steps is not None else list(range(n_sources))})")
         for pre, toks in zip(pres, token_sets, strict=True):
             for lo in range(0, toks.shape[0], batch_size):
-                x = _hook_acts(model, hook, toks[lo : lo + batch_size]).to(W_enc.device, dtype)
+                x = _hook_acts(model, hook, toks[lo : lo + batch_size], autocast).to(W_enc.device, dtype)
                 pre[lo : lo + batch_size] += einsum(x, W_enc[source], "b p d, d h -> b p h").float().cpu()
         seen[source] = int(step)
         tokenizer = tokenizer or getattr(model, "tokenizer", None)
@@ -84,6 +90,13 @@ def shared_pre_acts(
         raise ValueError(f"per-snapshot activations need every source's snapshot (the pre-activation is shared "
                          f"by all sources); missing steps {names}")
     return pres, tokenizer, [seen[s] for s in range(n_sources)]
+
+
+def harvest_autocast(manifest: dict) -> str:
+    """The forward precision a store's activations were computed in (`metadata.forward.precision`, recorded by
+    the harvest), as an autocast setting for the probes' forwards: "bf16" or "none" (fp32; older stores)."""
+    forward = (manifest.get("metadata") or {}).get("forward") or {}
+    return "bf16" if forward.get("precision") == "bf16" else "none"
 
 
 class SnapshotActs:

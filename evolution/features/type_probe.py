@@ -41,7 +41,7 @@ def type_timeline(
     crosscoder, snapshots: Iterable[tuple[int, object]], tokens: Int[Tensor, "n_seq seq_len"], hook: str,
     steps: Sequence[int], probe_steps: Sequence[int] | None = None, bos_token_id: int | None = None,
     cfg: TypeConfig | None = None, induction_len: int = 32, induction_seqs: int = 64, batch_size: int = 16,
-    max_elements: int = HANDOUT_ELEMENTS,
+    max_elements: int = HANDOUT_ELEMENTS, autocast: str = "none",
 ) -> dict:
     """Per probed snapshot: score and z of each type, and the assigned types. `snapshots` must hold every
     source (the pre-activation is shared). Returns {"steps", "score": {type: [d_sae, n]}, "z": {...},
@@ -63,7 +63,8 @@ def type_timeline(
     del first
     L = max(2, min(induction_len, (n_ctx - 1) // 2, len(vocab)))
     rep, ctrl = repeat_and_control(vocab, L, induction_seqs, bos, cfg.seed)
-    pres, _, all_steps = shared_pre_acts(crosscoder, snapshots, [tokens, rep, ctrl], hook, steps, batch_size)
+    pres, _, all_steps = shared_pre_acts(crosscoder, snapshots, [tokens, rep, ctrl], hook, steps, batch_size,
+                                         autocast=autocast)
     keep = (torch.arange(tokens.shape[1]) >= 1)[None, :] & (tokens != bos)
     probe_at = list(probe_steps) if probe_steps is not None else all_steps
     score = {t: [] for t in TYPES}
@@ -102,7 +103,8 @@ def save_type_timeline(result: dict, path: str | Path) -> None:
 
 
 def types_for_run(run: Path, crosscoder, steps: list[int], probe_steps: list[int], hook: str | None,
-                  max_seqs: int = 256, device: str = "cpu", cfg: TypeConfig | None = None, source=None) -> dict | None:
+                  max_seqs: int = 256, device: str = "cpu", cfg: TypeConfig | None = None, source=None,
+                  autocast: str = "none") -> dict | None:
     """`type_timeline` on a run's held-out corpus; writes `analysis/type_scores.safetensors`; returns the
     feature-table columns (`type`, `type_onset_step` — the first probed snapshot of the final run where the
     feature has that type and is present, decoder norm ≥ half its max — and `type_score_<type>` at the last
@@ -126,7 +128,7 @@ def types_for_run(run: Path, crosscoder, steps: list[int], probe_steps: list[int
     source.check_corpus(corpus)
     tokens = corpus.eval_tokens
     res = type_timeline(crosscoder.to(device), source.iter(device=device),
-                        tokens[:max_seqs], hook, steps, probe_steps, corpus.bos_token_id, cfg)
+                        tokens[:max_seqs], hook, steps, probe_steps, corpus.bos_token_id, cfg, autocast=autocast)
     save_type_timeline(res, run / "analysis" / "type_scores.safetensors")
     # presence per probed snapshot (decoder norm >= half its max): what dates a type under the shared gate
     norms = crosscoder.decoder_norms().detach().float().cpu()  # [d_sae, n_sources]

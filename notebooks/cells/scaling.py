@@ -64,6 +64,22 @@ CELLS: list[Cell] = [
     fig.tight_layout()
     """),
     md("""
+    ## Memory per stage, and what the full study needs
+
+    `evolution.memory.stage_memory` predicts each model-running stage's peak memory on its device (the tensors the
+    loss saves are counted by running it, not assumed); `run_study` refuses a stage that cannot fit before any
+    model loads. `benchmarks/dryrun.py` measures the same at Pythia-160M's width on a CPU
+    (`runs/pythia-160m-dryrun.toml`). `plan(..., --full-study)` plans Ge et al.'s full study (32 snapshots ×
+    800M tokens, no activation disk) after each change that stands between today's code and one GPU in 6 hours.
+    """),
+    code("""
+    from evolution.memory import stage_memory
+    from evolution.plan import format_full_study, full_study
+
+    print({stage: f"{b / 2**30:.1f} GiB" for stage, b in stage_memory(cfg).items()})
+    print(format_full_study(full_study(cfg, "H100", 1), "H100", 1))
+    """),
+    md("""
     ## Streaming from Python
 
     `ShuffleStream` runs windows of `buffer_seqs` sequences through every snapshot, shuffles the window's

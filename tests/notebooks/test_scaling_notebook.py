@@ -13,4 +13,4 @@ def test_scaling_notebook(tiny_run, kernel_dirs, offline):  # noqa: F811
     offline.setenv("FE_TRAIN_STEPS", "40")
     nb = execute("08_scaling.ipynb", kernel_dirs)
     out = text_output(nb)
-    assert images(nb) >= 1 and "held-out FVU per snapshot" in out and "'window_seed'" in out
+    assert images(nb) >= 1 and "held-out FVU per snapshot" in out and "DOES NOT FIT" in out and "'window_seed'" in out
