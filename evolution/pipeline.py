@@ -188,7 +188,6 @@ def run_study(cfg: RunConfig, force: Sequence[str] = (), only: Sequence[str] = (
         by_name(name)  # an unknown name is an error before anything runs
     stages = study_stages(cfg, only)
     force = tuple(force) + tuple(only)
-    check_fits(cfg, [s.name for s in stages])  # devices exist and every stage fits its memory, before any model runs
     ctx = RunContext(cfg)  # the one snapshot source every stage of this run gets
     kind, repo = parse_source(cfg.snapshots.source)
     if kind == "hf":
@@ -196,6 +195,7 @@ def run_study(cfg: RunConfig, force: Sequence[str] = (), only: Sequence[str] = (
         require_hub(f"recipe {cfg.name!r} (checkpoints of {repo})", [repo], cache_dir=s.cache_dir,
                     # transformer-lens reads the architecture from `main`, the weights from each revision
                     revisions=["main"] + [hub_revision(repo, step) for step in ctx.steps])
+    check_fits(cfg, [s.name for s in stages])  # devices exist and every stage fits its memory, before any model runs
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     write_json(cfg.run_dir / "run.json", to_dict(cfg))
     return run_stages(ctx, stages, force, log)
