@@ -7,7 +7,7 @@ standin.py) when it is missing, then runs each stage of the study in a process o
 (`feature-evolution <stage>` semantics: `run_study(cfg, only=[stage])`, earlier stages cached), recording
 wall time and the process's peak RSS. A process that only imports the pipeline gives the baseline RSS (Python,
 torch, transformers); `above_baseline_GiB` is what the stage itself needed, compared with
-`evolution.plan.stage_memory` for the same shape (`ratio` = measured / predicted). JSON goes to stdout and to
+`evolution.memory.stage_memory` for the same shape (`ratio` = measured / predicted). JSON goes to stdout and to
 benchmarks/results/<name>.json.
 """
 
@@ -58,7 +58,7 @@ def _run_child(recipe: str, stage: str | None, env: dict) -> dict:
 
 def dryrun(recipe: str, stages: list[str] | None = None) -> dict:
     from evolution.pipeline import study_stages
-    from evolution.plan import stage_memory
+    from evolution.memory import stage_memory
     from evolution.recipe import load_recipe
     from evolution.sources.snapshot_source import parse_source
     from evolution.sources.standin import build_pythia_standin

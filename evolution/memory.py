@@ -171,28 +171,41 @@ def stage_memory(cfg) -> dict[str, int]:
     heads = n_heads(cfg)
     model, load = 4 * sh.params, 8 * sh.params
 
-    def running(batch: int, extra: int = 0) -> int:  # one snapshot resident, running a forward, vs loading it
-        return max(load, model + forward_bytes(batch, T, heads, d) + extra)
+    def running(batch: int, rows: int, extra: int = 0) -> int:  # one snapshot resident, running a forward on
+        return max(load, model + forward_bytes(min(batch, rows), T, heads, d) + extra)  # at most `rows`, vs loading
 
     cc = {"n_sources": S, "d_in": d, "d_sae": H, "activation": t.crosscoder.activation}
     crosscoder_w = 4 * 2 * S * d * H  # W_enc, W_dec in fp32
     # analyze: the probes' shared pre-activations (features.snapshot_acts.check_memory's count) beside the
     # crosscoder and one snapshot (evolution.features.probes: probe rows and the 64 x 65 induction tokens)
-    probe_tokens = min(a.probe_max_seqs, cfg.corpus.n_eval_seqs) * T + 64 * 65
-    probes = 4 * (H * probe_tokens + min(2**26, H * probe_tokens))
+    n_eval = cfg.corpus.n_eval_seqs
+    probe_rows = min(a.probe_max_seqs, n_eval)
+    probe_tokens = probe_rows * T + 64 * 65
+    # the pre-activations and one handed-out block; two GroupR2 sums [2 folds, groups, d_sae] (current and
+    # previous token, evolution.features.probe_stats) over at most max_groups = 4096 token groups
+    groups = min(4096, probe_rows * T)
+    probes = 4 * (H * probe_tokens + min(2**26, H * probe_tokens) + 2 * 2 * groups * H)
+    # Latent Scaling: ~6 code-sized float32 tensors of latent_scaling_rows rows (evolution.features.scaling)
+    from evolution.features.scaling import latent_scaling_rows
+
+    scaling = 4 * 6 * latent_scaling_rows(S, H) * S * H
     ev = cfg.evaluate
-    ev_rows = min(ev.batch_size, ev.n_seqs or cfg.corpus.n_eval_seqs)
-    vocab = sh.vocab
+    ev_rows = min(ev.batch_size, ev.n_seqs or n_eval)
+    iv_rows = min(cfg.interventions.eval_batch_size, cfg.interventions.n_eval_seqs, n_eval)
+    logits = lambda rows: 4 * rows * T * sh.vocab  # noqa: E731  ([rows, seq, vocab] fp32)
+    stat_bytes = 4 if str(cfg.harvest.device).startswith("cuda") else 8
     out = {
-        "harvest": running(h.batch_size),
+        "harvest": running(h.batch_size, h.n_seqs),
         "crosscoder": int(train_memory(cfg, sh, cc, 1, 1)["total_GiB"] * GiB),
-        "analyze": crosscoder_w + probes + running(16),
-        "geometry": running(cfg.geometry.batch_size, 8 * cfg.geometry.n_tokens * (sh.n_layers + 1) * d),
-        # logits, their log-softmax and its gradient-free copy: three [rows, seq, vocab] fp32 tensors
-        "evaluate": running(ev_rows, 3 * 4 * ev_rows * T * vocab),
+        "analyze": crosscoder_w + max(probes + running(16, probe_rows), scaling),
+        # every layer's residual at the sampled positions (fp64 for the metrics)
+        "geometry": running(cfg.geometry.batch_size, n_eval, 8 * cfg.geometry.n_tokens * (sh.n_layers + 1) * d),
+        # the logits (fp32) and four tensors of their shape in the statistics' dtype (evolution.evaluate:
+        # the cast, log-softmax, its exp and their product; fp64 on a CPU, fp32 on a GPU)
+        "evaluate": running(ev_rows, ev_rows, logits(ev_rows) * (1 + 4 * stat_bytes // 4)),
     }
     if cfg.interventions.enabled:
-        out["interventions"] = running(cfg.interventions.eval_batch_size, 3 * 4 * cfg.interventions.eval_batch_size * T * vocab)
+        out["interventions"] = running(iv_rows, iv_rows, logits(iv_rows) * (1 + 4 * stat_bytes // 4))
     return out
 
 

@@ -116,9 +116,9 @@ def _hours(cfg, sh: Shape, cc: dict, n_gpus: int, P: int, out: dict, fwd_per_tok
     comm = t.steps * ((2 * 2 * 4 * B * t.crosscoder.d_sae if P > 1 else 0) +
                       (2 * state_bytes(cc, P) / 3 if D > 1 else 0)) / (a["interconnect_GBps"] * 1e9)
     bytes_el = {"bfloat16": 2, "float16": 2, "float32": 4}[h.dtype]
-    # every rank reads whole global batches of the store (crosscoders.distributed.shard_batches slices them after
-    # the read), so the disk serves n_gpus times the bytes one process reads
-    t_disk = (out["activation_disk_GB"]["store"] / a["disk_write_GBps"] + n_gpus * out["tokens_seen"] * sh.n_sources *
+    # each rank reads only its rows and snapshots of every global batch (crosscoders.store: batches(rows=,
+    # sources=)), so the disk serves the global batches' bytes once
+    t_disk = (out["activation_disk_GB"]["store"] / a["disk_write_GBps"] + out["tokens_seen"] * sh.n_sources *
               sh.d_model * bytes_el / 1e9 / a["disk_read_GBps"]) if h.mode == "store" else 0.0
     if h.mode == "store" and n_gpus > 1:  # the distributed harvest writes one-source parts, then reads and merges them
         t_disk += out["activation_disk_GB"]["store"] * (1 / a["disk_write_GBps"] + 1 / a["disk_read_GBps"])

@@ -20,6 +20,13 @@ import numpy as np
 from crosscoders.io import save_safetensors
 
 
+def latent_scaling_rows(n_sources: int, d_sae: int) -> int:
+    """Held-out rows per Latent Scaling batch: at most 1,024, and at most HANDOUT_ELEMENTS values per code."""
+    from evolution.features.snapshot_acts import HANDOUT_ELEMENTS
+
+    return max(1, min(1024, HANDOUT_ELEMENTS // (n_sources * d_sae)))
+
+
 def latent_scaling_for_run(run: Path, crosscoder, steps: list[int], hook: str | None, max_tokens: int = 16384,
                            absent_frac: float = 0.2, present_frac: float = 0.5) -> dict | None:
     """Feature-table columns from Latent Scaling on the run's held-out activation store, or None (printed why)
@@ -33,7 +40,10 @@ def latent_scaling_for_run(run: Path, crosscoder, steps: list[int], hook: str | 
         return None
     store = ActivationStore(path)
     store.check_matches(crosscoder.cfg.n_sources, crosscoder.cfg.d_in)
-    batch = 1024
+    # rows per batch: latent_scaling holds ~6 [rows, n_sources, d_sae] float32 tensors at once (the code, both
+    # projections, the latent's own contribution and einsum temporaries), so a batch is bounded by HANDOUT_ELEMENTS
+    # values each (256 MiB): 341 rows at 8 x 24,576, 85 at Pythia-160M's 32 snapshots, 1,024 on the demo
+    batch = latent_scaling_rows(crosscoder.cfg.n_sources, crosscoder.cfg.d_sae)
     n_batches = max(1, min(max_tokens, store.n_tokens) // batch)
 
     def batches():

@@ -108,7 +108,9 @@ def collect_resid(
             batch_seqs = seqs[start : start + batch_size]
             batch = tokens[batch_seqs]
             if hooked:
-                _, cache = model.run_with_cache(batch, names_filter=lambda n: n in names)
+                # stop before ln_final and the unembedding: their [batch, seq, vocab] logits are unused
+                # (412 MB a sequence pair at Pythia's 50,304 tokens, and the cost of three blocks)
+                _, cache = model.run_with_cache(batch, names_filter=lambda n: n in names, stop_at_layer=n_layers)
                 acts = [cache[n] for n in names]
             else:
                 acts = hf_residual(model, batch)[1]
