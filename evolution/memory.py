@@ -21,6 +21,7 @@ PYTHIA = {"pythia-14m": (14_067_712, 6, 128), "pythia-70m": (70_426_624, 6, 512)
           "pythia-2.8b": (2_775_208_960, 32, 2560), "pythia-6.9b": (6_857_302_016, 32, 4096),
           "pythia-12b": (11_846_072_320, 36, 5120)}
 
+
 @dataclass
 class Shape:
     n_sources: int

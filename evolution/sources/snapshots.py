@@ -160,6 +160,7 @@ def load_local_snapshot(
             tmp, hf_cfg=hf_model.config.to_dict(), fold_ln=proc["fold_ln"], device=device, dtype=dtype
         )
     state_dict = loading.get_pretrained_state_dict(str(path), cfg, hf_model, dtype=dtype)
+    del hf_model  # what the state dict does not share with it goes now; the rest as `_assemble` copies it
     return _assemble(cfg, state_dict, tokenizer, proc)
 
 
@@ -167,8 +168,9 @@ def _assemble(cfg, state_dict: dict, tokenizer, proc: dict[str, bool]) -> Hooked
     """A `HookedTransformer` holding `state_dict` (transformer-lens names). Unprocessed weights (the default
     here) are loaded in one `load_state_dict` into a model built without its random initialisation: what
     transformer-lens 3.9's `load_and_process_state_dict` does with every processing flag off, minus its
-    key-by-key loading (one walk of the module tree per key: 245 walks for Pythia-160M, 6-8 s of Python per
-    snapshot on a 2-core CPU, about half of each load) and the wasted initialisation."""
+    `load_state_dict` per key (one walk of the module tree per key: 245 walks for Pythia-160M, 6-8 s of Python
+    per snapshot on a 2-core CPU, about half of each load) and the wasted initialisation. Like it, each source
+    tensor is dropped once copied, so a load holds the model and at most one copy of its weights."""
     from transformer_lens import HookedTransformer
 
     if any(proc.values()):
@@ -177,7 +179,14 @@ def _assemble(cfg, state_dict: dict, tokenizer, proc: dict[str, bool]) -> Hooked
     else:
         cfg.init_weights = False
         model = HookedTransformer(cfg, tokenizer, move_to_device=False)
-        model.load_state_dict(model.fill_missing_keys(state_dict), strict=False)
+        state_dict = model.fill_missing_keys(state_dict)
+        targets = model.state_dict(keep_vars=True)
+        with torch.no_grad():  # key by key, dropping each source tensor once copied: one extra copy at most
+            for key in list(state_dict):
+                value = state_dict.pop(key)
+                if key in targets:  # transformer-lens loads with strict=False too
+                    targets[key].copy_(value)
+                del value
     model.move_model_modules_to_device()
     return model.eval()
 
