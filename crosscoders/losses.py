@@ -251,8 +251,10 @@ def crosscoder_loss(
     model.check_input(x)
     penalty = penalty_name(cfg.activation, sparsity)
     # the sparse kernels decode this process's whole code: one rank only
-    jump = (cfg.activation == "jumprelu" and sparse is not False and mesh.world == 1 and model.training
-            and penalty in SJ.PENALTIES)
+    # jumprelu: the sparse set is counted on the host, so `sparse=None` tries it only where that is free
+    jump = (cfg.activation == "jumprelu" and mesh.world == 1 and model.training and penalty in SJ.PENALTIES
+            and (sparse is True or (sparse is None and SJ.measured(model.per_source, x.device)
+                                    and A.host_sync_is_free(x))))
     jump_forced = sparse is True
     if sparse is None:
         sparse = S.pays(cfg.k, cfg.d_sae, x.device)
@@ -290,7 +292,8 @@ def crosscoder_loss(
     elif cfg.activation != "batchtopk":
         sparsity = PENALTIES[penalty](f.to(up), dec_norm.to(up), model, cfg.tanh_scale, frequency_scale, mesh)
     if cfg.activation == "jumprelu":
-        if pre_act_coef > 0 and dead is not None:
+        # sparse path: where nothing is dead (asking is free there), no columns to read
+        if pre_act_coef > 0 and dead is not None and (code is None or bool(dead.any())):
             th, p, n = model.threshold.clamp(min=0), pre, dec_norm
             if code is not None:  # the loss reads the dead latents' columns only
                 p, n, th, dead = SJ.dead_columns(model, x, pre, dec_norm, th, dead)

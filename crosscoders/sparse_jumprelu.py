@@ -21,9 +21,9 @@ tanh_joint, tanh_quad, l1: zero where f = 0), both over E. So the loss and every
 
 The pre-activation loss (Anthropic Jan 2025) pulls every token of a dead latent, so it stays dense over the
 dead columns only (`columns_pre`: one GEMM of their width in the backward). The loss and every gradient equal
-the dense path's to float rounding (tests/crosscoders/test_sparse_jumprelu.py). The window test is the
-kernel's own expression, so E holds exactly the entries the dense backward reads. Entries are counted on
-the host (`nonzero`): a sync, free on the CPU.
+the dense path's to float rounding (tests/crosscoders/test_sparse_jumprelu.py). E is found by the kernel's
+bound in pre's units, loosened so that it holds every entry the dense backward reads. Entries are counted
+on the host (`nonzero`): a sync, free on the CPU.
 """
 
 from __future__ import annotations
@@ -70,29 +70,36 @@ class Code(NamedTuple):
 
 @torch.no_grad()
 def gate(pre: Float[Tensor, "batch d_sae"], dec_norm: Tensor, threshold: Tensor, bandwidth: float) -> Code:
-    """Open and window entries of jumprelu(pre, dec_norm, threshold, bandwidth), with the kernel's own
-    float expressions so that E is exactly what the dense backward reads."""
-    per_source = dec_norm.ndim == 2
-    p = pre.unsqueeze(-2) if per_source else pre
-    th = threshold.to(pre.dtype)
-    z = p * dec_norm  # [batch, n_sources, d_sae] under the per-source gate
-    f = p * (z > th).to(pre.dtype)
-    # open or in the window: (z - theta) / eps > -0.5 (an open entry has z - theta > 0 exactly, so the
-    # window's upper bound never excludes one)
-    keep = z.sub_(th).div_(bandwidth) > -0.5
-    del z
+    """The sparse set E of jumprelu(pre, dec_norm, threshold, bandwidth): every open or window entry, and the
+    few just below the window that rounding could put in it (they add nothing). The kernel keeps z = pre N
+    with (z - theta) / eps > -0.5, so E is pre > (theta - eps / 2) / N, loosened by 1e-4 of theta + eps:
+    one comparison per entry against a [n_sources, d_sae] cut, the code built from E's values alone (the
+    per-source code has n_sources d_sae entries per token, each pass over it as long as the encoder's GEMM)."""
     B, H = pre.shape
-    if not per_source:
-        rows, cols = keep.nonzero(as_tuple=True)
+    th = threshold.to(pre.dtype)  # as the kernel rounds it (bf16 under autocast)
+    t = th.to(dec_norm.dtype)
+    cut = (t - 0.5 * bandwidth - 1e-4 * (t.abs() + bandwidth)) / dec_norm  # N = 0: +-inf
+    f = torch.zeros((B, *dec_norm.shape), dtype=pre.dtype, device=pre.device)
+    if dec_norm.ndim == 1:
+        rows, cols = (pre > cut).nonzero(as_tuple=True)
+        vals = pre[rows, cols]
+        f[rows, cols] = vals * (vals * dec_norm[cols] > th[cols]).to(pre.dtype)  # the kernel's open test
         pairs = active(rows, cols, B, H)
         return Code(f, rows, cols, None, None, pairs, pairs, rows.numel() / (B * H))
     S = dec_norm.shape[0]
-    rows, srcs, cols = keep.nonzero(as_tuple=True)
-    any_ = keep.any(1)
-    pair_rows, pair_cols = any_.nonzero(as_tuple=True)
-    pair = (any_.flatten().cumsum(0) - 1)[rows * H + cols]
+    rows, srcs, cols = (pre.unsqueeze(-2) > cut).nonzero(as_tuple=True)
+    vals = pre[rows, cols]
+    f[rows, srcs, cols] = vals * (vals * dec_norm[srcs, cols] > th[cols]).to(pre.dtype)
+    # the distinct (token, latent) pairs, in row-major order, from the entries (not a pass over the code)
+    keys, pair = torch.unique(rows * H + cols, sorted=True, return_inverse=True)
+    pair_rows, pair_cols = keys // H, keys % H
     entries = active(rows * S + srcs, srcs * H + cols, B * S, S * H)
     return Code(f, rows, cols, srcs, pair, active(pair_rows, pair_cols, B, H), entries, pair_rows.numel() / (B * H))
+
+
+def measured(per_source: bool, device: torch.device | str) -> bool:
+    """Whether `CROSSOVER` has a figure for this gate and device (elsewhere the dense path)."""
+    return (torch.device(device).type, "per_source" if per_source else "shared") in CROSSOVER
 
 
 def pays(code: Code, per_source: bool, device: torch.device | str) -> bool:
