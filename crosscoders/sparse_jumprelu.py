@@ -42,11 +42,11 @@ if TYPE_CHECKING:
     from .model import Crosscoder
 
 # Largest fraction of (token, latent) pairs in E at which the sparse step beats the dense one, per gate.
-# CPU, measured (`python -m benchmarks.run --only jumprelu`, benchmarks/jumprelu_bench.py): loss forward +
-# backward at batch 1024 x 8 sources x d_in 128 -> d_sae 4096, sparse / dense speedup at densities 0.018,
-# 0.067, 0.13, 0.26: shared gate 3.06, 1.80, 1.13, 0.56; per-source gate (every open pair open in all 8
-# sources, its worst case) 2.56, 1.68, 0.96, 0.55. Off the CPU not measured: dense.
-CROSSOVER = {("cpu", "shared"): 1 / 8, ("cpu", "per_source"): 1 / 10}
+# CPU, measured (`python -m benchmarks.run --only jumprelu`, benchmarks/README.md): loss forward + backward at
+# batch 1024 x 8 sources x d_in 128 -> d_sae 4096, sparse / dense speedup at densities 0.018, 0.067, 0.13,
+# 0.26: shared gate 3.23, 1.85, 1.31, 0.51; per-source gate (every open pair open in all 8 sources, its
+# worst case) 4.79, 1.89, 1.04, 0.44. So sparse up to 1/8 for both. Off the CPU not measured: dense.
+CROSSOVER = {("cpu", "shared"): 1 / 8, ("cpu", "per_source"): 1 / 8}
 
 
 class Code(NamedTuple):
