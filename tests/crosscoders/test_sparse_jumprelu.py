@@ -45,7 +45,7 @@ def code_of(m, x):
 
 
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
-@pytest.mark.parametrize("penalty", ["auto", "tanh", "tanh_quad"])
+@pytest.mark.parametrize("penalty", ["auto", "tanh", "tanh_quad", "l1"])
 @pytest.mark.parametrize("ste", [False, True], ids=["deepmind", "ste_to_input"])
 @pytest.mark.parametrize("gate", ["shared", "per_source"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
