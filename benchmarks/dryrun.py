@@ -57,8 +57,8 @@ def _run_child(recipe: str, stage: str | None, env: dict) -> dict:
 
 
 def dryrun(recipe: str, stages: list[str] | None = None) -> dict:
-    from evolution.pipeline import study_stages
     from evolution.memory import stage_memory
+    from evolution.pipeline import study_stages
     from evolution.recipe import load_recipe
     from evolution.sources.snapshot_source import parse_source
     from evolution.sources.standin import build_pythia_standin

@@ -1,4 +1,4 @@
-"""`python -m benchmarks.run [--quick] [--only train|peer|harvest|crossover] [--device cuda]`: JSON to stdout and to
+"""`python -m benchmarks.run [--quick] [--only train|peer|harvest|crossover|jumprelu] [--device cuda]`: JSON to stdout and to
 `benchmarks/results/<name>.json`. See benchmarks/README.md for what each figure means."""
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from crosscoders.io import write_json
 
 from .common import machine, matmul_peak
 from .harvest_bench import HarvestShape, harvest_cases, harvest_memory_isolated
+from .jumprelu_bench import jumprelu_crossover_case, scheme_step_case
 from .peer_bench import crossover_case, peer_case
 from .train_bench import Shape, train_case, train_case_isolated
 
@@ -30,6 +31,12 @@ QUICK_PEER_SHAPES = [Shape(256, 2, 16, 64), Shape(256, 2, 16, 4096)]
 # Dense vs sparse kernels over k / d_sae (`--only crossover`): where sparse.CROSSOVER comes from.
 CROSSOVER = [(Shape(4096, 2, 128, 4096), [64, 128, 256, 512]), (Shape(4096, 8, 256, 4096), [128, 256, 512, 1024])]
 QUICK_CROSSOVER = [(Shape(256, 2, 16, 512), [4, 64])]
+# Sparse JumpReLU (`--only jumprelu`): dense vs sparse per gate over the open fraction (sparse_jumprelu.CROSSOVER),
+# then per-source JumpReLU's training step against BatchTopK's at the demo shape (k 16) and the large one (k 32).
+JUMPRELU_CROSSOVER = (Shape(1024, 8, 128, 4096), [1 / 64, 1 / 16, 1 / 8, 1 / 4])
+JUMPRELU_STEPS = [(Shape(384, 21, 128, 1024), 16.0), (Shape(4096, 8, 256, 16384), 32.0)]
+QUICK_JUMPRELU_CROSSOVER = (Shape(64, 3, 8, 256), [1 / 64, 1 / 4])
+QUICK_JUMPRELU_STEPS = [(Shape(64, 3, 8, 256), 4.0)]
 HARVEST_SHAPE = HarvestShape(n_models=4, d_model=256, n_layers=4, layer=1, n_seq=16, seq_len=128)
 # Memory of the two strategies: 8 snapshots of a d_model 512 x 4-layer model (~84 MiB each in fp32).
 MEMORY_SHAPE = HarvestShape(n_models=8, d_model=512, n_layers=4, layer=1, n_seq=32, seq_len=128)
@@ -44,7 +51,7 @@ class BenchConfig:
     quick: bool = False
     """Tiny shapes, one step each, no subprocesses: a smoke run in seconds."""
     only: str = ""
-    """Run only "train", "peer", "harvest" or "crossover" ("" = train, peer and harvest)."""
+    """Run only "train", "peer", "harvest", "crossover" or "jumprelu" ("" = train, peer and harvest)."""
     device: str = ""
     """Torch device ("" = cuda when available, else cpu)."""
     steps: int = 0
@@ -95,6 +102,15 @@ def run(cfg: BenchConfig) -> dict:
         result["crossover"] = [crossover_case(shape, ks, repeats=1 if cfg.quick else 3, device=device)
                                for shape, ks in (QUICK_CROSSOVER if cfg.quick else CROSSOVER)]
         for case in result["crossover"]:
+            print(json.dumps(case), flush=True)
+    if cfg.only == "jumprelu":
+        shape, rhos = QUICK_JUMPRELU_CROSSOVER if cfg.quick else JUMPRELU_CROSSOVER
+        repeats = 1 if cfg.quick else 2
+        result["jumprelu_crossover"] = [jumprelu_crossover_case(shape, gate, rhos, repeats, device)
+                                        for gate in ("shared", "per_source")]
+        result["jumprelu_steps"] = [scheme_step_case(shape, k, repeats, device)
+                                    for shape, k in (QUICK_JUMPRELU_STEPS if cfg.quick else JUMPRELU_STEPS)]
+        for case in result["jumprelu_crossover"] + result["jumprelu_steps"]:
             print(json.dumps(case), flush=True)
     if cfg.only in ("", "harvest"):
         shape = QUICK_HARVEST_SHAPE if cfg.quick else HARVEST_SHAPE

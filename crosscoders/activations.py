@@ -82,7 +82,8 @@ class _JumpReLU(torch.autograd.Function):
         ste = (z - threshold).div_(ctx.bandwidth)
         ste = ((ste > -0.5) & (ste < 0.5)).to(grad_out.dtype).div_(ctx.bandwidth).mul_(grad_out).mul_(pre)
         del z
-        grad_theta = -ste.reshape(-1, threshold.shape[-1]).sum(0).to(threshold.dtype)
+        # elementwise (the sparse kernels' entries, possibly none): theta's gradient is ste itself
+        grad_theta = -(ste.reshape(-1, threshold.shape[-1]).sum(0) if ste.ndim > 1 else ste).to(threshold.dtype)
         grad_norm = None
         if ctx.ste_to_input:  # the estimate also reaches z = pre N
             grad_pre = grad_pre + _sum_to(ste * dec_norm, pre.shape)

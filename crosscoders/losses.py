@@ -24,6 +24,7 @@ from torch import Tensor
 
 from . import activations as A
 from . import sparse as S
+from . import sparse_jumprelu as SJ
 from .mesh import Mesh
 from .model import Crosscoder
 
@@ -232,9 +233,11 @@ def crosscoder_loss(
     "l1_l2", "tanh", "tanh_joint", "tanh_quad" (Ge et al. 2025, with `frequency_scale`); batchtopk has none, and with
     `nested_k_frac` > 0 adds `nested_k_coef` x `nested_topk_mse` of the top `nested_k_frac * k` (0 = off).
 
-    `sparse` (batchtopk): decode and backpropagate through the active latents only (crosscoders/sparse.py:
-    the same loss and gradients, faster when k / d_sae is small); None = where it pays (`sparse.pays`).
-    The returned code `f` then carries no gradient.
+    `sparse` (batchtopk, jumprelu): decode and backpropagate through the active latents only (crosscoders/sparse.py;
+    jumprelu, either gate, through its open and threshold-window entries: crosscoders/sparse_jumprelu.py, every
+    penalty but l1_l2): the same loss and gradients, faster when the code is sparse; None = where it pays
+    (`sparse.pays` on k / d_sae; jumprelu: `sparse_jumprelu.pays` on each batch's entries). The returned code
+    `f` then carries no gradient.
 
     `mesh`: this rank's place in a distributed run (crosscoders/mesh.py; `model` its `ShardedCrosscoder`, whose
     pre-activations and shared-gate norms already sum over the source group). The result is this rank's share
@@ -246,34 +249,55 @@ def crosscoder_loss(
     cfg = model.cfg
     mesh = mesh or Mesh.single()
     model.check_input(x)
+    penalty = penalty_name(cfg.activation, sparsity)
+    # the sparse kernels decode this process's whole code: one rank only
+    # jumprelu: the sparse set is counted on the host, so `sparse=None` tries it only where that is free
+    jump = (cfg.activation == "jumprelu" and mesh.world == 1 and model.training and penalty in SJ.PENALTIES
+            and (sparse is True or (sparse is None and SJ.measured(model.per_source, x.device)
+                                    and A.host_sync_is_free(x))))
+    jump_forced = sparse is True
     if sparse is None:
         sparse = S.pays(cfg.k, cfg.d_sae, x.device)
-    # the sparse kernels decode this process's whole code: one rank only
     sparse = sparse and cfg.activation == "batchtopk" and not model.per_source and mesh.world == 1
-    with torch.no_grad() if sparse else contextlib.nullcontext():
+    with torch.no_grad() if sparse or jump else contextlib.nullcontext():
         pre = model.pre_acts(x)
+    with torch.no_grad() if sparse else contextlib.nullcontext():
         dec_norm = model.gate_norms()  # [d_sae] shared, [n_sources, d_sae] per-source
+    code = None
+    if jump:  # jumprelu: the gate's entries decide, batch by batch, whether the sparse step pays
+        th = model.threshold.clamp(min=0)
+        code = SJ.gate(pre, dec_norm, th, cfg.jumprelu_bandwidth)
+        if not (jump_forced or SJ.pays(code, model.per_source, x.device)):
+            pre, code = SJ.columns_pre(model, x, pre), None  # the dense path, from the pre already computed
     min_kept = None
     if cfg.activation == "batchtopk":
         f, min_kept = batch_topk(pre, dec_norm, cfg.k, mesh)
     else:
-        f = model.activate(pre)
+        f = model.activate(pre) if code is None else code.f
     # BatchTopK keeps exactly this many entries: the sparse kernels find them without a host sync
     n_keep = A.kept_count(cfg.k, x.shape[0], x.shape[0] * cfg.d_sae)
-    x_hat = S.decode_code(model, x, pre, f, n_keep) if sparse else model.decode(f)
+    if code is not None:
+        x_hat, f_E, N_E = SJ.forward(model, x, pre, dec_norm, th, code)
+    else:
+        x_hat = S.decode_code(model, x, pre, f, n_keep) if sparse else model.decode(f)
     err = (x_hat.float() - x.float()).pow(2).sum(-1)  # [batch, n_sources]
     mse_per_source = err.mean(0)
     mse = mse_per_source.sum()
     zero = mse.new_zeros(())
     aux = zero
-    penalty = penalty_name(cfg.activation, sparsity)
     sparsity = zero  # from here on the penalty's value
-    if cfg.activation != "batchtopk":
-        sparsity = PENALTIES[penalty](f.float(), dec_norm.float(), model, cfg.tanh_scale, frequency_scale, mesh)
+    up = torch.promote_types(f.dtype, torch.float32)  # penalties in fp32 at least (fp64 stays fp64)
+    if code is not None:
+        sparsity = SJ.PENALTIES[penalty](f_E.to(up), N_E.to(up), code, cfg.tanh_scale, frequency_scale)
+    elif cfg.activation != "batchtopk":
+        sparsity = PENALTIES[penalty](f.to(up), dec_norm.to(up), model, cfg.tanh_scale, frequency_scale, mesh)
     if cfg.activation == "jumprelu":
-        if pre_act_coef > 0 and dead is not None:
-            th = model.threshold.clamp(min=0)
-            gap = pre_act_loss(model.gate_input(pre).float(), dec_norm.float(), th, dead)
+        # sparse path: where nothing is dead (asking is free there), no columns to read
+        if pre_act_coef > 0 and dead is not None and (code is None or bool(dead.any())):
+            th, p, n = model.threshold.clamp(min=0), pre, dec_norm
+            if code is not None:  # the loss reads the dead latents' columns only
+                p, n, th, dead = SJ.dead_columns(model, x, pre, dec_norm, th, dead)
+            gap = pre_act_loss(model.gate_input(p).to(up), n.to(up), th, dead)
             aux = pre_act_coef * (gap if model.per_source else _shared_share(gap, mesh))
     elif cfg.activation == "batchtopk" and dead is not None and auxk_coef > 0:
         aux = auxk_coef * auxk_loss(model, x.float(), x_hat.float(), pre.float(), dec_norm.float(), dead,

@@ -20,7 +20,7 @@ rows-by-token and both weight gradients latent-by-latent, over the sources stack
 AuxK's reconstruction from the top-k_aux dead latents (Gao et al. 2024) goes through the same kernels
 (`decode_topk`). The loss and every gradient equal the dense path's to float rounding
 (tests/crosscoders/test_sparse.py); `losses.crosscoder_loss` switches to them for batchtopk (whose gate is shared)
-where `pays` says they are faster.
+where `pays` says they are faster. JumpReLU, either gate, goes through the same kernels (sparse_jumprelu.py).
 """
 
 from __future__ import annotations

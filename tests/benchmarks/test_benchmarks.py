@@ -31,6 +31,15 @@ def test_crossover_mode(tmp_path):
     assert [r["k"] for r in rows] == [4, 64] and all(r["speedup"] > 0 for r in rows)
 
 
+def test_jumprelu_mode(tmp_path):
+    result = main(["--quick", "--only", "jumprelu", "--name", "x", "--results-dir", str(tmp_path)])
+    assert [c["gate"] for c in result["jumprelu_crossover"]] == ["shared", "per_source"]
+    for case in result["jumprelu_crossover"]:
+        assert all(r["speedup"] > 0 and 0 < r["density"] <= 1 for r in case["rows"])
+    (step,) = result["jumprelu_steps"]
+    assert step["jumprelu_over_batchtopk"] > 0 and step["jumprelu_l0"] > 0
+
+
 def test_quick_run_writes_valid_json(tmp_path, capsys):
     result = main(["--quick", "--name", "smoke", "--results-dir", str(tmp_path)])
     saved = json.loads((tmp_path / "smoke.json").read_text())
