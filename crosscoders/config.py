@@ -142,6 +142,10 @@ class TrainConfig:
     """Write out_dir/checkpoint/state.pt every this many steps (exact resume from there)."""
     progress: bool = True
     """Show a tqdm progress bar."""
+    sparse: bool | None = None
+    """Decode and backpropagate through the active latents only (crosscoders/sparse.py, sparse_jumprelu.py: the
+    same loss and gradients): None = where it pays (measured crossovers; dense on CUDA), true / false to pin it
+    (a CPU rehearsal of a GPU run pins false to hold what the GPU will)."""
     prefetch: int = 2
     """Batches read, checked and (for CUDA) pinned ahead of the step on a background thread
     (crosscoders/prefetch.py); 0 = read each in the loop. The batches are the same either way."""

@@ -48,7 +48,7 @@ BatchSource = Iterable[Tensor] | Callable[[int], Iterable[Tensor]]
 CHECKPOINT = "checkpoint/state.pt"
 LOG = "train_log.jsonl"
 # Fields that may change between a run and its resume without changing the result.
-_RESUME_FREE = {"progress", "log_every", "eval_every", "checkpoint_every", "prefetch"}
+_RESUME_FREE = {"progress", "log_every", "eval_every", "checkpoint_every", "prefetch", "sparse"}
 
 
 def warmup_decay(step: int, total: int, warmup: int, decay_start: int, min_frac: float, shape: str) -> float:
@@ -233,7 +233,7 @@ def train(
             dead = since_fired >= cfg.dead_tokens_resolved
             with amp:
                 loss = crosscoder_loss(model, x, coef, dead, cfg.auxk_coef, cfg.k_aux, cfg.pre_act_coef,
-                                       sparsity=cfg.sparsity, frequency_scale=cfg.frequency_scale,
+                                       sparse=cfg.sparse, sparsity=cfg.sparsity, frequency_scale=cfg.frequency_scale,
                                        nested_k_frac=cfg.nested_k_frac, nested_k_coef=cfg.nested_k_coef, mesh=par.mesh)
             # the first step whose loss was not finite, kept on the device: reading it every step would make the
             # host wait for each step; it is read at every log row and before every checkpoint, which then never

@@ -110,7 +110,8 @@ def saved_tensors(activation: str, gate: str, sparsity: str, k: float = 32.0) ->
 
 def train_memory(cfg, sh: Shape, cc: dict, D: int, P: int, snapshot_bytes: int = 4,
                  saved_code: int | None = None) -> dict:
-    """Bytes one rank holds at the peak of a training step: the optimiser state of its block, the gradients,
+    """Bytes one rank holds at the peak of a training step of the dense kernels (what CUDA runs; where the sparse
+    ones run, `[train] sparse`, a CPU holds less): the optimiser state of its block, the gradients,
     the batch (fp32 on the device), the tensors the loss saves (`saved_tensors`) and, at the backward's peak,
     two more code-sized gradients (the code's and its gate's); in stream mode its snapshots (fp32 as they run
     today: `snapshot_bytes` per parameter) and its shuffle window."""
