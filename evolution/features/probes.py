@@ -60,7 +60,6 @@ groups with scores of this kind and find they form in that order during pre-trai
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -73,7 +72,7 @@ from torch import Tensor
 from crosscoders.io import save_safetensors, write_json
 from crosscoders.progress import progress_bar
 from evolution.features.probe_stats import FoldMoments, GroupR2, LabelMass, group_ids
-from evolution.features.snapshot_acts import SnapshotActs, shared_pre_acts
+from evolution.features.snapshot_acts import SnapshotActs, put_back, shared_pre_acts
 from evolution.features.top_contexts import StreamingTopK, contexts_from_topk, decoder_for
 from evolution.sources.planted import MECHANISMS
 
@@ -301,9 +300,10 @@ def probe_features(
         raise ValueError("probe_features got no snapshots")
     seq_len = min(cfg.induction_len, (first[1].cfg.n_ctx - 1) // 2, len(vocab))
     ind_tokens = induction_tokens(vocab, seq_len, cfg.induction_seqs, bos, cfg.seed)
-    (pre, ind_pre), tok, all_steps = shared_pre_acts(crosscoder, itertools.chain([first], snapshots),
-                                                     [tokens, ind_tokens], hook, steps, cfg.batch_size,
-                                                     autocast=cfg.autocast)
+    snapshots = put_back([first], snapshots)
+    del first  # one model in memory at a time: this frame must not keep the first one through the others' loads
+    (pre, ind_pre), tok, all_steps = shared_pre_acts(crosscoder, snapshots, [tokens, ind_tokens], hook, steps,
+                                                     cfg.batch_size, autocast=cfg.autocast)
     probe_at = list(probe_steps) if probe_steps is not None else all_steps
     decode = decoder_for(tokenizer or tok)
 

@@ -10,7 +10,7 @@ activations by rows.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from einops import einsum
@@ -73,7 +73,12 @@ def shared_pre_acts(
     pres = [crosscoder.b_enc.detach().float().cpu().expand(*t.shape, d_sae).clone() for t in token_sets]
     seen: dict[int, int] = {}
     tokenizer = None
-    for i, (step, model) in enumerate(progress_bar(snapshots, desc="encoding snapshots", unit="snapshot")):
+    # a bar updated by hand and a counter, not tqdm(snapshots) or enumerate(snapshots): both keep the previous
+    # item, the previous model, alive while the next one loads
+    bar = progress_bar(desc="encoding snapshots", unit="snapshot")
+    i = -1
+    for step, model in snapshots:
+        i += 1
         source = list(steps).index(step) if steps is not None and step in steps else i
         if source >= n_sources or (steps is not None and step not in steps):
             raise ValueError(f"snapshot step {step} is not one of the crosscoder's {n_sources} sources "
@@ -84,12 +89,22 @@ def shared_pre_acts(
                 pre[lo : lo + batch_size] += einsum(x, W_enc[source], "b p d, d h -> b p h").float().cpu()
         seen[source] = int(step)
         tokenizer = tokenizer or getattr(model, "tokenizer", None)
+        del model  # before the next snapshot loads: one model in memory at a time
+        bar.update(1)
+    bar.close()
     missing = sorted(set(range(n_sources)) - set(seen))
     if missing:
         names = [steps[m] for m in missing] if steps is not None else missing
         raise ValueError(f"per-snapshot activations need every source's snapshot (the pre-activation is shared "
                          f"by all sources); missing steps {names}")
     return pres, tokenizer, [seen[s] for s in range(n_sources)]
+
+
+def put_back(box: list, rest: Iterable) -> Iterator:
+    """The item in `box` (taken out of it), then `rest`: `itertools.chain([first], rest)` keeps `first` (a model)
+    alive until the chain ends, through every later snapshot's load. The caller drops its own reference."""
+    yield box.pop()
+    yield from rest
 
 
 def harvest_autocast(manifest: dict) -> str:

@@ -9,7 +9,6 @@ Writes nothing itself; `analyze` saves `analysis/type_scores.safetensors` and th
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from crosscoders.io import save_safetensors
-from evolution.features.snapshot_acts import HANDOUT_ELEMENTS, SnapshotActs, shared_pre_acts
+from evolution.features.snapshot_acts import HANDOUT_ELEMENTS, SnapshotActs, put_back, shared_pre_acts
 from evolution.features.types import TYPES, TypeConfig, assign_types, induction_type_stats, stream_type_stats
 
 
@@ -59,7 +58,7 @@ def type_timeline(
     if first is None:
         raise ValueError("type_timeline got no snapshots")
     n_ctx = getattr(getattr(first[1], "cfg", None), "n_ctx", 2 * induction_len + 1)
-    snapshots = itertools.chain([first], snapshots)
+    snapshots = put_back([first], snapshots)
     del first
     L = max(2, min(induction_len, (n_ctx - 1) // 2, len(vocab)))
     rep, ctrl = repeat_and_control(vocab, L, induction_seqs, bos, cfg.seed)
