@@ -5,8 +5,8 @@
 Builds the recipe's offline hub cache of random-weight Pythia-160M `step{N}` revisions (evolution/sources/
 standin.py) when it is missing, then runs each stage of the study in a process of its own
 (`feature-evolution <stage>` semantics: `run_study(cfg, only=[stage])`, earlier stages cached), recording
-wall time and the process's peak RSS. A process that only imports the pipeline gives the baseline RSS (Python,
-torch, transformers); `above_baseline_GiB` is what the stage itself needed, compared with
+wall time and the process's peak RSS. A process that only imports the pipeline and transformer-lens gives the
+baseline RSS (Python, torch, transformers, transformer-lens); `above_baseline_GiB` is what the stage itself needed, compared with
 `evolution.memory.stage_memory` for the same shape (`ratio` = measured / predicted). JSON goes to stdout and to
 benchmarks/results/<name>.json.
 """
@@ -42,6 +42,9 @@ def _child(recipe: str, stage: str | None) -> None:
     from evolution.pipeline import run_study
     from evolution.recipe import load_recipe
 
+    if not stage:  # the baseline holds the libraries every model-running stage loads, not their data
+        import transformer_lens  # noqa: F401
+        import transformers  # noqa: F401
     t0 = time.perf_counter()
     if stage:
         run_study(load_recipe(recipe), only=[stage], log=lambda s: print(s, file=sys.stderr, flush=True))

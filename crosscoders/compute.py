@@ -42,3 +42,21 @@ def tf32(device: str | torch.device) -> Iterator[None]:
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def release_memory(device: str | torch.device = "cpu") -> None:
+    """Hand memory freed by a dropped snapshot back: on the CPU glibc keeps freed heap pages (a Pythia-160M load
+    left 0.2-0.5 GiB resident after its model was dropped, and the peak grew by 0.3 GiB over 8 snapshots;
+    `malloc_trim` returns them), on CUDA the caching allocator keeps freed blocks for the next snapshot's
+    differently shaped tensors (`empty_cache`)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        pass

@@ -42,6 +42,7 @@ from jaxtyping import Bool, Float, Int
 from safetensors import safe_open
 from torch import Tensor, nn
 
+from .compute import release_memory
 from .io import save_safetensors
 from .precision import autocast_context, resolve_autocast
 from .progress import progress_bar
@@ -316,7 +317,9 @@ def harvest(models: Sequence[ModelLike], tokens: Int[Tensor, "n_seq seq_len"], h
                     if b in blocks[h]:
                         save_safetensors(part(h, j, b), {"acts": x})
                 bar.update(1)
+            dev = _device(model) if model is not None else "cpu"
             del model
+            release_memory(dev)
         bar.close()
         wait()  # every process's parts are on disk
         _merge(grid, hooks, missing, share, part, write, len(models), progress)

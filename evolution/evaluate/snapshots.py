@@ -41,7 +41,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from crosscoders.compute import model_device, stat_dtype, tf32
+from crosscoders.compute import model_device, release_memory, stat_dtype, tf32
 from crosscoders.dataclass_cli import config_hash, to_dict
 from crosscoders.io import save_safetensors, write_json
 from crosscoders.progress import progress_bar
@@ -165,7 +165,9 @@ def evaluate_snapshots(
         if V not in tables:  # reference distributions over the model's output vocabulary
             tables[V] = (unigram_log_probs_table(corpus.tokens, V, cfg.alpha, bos), bigram_table(corpus.tokens, V, cfg.alpha, bos))
         vals = evaluate_snapshot(model, tokens, keep, *tables[V], batch_size=cfg.batch_size)
+        dev = model_device(model)
         del model
+        release_memory(dev)
         save_safetensors(out / f"step{step}.safetensors", vals)
         rows[step] = _summary_row(step, vals, mech, names)
         write(complete=False)

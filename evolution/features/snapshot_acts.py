@@ -17,6 +17,7 @@ from einops import einsum
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from crosscoders.compute import release_memory
 from crosscoders.errors import UserError
 from crosscoders.harvest import stop_layer
 from crosscoders.precision import autocast_context, resolve_autocast
@@ -90,6 +91,7 @@ def shared_pre_acts(
         seen[source] = int(step)
         tokenizer = tokenizer or getattr(model, "tokenizer", None)
         del model  # before the next snapshot loads: one model in memory at a time
+        release_memory(W_enc.device)
         bar.update(1)
     bar.close()
     missing = sorted(set(range(n_sources)) - set(seen))

@@ -27,7 +27,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from crosscoders.compute import model_device
+from crosscoders.compute import model_device, release_memory
 from crosscoders.dataclass_cli import config_hash, to_dict
 from crosscoders.io import write_json
 from crosscoders.progress import progress_bar
@@ -234,6 +234,7 @@ def geometry(run_dir: str | Path, cfg: GeometryConfig | None = None, source=None
     for step, model in source.iter(todo, device=cfg.device) if todo else []:
         result = model_geometry(model, tokens, cfg)
         del model
+        release_memory(cfg.device)
         header = {"layers": result["layers"], "hooks": result["hooks"], "n_tokens": result["n_tokens"]}
         done[step] = result["metrics"]
         _write(out_path, done, header, cfg, key, complete=False)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from crosscoders.compute import model_device, tf32
+from crosscoders.compute import model_device, release_memory, tf32
 from crosscoders.dataclass_cli import config_hash, to_dict
 from crosscoders.io import write_json
 from crosscoders.progress import progress_bar
@@ -124,7 +124,9 @@ def interventions(run_dir: str | Path, steps: Sequence[int], loaders: Sequence[C
                 _write(path, done, cfg, key, complete=False)
             if step in effects_src:
                 effects[step] = top_effects(logit_effects_matrix(model, effects_src[step]), cfg.top_k)
+        dev = model_device(model)
         del model
+        release_memory(dev)
         bar.update(1)
     bar.close()
     data = _write(path, {s: done[s] for s in steps}, cfg, key, complete=True)
