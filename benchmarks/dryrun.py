@@ -116,6 +116,23 @@ def format_table(out: dict) -> str:
     return "\n".join(lines)
 
 
+def markdown_table(out: dict) -> str:
+    """The stage table as the README shows it."""
+    rows = ["| stage | seconds | peak GiB | above the idle process | predicted (`stage_memory`) | measured / predicted |",
+            "|---|---|---|---|---|---|"]
+    for r in out["stages"]:
+        if not r["ok"]:
+            rows.append(f"| {r['stage']} | failed (exit {r['returncode']}) | | | | |")
+            continue
+        pred = f"{r['predicted_GiB']:.2f}" if "predicted_GiB" in r else "—"
+        ratio = f"{r['ratio']:.2f}" if "ratio" in r else "—"
+        rows.append(f"| {r['stage']} | {r['seconds']:.0f} | {r['peak_GiB']:.2f} | {r['above_baseline_GiB']:.2f} | "
+                    f"{pred} | {ratio} |")
+    total = sum(r.get("seconds", 0) for r in out["stages"])
+    rows.append(f"| all | {total:.0f} | | | | |")
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> dict | None:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.dryrun", description=__doc__.split("\n")[0])
     ap.add_argument("--recipe", default="runs/pythia-160m-dryrun.toml")

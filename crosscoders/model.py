@@ -210,12 +210,17 @@ class Crosscoder(nn.Module):
             if not f.exists():
                 raise FileNotFoundError(f"no crosscoder at {path}: {f.name} is missing")
         cfg = from_dict(CrosscoderConfig, json.loads(cfg_file.read_text()))
-        model = cls(cfg)
+        # built on the meta device and given the file's tensors (assign): no random initialisation to overwrite
+        # and no second copy of the weights (Pythia-160M's 24,576 latents x 32 snapshots: 4.8 GB each)
+        with torch.device("meta"):
+            model = cls(cfg)
         try:
             state = load_file(str(weights_file))
-            model.load_state_dict(state)
+            model.load_state_dict(state, assign=True)
         except Exception as e:  # safetensors / shape errors: say which file
             raise ValueError(f"cannot load crosscoder weights from {weights_file}: {e}") from e
+        if bad := [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]:
+            raise ValueError(f"cannot load crosscoder weights from {weights_file}: it lacks {bad}")
         return model.to(device).eval()
 
 

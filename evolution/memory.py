@@ -199,7 +199,9 @@ def stage_memory(cfg) -> dict[str, int]:
     out = {
         "harvest": running(h.batch_size, h.n_seqs),
         "crosscoder": int(train_memory(cfg, sh, cc, 1, 1)["total_GiB"] * GiB),
-        "analyze": crosscoder_w + max(probes + running(16, probe_rows), scaling),
+        # the crosscoder beside the largest of: the timelines (unit decoder directions and their products with the
+        # final snapshot's: a W_dec-sized transient), the probes with one snapshot, Latent Scaling
+        "analyze": crosscoder_w + max(crosscoder_w // 2 * 2, probes + running(16, probe_rows), scaling),
         # every layer's residual at the sampled positions (fp64 for the metrics)
         "geometry": running(cfg.geometry.batch_size, n_eval, 8 * cfg.geometry.n_tokens * (sh.n_layers + 1) * d),
         # the logits (fp32) and four tensors of their shape in the statistics' dtype (evolution.evaluate:
