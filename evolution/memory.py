@@ -173,8 +173,14 @@ def stage_memory(cfg) -> dict[str, int]:
     heads = n_heads(cfg)
     model, load = 4 * sh.params, 8 * sh.params
 
+    # on a CPU, glibc keeps part of each dropped snapshot's memory in fragments malloc_trim cannot return:
+    # measured 0.33-0.5 GiB per Pythia-160M snapshot (0.6 GiB of weights) after the first; CUDA's caching
+    # allocator is emptied between snapshots (crosscoders.compute.release_memory)
+    retained = 0 if str(h.device).startswith("cuda") else model // 2
+
     def running(batch: int, rows: int, extra: int = 0) -> int:  # one snapshot resident, running a forward on
-        return max(load, model + forward_bytes(min(batch, rows), T, heads, d) + extra)  # at most `rows`, vs loading
+        # at most `rows` rows, or loading; beside what the allocator kept of the snapshots before it
+        return max(load, model + forward_bytes(min(batch, rows), T, heads, d) + extra) + retained
 
     cc = {"n_sources": S, "d_in": d, "d_sae": H, "activation": t.crosscoder.activation}
     crosscoder_w = 4 * 2 * S * d * H  # W_enc, W_dec in fp32

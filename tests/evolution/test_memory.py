@@ -114,5 +114,5 @@ def test_full_width_dry_run_every_stage_within_the_plan(tmp_path):
     assert names == ["corpus", "harvest", "crosscoder", "analyze", "geometry", "evaluate", "interventions", "phases",
                      "report"]
     for r in out["stages"]:
-        if "predicted_GiB" in r:
+        if "predicted_GiB" in r:  # peak RSS above an idle process against stage_memory, within 20%
             assert 0.8 <= r["ratio"] <= 1.2, r
