@@ -14,12 +14,7 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
-# Biderman et al. 2023 (Pythia), Table 1: parameters, layers, d_model.
-PYTHIA = {"pythia-14m": (14_067_712, 6, 128), "pythia-70m": (70_426_624, 6, 512),
-          "pythia-160m": (162_322_944, 12, 768), "pythia-410m": (405_334_016, 24, 1024),
-          "pythia-1b": (1_011_781_632, 16, 2048), "pythia-1.4b": (1_414_647_808, 24, 2048),
-          "pythia-2.8b": (2_775_208_960, 32, 2560), "pythia-6.9b": (6_857_302_016, 32, 4096),
-          "pythia-12b": (11_846_072_320, 36, 5120)}
+GiB = 1 << 30
 
 
 @dataclass
@@ -31,7 +26,8 @@ class Shape:
     layers_run: int
     seq_len: int
     tokens_per_seq: int
-    vocab: int = 50304
+    vocab: int
+    n_heads: int
 
 
 def shape_of(cfg) -> Shape:
@@ -41,18 +37,21 @@ def shape_of(cfg) -> Shape:
     kind, hub = parse_source(cfg.snapshots.source)
     if kind == "hf":
         from evolution.sources.snapshots import GE2025_STEPS
+        from evolution.sources.standin import PYTHIA_ARCH
 
         key = hub.split("/")[-1].removesuffix("-deduped")
-        if key not in PYTHIA:
-            raise ValueError(f"plan: unknown hub model {hub!r}; known: {', '.join(PYTHIA)}")
-        params, layers, d = PYTHIA[key]
-        vocab = 50304  # Pythia's embedding rows
+        if key not in PYTHIA_ARCH:
+            raise ValueError(f"plan: unknown hub model {hub!r}; known: {', '.join(PYTHIA_ARCH)}")
+        arch = PYTHIA_ARCH[key]
+        params, layers, d, vocab, heads = arch.params, arch.n_layers, arch.d_model, arch.vocab_size, arch.n_heads
         n_sources = len(cfg.snapshots.steps or GE2025_STEPS)
     elif kind == "local":
         from evolution.sources.snapshot_source import SnapshotSource, config_shape
 
         src = SnapshotSource(cfg.snapshots.source, cfg.snapshots.steps)
-        _, d, layers, vocab = config_shape(src._config(src.steps[0]))
+        hf = src._config(src.steps[0])
+        _, d, layers, vocab = config_shape(hf)
+        heads = int(hf.get("num_attention_heads", hf.get("n_head", 1)))
         params = layers * 12 * d * d + 2 * vocab * d  # attention 4 d^2 + MLP 8 d^2 per block, embed + unembed
         n_sources = len(src.steps)
     else:
@@ -62,9 +61,10 @@ def shape_of(cfg) -> Shape:
         d, layers = m.d_model, m.n_layers
         params = layers * (4 * d * d + 2 * d * m.d_mlp) + 2 * cfg.corpus.vocab_size * d
         n_sources = len(cfg.snapshots.steps or snapshot_schedule(cfg.pretrain))
-        vocab = cfg.corpus.vocab_size
+        vocab, heads = cfg.corpus.vocab_size, m.n_heads
     run = stop_layer(cfg.harvest.hook) or layers
-    return Shape(n_sources, d, layers, params, min(run, layers), cfg.corpus.seq_len, cfg.corpus.seq_len - 1, vocab)
+    return Shape(n_sources, d, layers, params, min(run, layers), cfg.corpus.seq_len, cfg.corpus.seq_len - 1, vocab,
+                 heads)
 
 
 @functools.cache
@@ -131,27 +131,8 @@ def train_memory(cfg, sh: Shape, cc: dict, D: int, P: int, snapshot_bytes: int =
     models = snapshot_bytes * S * sh.params if stream else 0
     # the shuffle window lives on the snapshots' device (crosscoders/stream.py), fp32 activations
     window = 4 * h.stream_buffer_seqs * sh.tokens_per_seq * S * d * max(1, h.stream_shards // D) if stream else 0
-    g = 1 << 30
-    return {"state": round(state / g, 2), "activations": round(acts / g, 2), "snapshots": round(models / g, 2),
-            "stream_window": round(window / g, 2), "total_GiB": round((state + acts + models + window) / g, 2)}
-
-
-GiB = 1 << 30
-
-
-def n_heads(cfg) -> int:
-    from evolution.sources.snapshot_source import parse_source
-    from evolution.sources.standin import PYTHIA_ARCH
-
-    kind, hub = parse_source(cfg.snapshots.source)
-    if kind == "hf":
-        return PYTHIA_ARCH.get(hub.split("/")[-1].removesuffix("-deduped"), PYTHIA_ARCH["pythia-160m"]).n_heads
-    if kind == "local":
-        from evolution.sources.snapshot_source import SnapshotSource
-
-        src = SnapshotSource(cfg.snapshots.source, cfg.snapshots.steps)
-        return int(src._config(src.steps[0]).get("num_attention_heads", 1))
-    return cfg.pretrain.model.resolved(cfg.corpus.seq_len).n_heads
+    return {"state": round(state / GiB, 2), "activations": round(acts / GiB, 2), "snapshots": round(models / GiB, 2),
+            "stream_window": round(window / GiB, 2), "total_GiB": round((state + acts + models + window) / GiB, 2)}
 
 
 def forward_bytes(batch: int, seq_len: int, heads: int, d_model: int) -> int:
@@ -170,7 +151,7 @@ def stage_memory(cfg) -> dict[str, int]:
     sh = shape_of(cfg)
     t, h, a = cfg.train, cfg.harvest, cfg.analyze
     S, d, H, T = sh.n_sources, sh.d_model, t.crosscoder.d_sae, sh.seq_len
-    heads = n_heads(cfg)
+    heads = sh.n_heads
     model, load = 4 * sh.params, 8 * sh.params
 
     # on a CPU, glibc keeps part of each dropped snapshot's memory in fragments malloc_trim cannot return:
@@ -207,7 +188,7 @@ def stage_memory(cfg) -> dict[str, int]:
         "crosscoder": int(train_memory(cfg, sh, cc, 1, 1)["total_GiB"] * GiB),
         # the crosscoder beside the largest of: the timelines (unit decoder directions and their products with the
         # final snapshot's: a W_dec-sized transient), the probes with one snapshot, Latent Scaling
-        "analyze": crosscoder_w + max(crosscoder_w // 2 * 2, probes + running(16, probe_rows), scaling),
+        "analyze": crosscoder_w + max(crosscoder_w, probes + running(16, probe_rows), scaling),
         # every layer's residual at the sampled positions (fp64 for the metrics)
         "geometry": running(cfg.geometry.batch_size, n_eval, 8 * cfg.geometry.n_tokens * (sh.n_layers + 1) * d),
         # the logits (fp32) and four tensors of their shape in the statistics' dtype (evolution.evaluate:

@@ -25,18 +25,27 @@ import torch
 
 @dataclass(frozen=True)
 class PythiaArch:
-    """A Pythia model's shape, as its hub config.json states it."""
+    """A Pythia model's shape, as its hub config.json states it (d_mlp = 4 d_model), and its parameter count."""
 
+    params: int
     n_layers: int
     d_model: int
     n_heads: int
-    d_mlp: int
     n_ctx: int = 2048
     vocab_size: int = 50304  # the embedding's rows; the real tokenizer holds 50,277 of them
 
+    @property
+    def d_mlp(self) -> int:
+        return 4 * self.d_model
 
-PYTHIA_ARCH = {"pythia-14m": PythiaArch(6, 128, 4, 512), "pythia-70m": PythiaArch(6, 512, 8, 2048),
-               "pythia-160m": PythiaArch(12, 768, 12, 3072), "pythia-410m": PythiaArch(24, 1024, 16, 4096)}
+
+# Biderman et al. 2023 (Pythia), Table 1: parameters, layers, d_model, heads
+PYTHIA_ARCH = {"pythia-14m": PythiaArch(14_067_712, 6, 128, 4), "pythia-70m": PythiaArch(70_426_624, 6, 512, 8),
+               "pythia-160m": PythiaArch(162_322_944, 12, 768, 12), "pythia-410m": PythiaArch(405_334_016, 24, 1024, 16),
+               "pythia-1b": PythiaArch(1_011_781_632, 16, 2048, 8), "pythia-1.4b": PythiaArch(1_414_647_808, 24, 2048, 16),
+               "pythia-2.8b": PythiaArch(2_775_208_960, 32, 2560, 32),
+               "pythia-6.9b": PythiaArch(6_857_302_016, 32, 4096, 32),
+               "pythia-12b": PythiaArch(11_846_072_320, 36, 5120, 40)}
 
 
 def write_hub_cache(cache: Path, repo: str, revisions: dict[str, Path], move: bool = False) -> Path:
