@@ -77,11 +77,23 @@ class PeakMemory:
         if self.device.type == "cuda":
             self.peak = torch.cuda.max_memory_allocated(self.device)
         else:
-            self.peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+            self.peak = peak_rss()
 
     def as_dict(self) -> dict:
         kind = "cuda_max_allocated" if self.device.type == "cuda" else "process_peak_rss"
         return {"kind": kind, "peak_mib": self.peak / 2**20, "delta_mib": (self.peak - self.start) / 2**20}
+
+
+def peak_rss() -> int:
+    """This address space's peak RSS (VmHWM). Not getrusage's ru_maxrss: Linux keeps that across fork + exec, so a
+    child process (the isolated cases, the dry run's stages) would report the RSS of the parent that spawned it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def current_rss() -> int:

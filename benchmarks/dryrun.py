@@ -16,25 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from benchmarks.common import cpu_info, peak_rss
+
 GiB = 1 << 30
-
-
-def _peak_rss() -> int:
-    """This address space's peak RSS (VmHWM). Not getrusage's ru_maxrss: Linux keeps that across fork + exec,
-    so a child would report the RSS of the parent that spawned it."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def _child(recipe: str, stage: str | None) -> None:
@@ -48,7 +37,7 @@ def _child(recipe: str, stage: str | None) -> None:
     t0 = time.perf_counter()
     if stage:
         run_study(load_recipe(recipe), only=[stage], log=lambda s: print(s, file=sys.stderr, flush=True))
-    print(json.dumps({"seconds": round(time.perf_counter() - t0, 2), "peak_rss": _peak_rss()}))
+    print(json.dumps({"seconds": round(time.perf_counter() - t0, 2), "peak_rss": peak_rss()}))
 
 
 def _run_child(recipe: str, stage: str | None, env: dict) -> dict:
@@ -92,16 +81,8 @@ def dryrun(recipe: str, stages: list[str] | None = None) -> dict:
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
     return {"recipe": recipe, "cache_build_s": round(build_s, 1), "baseline_GiB": round(base["peak_rss"] / GiB, 3),
-            "cpu": _cpu(), "torch_threads": __import__("torch").get_num_threads(), "stages": rows,
+            "cpu": cpu_info().get("cpu", "unknown"), "torch_threads": __import__("torch").get_num_threads(), "stages": rows,
             "all_ok": all(r["ok"] for r in rows)}
-
-
-def _cpu() -> str:
-    try:
-        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return "unknown"
 
 
 def format_table(out: dict) -> str:
