@@ -15,7 +15,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from tests.hubcache import hub_cache
+from evolution.sources.standin import write_hub_cache
 
 REPO = Path(__file__).resolve().parents[2]
 NB_DIR = REPO / "notebooks"
@@ -141,7 +141,7 @@ def pythia_standin(tmp_path_factory) -> tuple[Path, Path]:
                      corpus, root)
     assert steps == STANDIN_STEPS
     snaps = {f"step{s}": root / "snapshots" / f"step{s}" for s in steps}
-    hub_cache(root / "hub", HUB_MODEL, {**snaps, "main": snaps[f"step{steps[-1]}"]})
+    write_hub_cache(root / "hub", HUB_MODEL, {**snaps, "main": snaps[f"step{steps[-1]}"]})
     return root / "hub", text
 
 

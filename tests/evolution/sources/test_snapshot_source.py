@@ -22,8 +22,8 @@ from evolution.pipeline import run_study
 from evolution.recipe import RunConfig
 from evolution.sources.snapshot_source import SnapshotError, SnapshotSource
 from evolution.sources.stages import corpus_stage
+from evolution.sources.standin import write_hub_cache
 from evolution.sources.tokenizer import tokenizer_hash, train_bpe
-from tests.hubcache import hub_cache
 
 STEPS = [0, 2, 8, 32]  # Pythia checkpoint steps, so the hub loader accepts them
 HUB_MODEL = "EleutherAI/pythia-14m"
@@ -140,7 +140,7 @@ def test_hub_revisions_run_the_whole_study_offline(standin, tmp_path, monkeypatc
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cache = tmp_path / "hub"
     revs = {f"step{s}": standin / "snapshots" / f"step{s}" for s in STEPS}
-    hub_cache(cache, HUB_MODEL, {**revs, "main": revs["step32"]})  # transformer-lens reads main's config
+    write_hub_cache(cache, HUB_MODEL, {**revs, "main": revs["step32"]})  # transformer-lens reads main's config
     cfg = _cfg(standin, tmp_path, "hub", f"hf:{HUB_MODEL}", steps=STEPS, cache_dir=str(cache), local_files_only=True)
     records = run_study(cfg)
     assert list(records) == STAGES
@@ -324,7 +324,7 @@ def test_require_hub_checks_each_revision_in_the_offline_cache(standin, tmp_path
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cache = tmp_path / "hub"
-    hub_cache(cache, HUB_MODEL, {"main": standin / "snapshots" / "step32", "step0": standin / "snapshots" / "step0",
+    write_hub_cache(cache, HUB_MODEL, {"main": standin / "snapshots" / "step32", "step0": standin / "snapshots" / "step0",
                                  "step2": standin / "snapshots" / "step2"})
     require_hub("t", [HUB_MODEL], revisions=["main", "step0", "step2"], cache_dir=str(cache))
     with pytest.raises(HubUnavailable, match=r"not in the local cache .*\['step8', 'step32'\]"):

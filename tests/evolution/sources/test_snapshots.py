@@ -18,8 +18,8 @@ from evolution.sources.snapshots import (
     local_steps,
     pythia_like_schedule,
 )
+from evolution.sources.standin import write_hub_cache
 from evolution.sources.tokenizer import word_level_tokenizer
-from tests.hubcache import hub_cache
 
 VOCAB = 40
 
@@ -123,7 +123,7 @@ def test_pythia_loader_on_hub_shaped_cache(snap_root, tmp_path):
     from transformers import GPTNeoXForCausalLM
 
     cache = tmp_path / "hub"
-    hub_cache(cache, "EleutherAI/pythia-14m", {"main": snap_root / "step16", "step4": snap_root / "step4"})
+    write_hub_cache(cache, "EleutherAI/pythia-14m", {"main": snap_root / "step16", "step4": snap_root / "step4"})
     m = load_pythia_snapshot("EleutherAI/pythia-14m", 4, cache_dir=str(cache), local_files_only=True)
     x = torch.randint(1, VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
