@@ -28,7 +28,6 @@ the parameters, their gradients and the checkpoints. tests/crosscoders/test_dist
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -192,14 +191,3 @@ class Distributed(Local):
 
     def barrier(self) -> None:
         self.mesh.barrier()
-
-
-def shard_batches(mesh: Mesh, batches: Iterable[Tensor], n_sources: int) -> Iterator[Tensor]:
-    """This rank's rows and sources of each global batch [B, n_sources, d_in] -> [B / D, n_sources / P, d_in]."""
-    block = mesh.source_slice(n_sources)
-    for x in batches:
-        if x.shape[0] % mesh.data:
-            raise MeshError(f"a global batch of {x.shape[0]} rows does not split over {mesh.data} data ranks: "
-                            "choose a batch_size divisible by the data-parallel size")
-        b = x.shape[0] // mesh.data
-        yield x[mesh.data_rank * b:(mesh.data_rank + 1) * b, block]

@@ -328,7 +328,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> Crosscoder:
     """`python -m crosscoders.train --store DIR --out DIR [TrainConfig and CrosscoderConfig flags]`; the same
     command under `torchrun` trains data x source parallel: each rank reads its rows and snapshots of every
-    global batch of the store (`distributed.shard_batches`), rank 0 writes the log, checkpoints and model.
+    global batch of the store (`ActivationStore.batches(rows=, sources=)`), rank 0 writes the log, checkpoints and model.
     A rank that dies makes the others fail at their next collective (gloo / NCCL raise, torchrun names the
     rank); no checkpoint is committed after the last one every rank reached."""
     ns = vars(parser().parse_args(argv))

@@ -64,10 +64,6 @@ class Activations:
         if mesh.rank == 0:
             check_epochs(tcfg, store.n_tokens)  # warns when the run would cycle the stored tokens many times
 
-        if tcfg.batch_size % mesh.data:
-            raise UserError(f"[train] batch_size = {tcfg.batch_size} does not split over {mesh.data} data ranks: "
-                            "choose a batch_size divisible by the data-parallel size")
-
         def batches(start: int):  # this rank reads only its rows and snapshots of every global batch
             return store.batches(tcfg.batch_size, seed=tcfg.crosscoder.seed, normalize=True, start_batch=start,
                                  rows=(mesh.data_rank, mesh.data), sources=mesh.source_slice(self.n_sources))
