@@ -22,7 +22,7 @@ from crosscoders.losses import crosscoder_loss
 from crosscoders.model import Crosscoder
 
 from .common import interleaved_best
-from .peer_bench import _trainer
+from .peer_bench import _trainer, sparse_vs_dense
 from .train_bench import Shape
 
 
@@ -56,16 +56,10 @@ def jumprelu_crossover_case(shape: Shape, gate: str, rhos: list[float], repeats:
     for rho in rhos:
         model = jumprelu_model(shape, gate, rho, x)
         code = _code(model, x)
-
-        def fwd_bwd(use_sparse: bool, model=model) -> None:
-            model.zero_grad(set_to_none=True)
-            crosscoder_loss(model, x, 1.0, sparse=use_sparse).total.backward()
-        fwd_bwd(True)
-        fwd_bwd(False)
-        best = interleaved_best({True: lambda: fwd_bwd(True), False: lambda: fwd_bwd(False)}, dev, repeats)
+        dense_s, sparse_s = sparse_vs_dense(model, x, 1.0, dev, repeats)
         rows.append({"rho": rho, "density": code.density, "entries_per_token": code.rows.numel() / shape.batch,
                      "open_per_token": float((code.f != 0).sum()) / shape.batch,
-                     "dense_s": best[False], "sparse_s": best[True], "speedup": best[False] / best[True]})
+                     "dense_s": dense_s, "sparse_s": sparse_s, "speedup": dense_s / sparse_s})
     return {"shape": vars(shape), "gate": gate, "rows": rows}
 
 

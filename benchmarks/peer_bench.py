@@ -107,6 +107,18 @@ def peer_case(shape: Shape, k: float = 32, steps: int = 3, device: str = "cpu", 
     return out
 
 
+def sparse_vs_dense(model: Crosscoder, x: Tensor, coef: float, dev: torch.device, repeats: int) -> tuple[float, float]:
+    """(dense, sparse) seconds of one loss forward + backward of `model` on `x`, each kernel path warmed up once,
+    then timed interleaved (fastest of `repeats`)."""
+    def fwd_bwd(use_sparse: bool) -> None:
+        model.zero_grad(set_to_none=True)
+        crosscoder_loss(model, x, coef, sparse=use_sparse).total.backward()
+    fwd_bwd(True)
+    fwd_bwd(False)
+    best = interleaved_best({True: lambda: fwd_bwd(True), False: lambda: fwd_bwd(False)}, dev, repeats)
+    return best[False], best[True]
+
+
 def crossover_case(shape: Shape, ks: list[float], repeats: int = 2, device: str = "cpu") -> dict:
     """Loss forward + backward, dense path vs sparse kernels, over k at one shape (interleaved, best of
     `repeats`): where `speedup` crosses 1 is the k / d_sae below which `sparse.pays` should say yes."""
@@ -117,13 +129,7 @@ def crossover_case(shape: Shape, ks: list[float], repeats: int = 2, device: str 
     rows = []
     for k in ks:
         model = Crosscoder(CrosscoderConfig(n_sources=S, d_in=D, d_sae=H, activation="batchtopk", k=k)).to(dev).train()
-
-        def fwd_bwd(use_sparse: bool, model=model) -> None:
-            model.zero_grad(set_to_none=True)
-            crosscoder_loss(model, x, 0.0, sparse=use_sparse).total.backward()
-        fwd_bwd(True)
-        fwd_bwd(False)
-        best = interleaved_best({True: lambda: fwd_bwd(True), False: lambda: fwd_bwd(False)}, dev, repeats)
-        rows.append({"k": k, "k_over_d_sae": k / H, "dense_s": best[False], "sparse_s": best[True],
-                     "speedup": best[False] / best[True]})
+        dense_s, sparse_s = sparse_vs_dense(model, x, 0.0, dev, repeats)
+        rows.append({"k": k, "k_over_d_sae": k / H, "dense_s": dense_s, "sparse_s": sparse_s,
+                     "speedup": dense_s / sparse_s})
     return {"shape": vars(shape), "rows": rows}
