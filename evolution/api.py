@@ -185,12 +185,12 @@ class Run:
             e, vocab = stored["features"][str(i)][str(step)], stored["vocab"]
             return {key: [(vocab[str(t)], v) for t, v in e[key][:k]] for key in ("promoted", "suppressed")}
         from evolution.context import RunContext
-        from evolution.interventions.logit_effects import logit_effects_matrix, top_effects
+        from evolution.interventions.logit_effects import top_logit_effects
         from evolution.recipe import load_run_config
 
         model = RunContext(load_run_config(self.path)).source.load(step)
         W_dec = self.crosscoder.W_dec[self.steps.index(step), i : i + 1].detach().float()
-        e = top_effects(logit_effects_matrix(model, W_dec), k)[0]
+        e = top_logit_effects(model, W_dec, k)[0]
         return {key: [(model.tokenizer.decode([t]), v) for t, v in e[key]] for key in ("promoted", "suppressed")}
 
     # figures: thin wrappers so a notebook needs one import

@@ -169,7 +169,9 @@ def stage_memory(cfg) -> dict[str, int]:
     # crosscoder and one snapshot (evolution.features.probes: probe rows and the 64 x 65 induction tokens)
     n_eval = cfg.corpus.n_eval_seqs
     probe_rows = min(a.probe_max_seqs, n_eval)
-    probe_tokens = probe_rows * T + 64 * 65
+    # one encoding for the probes and the type probe (features.snapshot_acts.encode_token_sets): the held-out rows,
+    # BOS + R + R (64 x 65: the probes' induction set and the type probe's repeat set) and the control BOS + R + R'
+    probe_tokens = probe_rows * T + 2 * 64 * 65
     # the pre-activations and one handed-out block; two GroupR2 sums [2 folds, groups, d_sae] (current and
     # previous token, evolution.features.probe_stats) over at most max_groups = 4096 token groups
     groups = min(4096, probe_rows * T)
@@ -191,12 +193,17 @@ def stage_memory(cfg) -> dict[str, int]:
         "analyze": crosscoder_w + max(crosscoder_w, probes + running(16, probe_rows), scaling),
         # every layer's residual at the sampled positions (fp64 for the metrics)
         "geometry": running(cfg.geometry.batch_size, n_eval, 8 * cfg.geometry.n_tokens * (sh.n_layers + 1) * d),
-        # the logits (fp32) and four tensors of their shape in the statistics' dtype (evolution.evaluate:
-        # the cast, log-softmax, its exp and their product; fp64 on a CPU, fp32 on a GPU)
-        "evaluate": running(ev_rows, ev_rows, logits(ev_rows) * (1 + 4 * stat_bytes // 4)),
+        # the logits (fp32) and three tensors of their shape in the statistics' dtype alive at once (evolution.
+        # evaluate: log-softmax, its exp and their product; the cast feeding log_softmax is dropped before the
+        # product exists; fp64 on a CPU, fp32 on a GPU). Measured at the dry run's shape: 3 of them, not 4
+        "evaluate": running(ev_rows, ev_rows, logits(ev_rows) * (1 + 3 * stat_bytes // 4)),
     }
     if cfg.interventions.enabled:
-        out["interventions"] = running(iv_rows, iv_rows, logits(iv_rows) * (1 + 4 * stat_bytes // 4))
+        # the logits (fp32) beside their cast and its log-softmax (evolution.interventions.linear_replacement.
+        # batch_nll; the logit lens does one layer at a time, the same), and the crosscoder's W_dec kept for the
+        # logit effects (ranked in 256 MiB chunks of rows: evolution.interventions.logit_effects)
+        w_dec = crosscoder_w // 2 if cfg.interventions.logit_effects else 0
+        out["interventions"] = running(iv_rows, iv_rows, logits(iv_rows) * (1 + 2 * stat_bytes // 4)) + w_dec
     return out
 
 

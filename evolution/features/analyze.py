@@ -123,8 +123,10 @@ def _evenly(steps: list[int], n: int) -> list[int]:
     return [steps[i] for i in sorted(set(np.linspace(0, len(steps) - 1, n).round().astype(int).tolist()))]
 
 
-def run_probes(run: Path, crosscoder, steps: list[int], cfg: AnalyzeConfig, source) -> tuple[pd.DataFrame, dict] | None:
-    """Probe statistics and top contexts (evolution.features.probes), or None with the reason printed when the
+def run_probes(run: Path, crosscoder, steps: list[int], cfg: AnalyzeConfig, source
+               ) -> tuple[pd.DataFrame, dict, object] | None:
+    """Probe statistics, top contexts (evolution.features.probes) and the encoded token sets, which cover the type
+    probe's too (`snapshot_acts.PreActs`), or None with the reason printed when the
     run lacks snapshots, corpus or hook (a run on the decoder alone); any other failure fails the stage. The snapshots come from the run's
     snapshot source (`source`: the run context's, pretrain, local: or hf:)."""
     from evolution.sources.snapshot_source import SnapshotError
@@ -140,7 +142,11 @@ def run_probes(run: Path, crosscoder, steps: list[int], cfg: AnalyzeConfig, sour
     if missing:
         print(f"analyze: probes skipped, {run} has no {', '.join(missing)}")
         return None
-    from evolution.features.probes import ProbeConfig, probe_features  # a failure here fails the stage
+    # a failure here fails the stage
+    from evolution.features.probes import ProbeConfig, probe_features, probe_token_sets
+    from evolution.features.snapshot_acts import encode_token_sets
+    from evolution.features.type_probe import type_token_sets
+    from evolution.features.types import TypeConfig
     from evolution.sources.corpus import Corpus
 
     corpus = Corpus.load(run / "corpus")
@@ -148,14 +154,20 @@ def run_probes(run: Path, crosscoder, steps: list[int], cfg: AnalyzeConfig, sour
     tokens, mech = corpus.eval_tokens, corpus.eval_mechanism
     kwargs = {"mechanism_names": corpus.mechanism_names} if corpus.mechanism_names else {}
     probe_steps = _evenly(steps, cfg.probe_snapshots)
-    result = probe_features(
-        # every source's snapshot: the pre-activation is shared; only `probe_steps` are scored
+    pcfg = ProbeConfig(max_seqs=cfg.probe_max_seqs, autocast=_harvest_autocast(run))
+    bos = corpus.bos_token_id if corpus.bos_token_id is not None else int(tokens[0, 0])
+    # one pass over every source's snapshot (the pre-activation is shared) for the probes and the type probe:
+    # their token sets overlap, and each pass loads and runs every snapshot
+    pre_acts = encode_token_sets(
         crosscoder.to(cfg.device), source.iter(steps, device=cfg.device),
-        tokens, hook, mechanism=mech, steps=steps,
-        cfg=ProbeConfig(max_seqs=cfg.probe_max_seqs, autocast=_harvest_autocast(run)),
-        tokenizer=corpus.tokenizer, bos_token_id=corpus.bos_token_id, probe_steps=probe_steps, **kwargs)
+        lambda n_ctx: probe_token_sets(tokens, n_ctx, pcfg, bos)
+        + type_token_sets(tokens[: cfg.probe_max_seqs], n_ctx, bos, seed=TypeConfig().seed),
+        hook, steps, pcfg.batch_size, autocast=pcfg.autocast)
+    result = probe_features(crosscoder, None, tokens, hook, mechanism=mech, steps=steps, cfg=pcfg,
+                            tokenizer=corpus.tokenizer, bos_token_id=bos, probe_steps=probe_steps, pre_acts=pre_acts,
+                            **kwargs)  # only `probe_steps` are scored
     result.save(run / "analysis")
-    return result.table, result.contexts
+    return result.table, result.contexts, pre_acts
 
 
 def peak_step_by_type(features: pd.DataFrame, min_lift: float = 0.0) -> dict[str, dict[str, float]] | None:
@@ -189,16 +201,18 @@ def analyze(run_dir: str | Path, cfg: AnalyzeConfig | None = None, source=None) 
     tl_cfg = TimelineConfig(**{k: getattr(cfg, k) for k in TimelineConfig.__dataclass_fields__})
     tl = compute_timelines(crosscoder, steps, tl_cfg)
     features = tl.to_frame()
-    contexts = None
+    contexts = pre_acts = None
     if cfg.probes and (probed := run_probes(run, crosscoder, steps, cfg, source)) is not None:
-        table, contexts = probed
+        table, contexts, pre_acts = probed
         extra = [c for c in table.columns if c == "feature" or c not in features.columns]
         features = features.merge(table[extra], on="feature", how="left")
     if cfg.probes:  # null-calibrated type scores per snapshot (evolution.features.types)
         from evolution.features.type_probe import types_for_run
 
         cols = types_for_run(run, crosscoder, steps, _evenly(steps, cfg.probe_snapshots), _hook(run),
-                             cfg.probe_max_seqs, cfg.device, source=source, autocast=_harvest_autocast(run))
+                             cfg.probe_max_seqs, cfg.device, source=source, autocast=_harvest_autocast(run),
+                             pre_acts=pre_acts)
+        pre_acts = None  # the pre-activations go before Latent Scaling runs
         for k, v in (cols or {}).items():
             features[k] = v
         if cols:

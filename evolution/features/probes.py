@@ -72,7 +72,7 @@ from torch import Tensor
 from crosscoders.io import save_safetensors, write_json
 from crosscoders.progress import progress_bar
 from evolution.features.probe_stats import FoldMoments, GroupR2, LabelMass, group_ids
-from evolution.features.snapshot_acts import SnapshotActs, put_back, shared_pre_acts
+from evolution.features.snapshot_acts import PreActs, SnapshotActs, encode_token_sets
 from evolution.features.top_contexts import StreamingTopK, contexts_from_topk, decoder_for
 from evolution.sources.planted import MECHANISMS
 
@@ -120,14 +120,34 @@ def _batched(fn: FeatureActsFn | SnapshotActs, tokens: Tensor, batch_size: int) 
             yield lo, fn(tokens[lo : lo + batch_size])
 
 
+def random_rows(vocab: Int[Tensor, " v"], seq_len: int, n_seqs: int, g: torch.Generator) -> Tensor:
+    """`n_seqs` rows of `seq_len` random tokens of `vocab`, distinct within a row when the vocabulary allows."""
+    if seq_len <= len(vocab):  # distinct tokens: a copy holds no repeat, each match is unique
+        return vocab[torch.rand(n_seqs, len(vocab), generator=g).argsort(dim=1)[:, :seq_len]]
+    return vocab[torch.randint(len(vocab), (n_seqs, seq_len), generator=g)]
+
+
 def induction_tokens(vocab: Int[Tensor, " v"], seq_len: int, n_seqs: int, bos_token_id: int, seed: int = 0) -> Tensor:
-    """BOS + R + R, R random tokens of `vocab` (distinct within R when the vocabulary allows)."""
-    g = torch.Generator().manual_seed(seed)
-    if seq_len <= len(vocab):  # distinct tokens: the first copy holds no repeat, each match is unique
-        R = vocab[torch.rand(n_seqs, len(vocab), generator=g).argsort(dim=1)[:, :seq_len]]
-    else:
-        R = vocab[torch.randint(len(vocab), (n_seqs, seq_len), generator=g)]
+    """BOS + R + R, R random tokens of `vocab` (distinct within R when the vocabulary allows); the type probe's
+    repeat set under the same seed (`type_probe.repeat_and_control`), so the two share one encoding."""
+    R = random_rows(vocab, seq_len, n_seqs, torch.Generator().manual_seed(seed))
     return torch.cat([torch.full((n_seqs, 1), bos_token_id, dtype=torch.long), R, R], dim=1)
+
+
+def probe_vocab(tokens: Tensor, bos: int) -> Tensor:
+    vocab = tokens.unique()
+    return vocab[vocab != bos]
+
+
+def induction_len(cfg: ProbeConfig, n_ctx: int, vocab: Tensor) -> int:
+    return min(cfg.induction_len, (n_ctx - 1) // 2, len(vocab))
+
+
+def probe_token_sets(tokens: Int[Tensor, "n_seq seq_len"], n_ctx: int, cfg: ProbeConfig, bos: int) -> list[Tensor]:
+    """What `probe_features` encodes: the first `cfg.max_seqs` rows of `tokens` and the induction set."""
+    tokens = tokens[: cfg.max_seqs].long().cpu()
+    vocab = probe_vocab(tokens, bos)
+    return [tokens, induction_tokens(vocab, induction_len(cfg, n_ctx, vocab), cfg.induction_seqs, bos, cfg.seed)]
 
 
 def induction_scores(
@@ -274,6 +294,7 @@ def probe_features(
     bos_token_id: int | None = None,
     mechanism_names: Sequence[str] = MECHANISMS,
     probe_steps: Sequence[int] | None = None,
+    pre_acts: PreActs | None = None,
 ) -> ProbeResult:
     """Probe every feature of `crosscoder` in each `(step, model)` snapshot on the stream `tokens`.
 
@@ -281,7 +302,8 @@ def probe_features(
     `steps.index(step)`); without it the snapshots are taken to be the sources in order. `snapshots` must
     hold every source (the pre-activation is shared); `probe_steps` (default: all) are the ones scored. `tokens` rows start with BOS (its id, unless given, is `tokens[0, 0]`).
     Contexts are kept for `steps_for_contexts` (default: `cfg.n_context_steps` evenly spaced probed
-    steps, the last included). One model is held at a time.
+    steps, the last included). One model is held at a time. `pre_acts`: the snapshots already encoded on (at least)
+    `probe_token_sets` (`snapshot_acts.encode_token_sets`); then `snapshots` is not read.
     """
     cfg = cfg or ProbeConfig()
     tokens = tokens[: cfg.max_seqs].long().cpu()
@@ -290,20 +312,13 @@ def probe_features(
         if mechanism.shape != tokens.shape:
             raise ValueError(f"mechanism labels {tuple(mechanism.shape)} do not match tokens {tuple(tokens.shape)}")
     bos = int(tokens[0, 0]) if bos_token_id is None else bos_token_id
-    vocab = tokens.unique()
-    vocab = vocab[vocab != bos]
-
-    # the induction sequences need the models' context length: read it off the first snapshot
-    snapshots = iter(snapshots)
-    first = next(snapshots, None)
-    if first is None:
-        raise ValueError("probe_features got no snapshots")
-    seq_len = min(cfg.induction_len, (first[1].cfg.n_ctx - 1) // 2, len(vocab))
-    ind_tokens = induction_tokens(vocab, seq_len, cfg.induction_seqs, bos, cfg.seed)
-    snapshots = put_back([first], snapshots)
-    del first  # one model in memory at a time: this frame must not keep the first one through the others' loads
-    (pre, ind_pre), tok, all_steps = shared_pre_acts(crosscoder, snapshots, [tokens, ind_tokens], hook, steps,
-                                                     cfg.batch_size, autocast=cfg.autocast)
+    vocab = probe_vocab(tokens, bos)
+    if pre_acts is None:  # the induction sequences need the models' context length: read off the first snapshot
+        pre_acts = encode_token_sets(crosscoder, snapshots, lambda n_ctx: probe_token_sets(tokens, n_ctx, cfg, bos),
+                                     hook, steps, cfg.batch_size, autocast=cfg.autocast)
+    seq_len = induction_len(cfg, pre_acts.n_ctx, vocab)
+    pre, ind_pre = pre_acts.of(tokens), pre_acts.of(induction_tokens(vocab, seq_len, cfg.induction_seqs, bos, cfg.seed))
+    tok, all_steps = pre_acts.tokenizer, pre_acts.steps
     probe_at = list(probe_steps) if probe_steps is not None else all_steps
     decode = decoder_for(tokenizer or tok)
 

@@ -10,7 +10,8 @@ activations by rows.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 from einops import einsum
@@ -100,6 +101,52 @@ def shared_pre_acts(
         raise ValueError(f"per-snapshot activations need every source's snapshot (the pre-activation is shared "
                          f"by all sources); missing steps {names}")
     return pres, tokenizer, [seen[s] for s in range(n_sources)]
+
+
+@dataclass
+class PreActs:
+    """Pre-activations of several token sets from one pass over the snapshots (`encode_token_sets`), found by
+    their tokens. The analyze stage encodes once for the probes and the type probe: their sets overlap (the
+    held-out rows; BOS + R + R is the probes' induction set and the type probe's repeat set), and each pass
+    loads and runs every snapshot (at Pythia-160M's shape on a CPU: ~2 min)."""
+
+    token_sets: list[Tensor]
+    pres: list[Float[Tensor, "n_seq seq_len d_sae"]]
+    tokenizer: object
+    steps: list[int]
+    """each source's step"""
+    n_ctx: int
+    """the snapshots' context length"""
+
+    def of(self, tokens: Tensor) -> Tensor:
+        for t, p in zip(self.token_sets, self.pres, strict=True):
+            if t.shape == tokens.shape and torch.equal(t, tokens.to(t.device, t.dtype)):
+                return p
+        raise KeyError(f"no token set of shape {tuple(tokens.shape)} was encoded in this pass")
+
+
+def encode_token_sets(crosscoder, snapshots: Iterable[tuple[int, object]], make_sets: Callable[[int], list[Tensor]],
+                      hook: str, steps: Sequence[int] | None = None, batch_size: int = 16,
+                      max_bytes: int | None = None, autocast: str = "none", n_ctx_default: int | None = None) -> PreActs:
+    """`shared_pre_acts` of the distinct token sets `make_sets(n_ctx)` returns, n_ctx read off the first snapshot
+    (`n_ctx_default` for a model without `cfg.n_ctx`); one model held at a time."""
+    snapshots = iter(snapshots)  # consumed once, lazily
+    first = next(snapshots, None)
+    if first is None:
+        raise ValueError("no snapshots to encode")
+    n_ctx = getattr(getattr(first[1], "cfg", None), "n_ctx", n_ctx_default)
+    if n_ctx is None:
+        raise ValueError(f"cannot read the context length of snapshot {first[0]} (no cfg.n_ctx)")
+    snapshots = put_back([first], snapshots)
+    del first  # this frame must not keep the first model through the others' loads
+    sets: list[Tensor] = []
+    for t in make_sets(int(n_ctx)):
+        t = t.long().cpu()
+        if not any(u.shape == t.shape and torch.equal(u, t) for u in sets):
+            sets.append(t)
+    pres, tokenizer, all_steps = shared_pre_acts(crosscoder, snapshots, sets, hook, steps, batch_size, max_bytes,
+                                                 autocast)
+    return PreActs(sets, pres, tokenizer, all_steps, int(n_ctx))
 
 
 def put_back(box: list, rest: Iterable) -> Iterator:

@@ -18,52 +18,58 @@ from jaxtyping import Int
 from torch import Tensor
 
 from crosscoders.io import save_safetensors
-from evolution.features.snapshot_acts import HANDOUT_ELEMENTS, SnapshotActs, put_back, shared_pre_acts
+from evolution.features.probes import probe_vocab, random_rows
+from evolution.features.snapshot_acts import HANDOUT_ELEMENTS, PreActs, SnapshotActs, encode_token_sets
 from evolution.features.types import TYPES, TypeConfig, assign_types, induction_type_stats, stream_type_stats
 
 
 def repeat_and_control(vocab: Int[Tensor, " v"], seq_len: int, n_seqs: int, bos: int, seed: int = 0) -> tuple[Tensor, Tensor]:
-    """BOS + R + R and BOS + R + R' (R, R' independent random tokens of `vocab`, distinct within R when possible)."""
+    """BOS + R + R and BOS + R + R' (R, R' independent random tokens of `vocab`, distinct within R when possible);
+    the first is `probes.induction_tokens` under the same seed."""
     g = torch.Generator().manual_seed(seed)
-
-    def draw() -> Tensor:
-        if seq_len <= len(vocab):
-            return vocab[torch.rand(n_seqs, len(vocab), generator=g).argsort(dim=1)[:, :seq_len]]
-        return vocab[torch.randint(len(vocab), (n_seqs, seq_len), generator=g)]
-
-    R, R2 = draw(), draw()
+    R, R2 = random_rows(vocab, seq_len, n_seqs, g), random_rows(vocab, seq_len, n_seqs, g)
     bos_col = torch.full((n_seqs, 1), bos, dtype=torch.long)
     return torch.cat([bos_col, R, R], 1), torch.cat([bos_col, R, R2], 1)
+
+
+def repeat_len(n_ctx: int, vocab: Tensor, induction_len: int = 32) -> int:
+    return max(2, min(induction_len, (n_ctx - 1) // 2, len(vocab)))
+
+
+def type_token_sets(tokens: Int[Tensor, "n_seq seq_len"], n_ctx: int, bos: int, induction_len: int = 32,
+                    induction_seqs: int = 64, seed: int = 0) -> list[Tensor]:
+    """What `type_timeline` encodes: `tokens`, and the repeat and control sets."""
+    tokens = tokens.long().cpu()
+    vocab = probe_vocab(tokens, bos)
+    return [tokens, *repeat_and_control(vocab, repeat_len(n_ctx, vocab, induction_len), induction_seqs, bos, seed)]
 
 
 def type_timeline(
     crosscoder, snapshots: Iterable[tuple[int, object]], tokens: Int[Tensor, "n_seq seq_len"], hook: str,
     steps: Sequence[int], probe_steps: Sequence[int] | None = None, bos_token_id: int | None = None,
     cfg: TypeConfig | None = None, induction_len: int = 32, induction_seqs: int = 64, batch_size: int = 16,
-    max_elements: int = HANDOUT_ELEMENTS, autocast: str = "none",
+    max_elements: int = HANDOUT_ELEMENTS, autocast: str = "none", pre_acts: PreActs | None = None,
 ) -> dict:
     """Per probed snapshot: score and z of each type, and the assigned types. `snapshots` must hold every
     source (the pre-activation is shared). Returns {"steps", "score": {type: [d_sae, n]}, "z": {...},
     "types": np.ndarray [d_sae, n] of str}. Latents are scored in column blocks whose activations over every
     probed position hold at most `max_elements` floats (every statistic is per latent, and each block's nulls
     reuse the same seeded shuffles, so the result does not depend on the block size): at Pythia-160M's width
-    (24,576 latents, 65,536 probe tokens) all of them at once would be another 6.4 GiB beside the pre-activations."""
+    (24,576 latents, 65,536 probe tokens) all of them at once would be another 6.4 GiB beside the pre-activations.
+    `pre_acts`: the snapshots already encoded on (at least) `type_token_sets` (`snapshot_acts.encode_token_sets`);
+    then `snapshots` is not read."""
     cfg = cfg or TypeConfig()
     tokens = tokens.long().cpu()
     bos = int(tokens[0, 0]) if bos_token_id is None else bos_token_id
-    vocab = tokens.unique()
-    vocab = vocab[vocab != bos]
-    snapshots = iter(snapshots)  # consumed once, lazily: one model in memory at a time
-    first = next(snapshots, None)
-    if first is None:
-        raise ValueError("type_timeline got no snapshots")
-    n_ctx = getattr(getattr(first[1], "cfg", None), "n_ctx", 2 * induction_len + 1)
-    snapshots = put_back([first], snapshots)
-    del first
-    L = max(2, min(induction_len, (n_ctx - 1) // 2, len(vocab)))
+    vocab = probe_vocab(tokens, bos)
+    if pre_acts is None:
+        pre_acts = encode_token_sets(
+            crosscoder, snapshots, lambda n_ctx: type_token_sets(tokens, n_ctx, bos, induction_len, induction_seqs,
+                                                                 cfg.seed),
+            hook, steps, batch_size, autocast=autocast, n_ctx_default=2 * induction_len + 1)
+    L = repeat_len(pre_acts.n_ctx, vocab, induction_len)
     rep, ctrl = repeat_and_control(vocab, L, induction_seqs, bos, cfg.seed)
-    pres, _, all_steps = shared_pre_acts(crosscoder, snapshots, [tokens, rep, ctrl], hook, steps, batch_size,
-                                         autocast=autocast)
+    pres, all_steps = [pre_acts.of(tokens), pre_acts.of(rep), pre_acts.of(ctrl)], pre_acts.steps
     keep = (torch.arange(tokens.shape[1]) >= 1)[None, :] & (tokens != bos)
     probe_at = list(probe_steps) if probe_steps is not None else all_steps
     score = {t: [] for t in TYPES}
@@ -103,8 +109,8 @@ def save_type_timeline(result: dict, path: str | Path) -> None:
 
 def types_for_run(run: Path, crosscoder, steps: list[int], probe_steps: list[int], hook: str | None,
                   max_seqs: int = 256, device: str = "cpu", cfg: TypeConfig | None = None, source=None,
-                  autocast: str = "none") -> dict | None:
-    """`type_timeline` on a run's held-out corpus; writes `analysis/type_scores.safetensors`; returns the
+                  autocast: str = "none", pre_acts: PreActs | None = None) -> dict | None:
+    """`type_timeline` on a run's held-out corpus (`pre_acts`: the snapshots already encoded, by `run_probes`); writes `analysis/type_scores.safetensors`; returns the
     feature-table columns (`type`, `type_onset_step` — the first probed snapshot of the final run where the
     feature has that type and is present, decoder norm ≥ half its max — and `type_score_<type>` at the last
     probed snapshot),
@@ -126,8 +132,9 @@ def types_for_run(run: Path, crosscoder, steps: list[int], probe_steps: list[int
     corpus = Corpus.load(run / "corpus")
     source.check_corpus(corpus)
     tokens = corpus.eval_tokens
-    res = type_timeline(crosscoder.to(device), source.iter(device=device),
-                        tokens[:max_seqs], hook, steps, probe_steps, corpus.bos_token_id, cfg, autocast=autocast)
+    res = type_timeline(crosscoder.to(device), None if pre_acts is not None else source.iter(device=device),
+                        tokens[:max_seqs], hook, steps, probe_steps, corpus.bos_token_id, cfg, autocast=autocast,
+                        pre_acts=pre_acts)
     save_type_timeline(res, run / "analysis" / "type_scores.safetensors")
     # presence per probed snapshot (decoder norm >= half its max): what dates a type under the shared gate
     norms = crosscoder.decoder_norms().detach().float().cpu()  # [d_sae, n_sources]

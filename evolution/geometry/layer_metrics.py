@@ -52,11 +52,12 @@ def _centre_normalise(X: Float[Tensor, "n d"]) -> Float[Tensor, "n d"]:
     return X / norm
 
 
-def lstsq(X: Float[Tensor, "n d"], Y: Float[Tensor, "n k"]) -> Float[Tensor, "d k"]:
+def lstsq(X: Float[Tensor, "n d"], Y: Float[Tensor, "n k"],
+          svd: tuple[Tensor, Tensor, Tensor] | None = None) -> Float[Tensor, "d k"]:
     """Minimum-norm least-squares A of X A ≈ Y through the SVD of X, singular values at or below
     eps · max(n, d) · σ₁ cut (LAPACK gelsd's rule and answer, so a rank-deficient X, with fewer tokens than
-    dims or dead directions, is fine), on X's device."""
-    U, S, Vh = torch.linalg.svd(X, full_matrices=False)
+    dims or dead directions, is fine), on X's device. `svd`: X's (U, S, Vh) when the caller has it already."""
+    U, S, Vh = svd if svd is not None else torch.linalg.svd(X, full_matrices=False)
     cut = S.amax() * torch.finfo(S.dtype).eps * max(X.shape)
     inv = torch.where(S > cut, 1.0 / S, torch.zeros_like(S))
     return Vh.mT @ (inv[:, None] * (U.mT @ Y))
@@ -86,22 +87,35 @@ def linearity_score(X: Float[Tensor, "n d_x"], Y: Float[Tensor, "n d_y"], residu
 
 
 def linearity_pair(X: Float[Tensor, "n d"], Y: Float[Tensor, "n d"], seed: int = 0) -> dict[str, float]:
-    """Both scores (in-sample, and held-out on a `seed`ed half split) and the per-token nonlinearity
-    summary for one layer transition, the in-sample targets solved together from one factorisation."""
+    """Both scores (in-sample, and held-out on a `seed`ed half split), the per-token nonlinearity summary and
+    X's anisotropy for one layer transition. Two SVDs in all (they are the cost: 0.66 s each at 1024 x 768 in
+    float64 on 2 CPU cores): X̃'s serves both in-sample targets and the anisotropy (centring then scaling
+    leaves σ₁² / Σσᵢ² unchanged), the fit half's serves both held-out targets."""
     Xt = _centre_normalise(X)
     targets = torch.cat([_centre_normalise(Y), _centre_normalise(Y.to(torch.float64) - X.to(torch.float64))], 1)
-    R = _lstsq_residual(Xt, targets)
+    svd = torch.linalg.svd(Xt, full_matrices=False)
+    R = Xt @ lstsq(Xt, targets, svd) - targets
     d = Y.shape[1]
     per_token = R[:, :d].pow(2).sum(1) * X.shape[0]
-    fit, test = _split(X.shape[0], seed)
+    held = _heldout_r2(X, [Y, Y.to(torch.float64) - X.to(torch.float64)], *_split(X.shape[0], seed))
     return {
         "linearity": 1.0 - R[:, :d].pow(2).sum().item(),
         "linearity_no_residual": 1.0 - R[:, d:].pow(2).sum().item(),
-        "linearity_heldout": float(_heldout_r2(X, Y, fit, test)),
-        "linearity_no_residual_heldout": float(_heldout_r2(X, Y.to(torch.float64) - X.to(torch.float64), fit, test)),
+        "linearity_heldout": float(held[0]),
+        "linearity_no_residual_heldout": float(held[1]),
         "token_nonlinearity_p90": torch.quantile(per_token, 0.9).item(),
         "token_nonlinearity_max": per_token.max().item(),
+        "anisotropy": _anisotropy_from(svd[1]),
     }
+
+
+def linearity_and_anisotropy(X: Float[Tensor, "n d"], Y: Float[Tensor, "n d"], residual: bool = True
+                             ) -> tuple[float, float]:
+    """(`linearity_score(X, Y, residual)`, `anisotropy(X)`) from one SVD of X̃."""
+    Xt = _centre_normalise(X)
+    T = _centre_normalise(Y if residual else Y.to(torch.float64) - X.to(torch.float64))
+    svd = torch.linalg.svd(Xt, full_matrices=False)
+    return 1.0 - (Xt @ lstsq(Xt, T, svd) - T).pow(2).sum().item(), _anisotropy_from(svd[1])
 
 
 def _split(n: int, seed: int) -> tuple[Tensor, Tensor]:
@@ -109,17 +123,24 @@ def _split(n: int, seed: int) -> tuple[Tensor, Tensor]:
     return perm[: n // 2], perm[n // 2 :]
 
 
-def _heldout_r2(X: Float[Tensor, "n d"], T: Float[Tensor, "n k"], fit: Tensor, test: Tensor) -> Float[Tensor, " k_or_1"]:
-    """1 − SSE/SST on `test` of the least-squares affine map fitted on `fit` (float64)."""
-    X, T = X.to(torch.float64), T.to(torch.float64)
+def _heldout_r2(X: Float[Tensor, "n d"], targets: list[Float[Tensor, "n k"]], fit: Tensor, test: Tensor
+                ) -> list[float]:
+    """Per target, 1 − SSE/SST on `test` of the least-squares affine map fitted on `fit` (float64); the targets
+    share one factorisation of X's fit half."""
+    X = X.to(torch.float64)
     fit, test = fit.to(X.device), test.to(X.device)
+    T = torch.cat([t.to(torch.float64) for t in targets], 1)
     mx, mt = X[fit].mean(0), T[fit].mean(0)
-    A = lstsq(X[fit] - mx, T[fit] - mt)
-    err = (X[test] - mx) @ A + mt - T[test]
-    sst = (T[test] - T[test].mean(0)).pow(2).sum()
-    if sst == 0:
-        raise ValueError("constant target on the held-out half: linearity is undefined")
-    return 1.0 - err.pow(2).sum() / sst
+    err = ((X[test] - mx) @ lstsq(X[fit] - mx, T[fit] - mt) + mt - T[test]).pow(2)
+    out, lo = [], 0
+    for t in targets:
+        hi = lo + t.shape[1]
+        sst = (T[test, lo:hi] - T[test, lo:hi].mean(0)).pow(2).sum()
+        if sst == 0:
+            raise ValueError("constant target on the held-out half: linearity is undefined")
+        out.append(float(1.0 - err[:, lo:hi].sum() / sst))
+        lo = hi
+    return out
 
 
 def linearity_heldout(X: Float[Tensor, "n d_x"], Y: Float[Tensor, "n d_y"], residual: bool = True, seed: int = 0) -> float:
@@ -128,14 +149,18 @@ def linearity_heldout(X: Float[Tensor, "n d_x"], Y: Float[Tensor, "n d_y"], resi
     if X.shape[0] != Y.shape[0] or X.shape[0] < 4:
         raise ValueError(f"need the same >= 4 tokens in X and Y, got {X.shape[0]} and {Y.shape[0]} rows")
     target = Y if residual else Y.to(torch.float64) - X.to(torch.float64)
-    return float(_heldout_r2(X, target, *_split(X.shape[0], seed)))
+    return _heldout_r2(X, [target], *_split(X.shape[0], seed))[0]
 
 
 def anisotropy(X: Float[Tensor, "n d"]) -> float:
     """σ₁² / Σσᵢ² of the centred embedding matrix (The Shape of Learning, Razzhigaev et al. 2024)."""
     Xc = X.to(torch.float64) - X.to(torch.float64).mean(0, keepdim=True)
-    s2 = torch.linalg.svdvals(Xc).pow(2)
+    return _anisotropy_from(torch.linalg.svdvals(Xc))
+
+
+def _anisotropy_from(S: Float[Tensor, " k"]) -> float:
+    s2 = S.pow(2)
     total = s2.sum()
     if total == 0:
         raise ValueError("anisotropy of a constant embedding matrix is undefined")
-    return (s2[0] / total).item()
+    return (s2.amax() / total).item()

@@ -32,7 +32,7 @@ from crosscoders.dataclass_cli import config_hash, to_dict
 from crosscoders.io import write_json
 from crosscoders.progress import progress_bar
 from evolution.geometry.intrinsic_dim import intrinsic_dims
-from evolution.geometry.layer_metrics import anisotropy, linearity_pair, linearity_score
+from evolution.geometry.layer_metrics import anisotropy, linearity_and_anisotropy, linearity_pair
 from evolution.sources.residual import decoder_layers, hf_residual
 
 PAIR_METRICS = ("linearity", "linearity_no_residual", "linearity_heldout", "linearity_no_residual_heldout",
@@ -134,9 +134,10 @@ def resampled_metrics(resid: Float[Tensor, "n_layers_plus_1 n d_model"], cfg: Ge
         rows: dict[str, list] = {m: [] for m in RESAMPLED}
         for layer in range(n_points):
             X = sub[layer]
-            rows["linearity_no_residual"].append(
-                linearity_score(X, sub[layer + 1], residual=False) if layer + 1 < n_points else None)
-            rows["anisotropy"].append(anisotropy(X))
+            lin, aniso = (linearity_and_anisotropy(X, sub[layer + 1], residual=False) if layer + 1 < n_points
+                          else (None, anisotropy(X)))
+            rows["linearity_no_residual"].append(lin)
+            rows["anisotropy"].append(aniso)
             ids = intrinsic_dims(X, cfg.discard_fraction, cfg.mle_k1, cfg.mle_k2)
             rows["id_twonn"].append(ids["id_twonn"])
             rows["id_mle"].append(ids["id_mle"])
@@ -151,11 +152,11 @@ def resid_metrics(resid: Float[Tensor, "n_layers_plus_1 n d_model"], cfg: Geomet
     metrics: dict[str, list] = {m: [] for m in PAIR_METRICS + POINT_METRICS}
     for layer in progress_bar(range(n_points), desc="layers", unit="layer", leave=False):
         X = resid[layer]
-        pair = linearity_pair(X, resid[layer + 1], cfg.seed) if layer + 1 < n_points else dict.fromkeys(PAIR_METRICS)
+        pair = linearity_pair(X, resid[layer + 1], cfg.seed) if layer + 1 < n_points else dict.fromkeys(PAIR_METRICS + ("anisotropy",))
         for m in PAIR_METRICS:
             metrics[m].append(pair[m])
         ids = intrinsic_dims(X, cfg.discard_fraction, cfg.mle_k1, cfg.mle_k2)
-        metrics["anisotropy"].append(anisotropy(X))
+        metrics["anisotropy"].append(pair["anisotropy"] if pair["anisotropy"] is not None else anisotropy(X))
         metrics["id_twonn"].append(ids["id_twonn"])
         metrics["id_mle"].append(ids["id_mle"])
         metrics["duplicate_frac"].append(ids["duplicate_frac"])

@@ -15,8 +15,9 @@ values are logits per unit of normalised residual: compare them within one snaps
 For a crosscoder on a hook before the last block this is the direct path only (later blocks are skipped),
 as in SAE dashboards.
 
-The [d_sae, d_vocab] matrix (24,576 × 50,304 fp32 = 4.9 GB for Pythia-160M) is formed and ranked on the
-model's device, with TF32 matmuls on CUDA; only the top-k ids and values come back to the host.
+The [d_sae, d_vocab] matrix (24,576 × 50,304 fp32 = 4.9 GB for Pythia-160M) is never whole: `top_logit_effects`
+forms and ranks it `chunk_bytes` of rows at a time on the model's device, with TF32 matmuls on CUDA, and only
+the top-k ids and values come back to the host (whole, ranking it held three such matrices, 15 GB).
 """
 
 from __future__ import annotations
@@ -67,9 +68,21 @@ def top_effects(effects: Float[Tensor, "d_sae d_vocab"], k: int = 5, features: l
                 ) -> dict[int, dict[str, list]]:
     """{feature: {"promoted": [[token id, value], ...], "suppressed": [...]}}, k each, largest first."""
     feats = list(range(effects.shape[0])) if features is None else features
-    E = effects[feats]
+    E = effects if features is None else effects[feats]
     up_v, up_i = (t.cpu() for t in E.topk(k, dim=-1))  # ranked on the device, k per feature come back
-    dn_v, dn_i = (t.cpu() for t in (-E).topk(k, dim=-1))
+    dn_v, dn_i = (t.cpu() for t in E.topk(k, dim=-1, largest=False))
     return {f: {"promoted": [[int(t), round(float(v), 4)] for t, v in zip(up_i[j], up_v[j], strict=True)],
-                "suppressed": [[int(t), round(float(-v), 4)] for t, v in zip(dn_i[j], dn_v[j], strict=True)]}
+                "suppressed": [[int(t), round(float(v), 4)] for t, v in zip(dn_i[j], dn_v[j], strict=True)]}
             for j, f in enumerate(feats)}
+
+
+def top_logit_effects(model, W_dec: Float[Tensor, "d_sae d_model"], k: int = 5, chunk_bytes: int = 256 << 20
+                      ) -> dict[int, dict[str, list]]:
+    """`top_effects(logit_effects_matrix(model, W_dec), k)`, formed `chunk_bytes` of effect rows at a time: the
+    whole matrix is d_sae × d_vocab (module docstring)."""
+    rows = max(1, chunk_bytes // (4 * unembedding(model).shape[1]))
+    out: dict[int, dict[str, list]] = {}
+    for lo in range(0, W_dec.shape[0], rows):
+        part = top_effects(logit_effects_matrix(model, W_dec[lo : lo + rows]), k)
+        out.update({lo + j: v for j, v in part.items()})
+    return out

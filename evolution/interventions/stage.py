@@ -33,7 +33,7 @@ from crosscoders.dataclass_cli import config_hash, to_dict
 from crosscoders.io import write_json
 from crosscoders.progress import progress_bar
 from evolution.interventions.linear_replacement import MODES, ReplacementConfig, block_interventions
-from evolution.interventions.logit_effects import logit_effects_matrix, top_effects
+from evolution.interventions.logit_effects import top_logit_effects
 from evolution.interventions.logit_lens import logit_lens
 
 VERSION = 1  # bump when what is recorded per snapshot changes (resume must not mix versions)
@@ -60,10 +60,14 @@ class InterventionsConfig(ReplacementConfig):
     """Tokens per feature and snapshot in logit_effects.json (promoted and suppressed each)."""
     resume: bool = True
     """Keep snapshots already in interventions.json under the same config."""
+    steps: list[int] | None = None
+    """Snapshot steps the stage runs on (default: all of the run's; each costs about 3 forwards per block over
+    the eval rows, and the logit effects a d_sae x d_model x d_vocab product). `Run.logit_effects` computes a
+    step left out on demand."""
 
 
 def _hash(cfg: InterventionsConfig) -> str:
-    d = {k: v for k, v in to_dict(cfg).items() if k not in ("enabled", "resume", "logit_effects", "top_k", "tolerance")}
+    d = {k: v for k, v in to_dict(cfg).items() if k not in ("enabled", "resume", "logit_effects", "top_k", "tolerance", "steps")}
     return config_hash({**d, "version": VERSION})
 
 
@@ -109,27 +113,31 @@ def interventions(run_dir: str | Path, steps: Sequence[int], loaders: Sequence[C
         old = json.loads(path.read_text())
         if old.get("config_hash") == key:
             done = {int(s): v for s, v in old["snapshots"].items()}
-    effects_src = _crosscoder_sources(run, steps) if cfg.logit_effects else {}
+    chosen = set(steps) if cfg.steps is None else set(cfg.steps)
+    if chosen - set(steps):
+        raise ValueError(f"[interventions] steps {sorted(chosen - set(steps))} are not snapshots of this run "
+                         f"(it has {list(steps)})")
+    effects_src = _crosscoder_sources(run, sorted(chosen)) if cfg.logit_effects else {}
     effects: dict[int, dict] = {}
-    todo = [(s, ld) for s, ld in zip(steps, loaders, strict=True) if s not in done or s in effects_src]
+    todo = [(s, ld) for s, ld in zip(steps, loaders, strict=True) if (s in chosen and s not in done) or s in effects_src]
     bar = progress_bar(total=len(todo), desc="interventions", unit="snapshot")
     for step, loader in todo:
         model = loader()
         with tf32(model_device(model)):  # TF32 matmuls on CUDA for this snapshot's work (crosscoders.compute)
-            if step not in done:
+            if step in chosen and step not in done:
                 res = block_interventions(model, fit_tokens, eval_tokens, cfg, corpus.bos_token_id)
                 if cfg.logit_lens:
                     res["logit_lens"] = logit_lens(model, eval_tokens, cfg.eval_batch_size, corpus.bos_token_id)
                 done[step] = res
                 _write(path, done, cfg, key, complete=False)
             if step in effects_src:
-                effects[step] = top_effects(logit_effects_matrix(model, effects_src[step]), cfg.top_k)
+                effects[step] = top_logit_effects(model, effects_src[step], cfg.top_k)
         dev = model_device(model)
         del model
         release_memory(dev)
         bar.update(1)
     bar.close()
-    data = _write(path, {s: done[s] for s in steps}, cfg, key, complete=True)
+    data = _write(path, {s: done[s] for s in steps if s in chosen}, cfg, key, complete=True)
     if effects:
         write_logit_effects(run, effects, corpus.tokenizer, cfg.top_k)
         _refresh_browser(run)

@@ -74,3 +74,40 @@ def test_the_type_probe_holds_one_snapshot_at_a_time():
     cc = subspace_crosscoder(W, torch.ones(W.shape[1], 3))
     type_timeline(cc, _one_at_a_time([0, 1, 2], lambda s: handbuilt_model(V, N)), random_stream(8, vocab=V),
                   "blocks.1.hook_resid_post", [0, 1, 2], induction_len=8, induction_seqs=4)
+
+
+def test_one_encoding_serves_the_probes_and_the_type_probe():
+    """The analyze stage encodes the snapshots once for both probes (their token sets overlap: BOS + R + R is the
+    probes' induction set and the type probe's repeat set); each result equals its own separate pass."""
+    from evolution.features.probes import ProbeConfig, induction_tokens, probe_features, probe_token_sets
+    from evolution.features.snapshot_acts import encode_token_sets
+    from evolution.features.type_probe import repeat_and_control, type_timeline, type_token_sets
+    from tests.handbuilt import handbuilt_model, random_stream, subspace_crosscoder, subspace_directions
+
+    V, N, hook, steps = 16, 48, "blocks.1.hook_resid_post", [0, 1, 2]
+    W, _ = subspace_directions(V, N)
+    cc = subspace_crosscoder(W, torch.ones(W.shape[1], 3))
+    tokens = random_stream(8, vocab=V)
+    bos, pcfg = int(tokens[0, 0]), ProbeConfig(top_k=2, max_seqs=8, induction_len=8, induction_seqs=4)
+    vocab = tokens.unique()
+    vocab = vocab[vocab != bos]
+    assert torch.equal(induction_tokens(vocab, 8, 4, bos), repeat_and_control(vocab, 8, 4, bos)[0])
+    loads = []
+
+    def snapshots():
+        for s in steps:
+            loads.append(s)
+            yield s, handbuilt_model(V, N)
+
+    pre = encode_token_sets(cc, snapshots(), lambda n_ctx: probe_token_sets(tokens, n_ctx, pcfg, bos)
+                            + type_token_sets(tokens, n_ctx, bos, induction_len=8, induction_seqs=4), hook, steps)
+    assert loads == steps and len(pre.token_sets) == 3  # the stream and BOS + R + R once each, and the control
+    shared = probe_features(cc, None, tokens, hook, steps=steps, cfg=pcfg, pre_acts=pre)
+    alone = probe_features(cc, snapshots(), tokens, hook, steps=steps, cfg=pcfg)
+    pd_testing = __import__("pandas").testing
+    pd_testing.assert_frame_equal(shared.table, alone.table)
+    t_shared = type_timeline(cc, None, tokens, hook, steps, induction_len=8, induction_seqs=4, pre_acts=pre)
+    t_alone = type_timeline(cc, snapshots(), tokens, hook, steps, induction_len=8, induction_seqs=4)
+    for t in t_alone["score"]:
+        torch.testing.assert_close(t_shared["score"][t], t_alone["score"][t], equal_nan=True)
+    assert (t_shared["types"] == t_alone["types"]).all()

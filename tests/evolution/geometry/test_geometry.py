@@ -192,3 +192,20 @@ def test_geometry_run_writes_json_figures_and_resumes(run_dir):
     shutil.rmtree(run_dir / "snapshots" / "step2")
     again = geometry(run_dir, GeometryConfig(n_tokens=300, batch_size=8, mle_k1=5, mle_k2=10, steps=[0, 2, 8]))
     assert again["metrics"] == saved["metrics"]
+
+
+def test_shared_factorisations_give_each_metric_its_own_answer():
+    # linearity_pair and the resamples get the anisotropy and both held-out scores from shared SVDs; each
+    # must equal the metric computed on its own (anisotropy's svdvals of the raw centred X, one lstsq per target)
+    from evolution.geometry.layer_metrics import linearity_and_anisotropy, linearity_heldout
+
+    g = torch.Generator().manual_seed(7)
+    X = torch.randn(500, 24, generator=g) * torch.linspace(0.1, 3, 24)
+    Y = X + 0.3 * torch.tanh(X @ torch.randn(24, 24, generator=g))
+    pair = linearity_pair(X, Y, seed=5)
+    assert pair["anisotropy"] == pytest.approx(anisotropy(X), rel=1e-10)
+    assert pair["linearity_heldout"] == pytest.approx(linearity_heldout(X, Y, True, seed=5), abs=1e-12)
+    assert pair["linearity_no_residual_heldout"] == pytest.approx(linearity_heldout(X, Y, False, seed=5), abs=1e-12)
+    lin, an = linearity_and_anisotropy(X, Y, residual=False)
+    assert lin == pytest.approx(linearity_score(X, Y, residual=False), abs=1e-12)
+    assert an == pytest.approx(anisotropy(X), rel=1e-10)

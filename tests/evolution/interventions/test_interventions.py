@@ -147,3 +147,7 @@ def test_logit_effects_equal_the_finite_difference_of_the_readout():
     top = top_effects(E, k=3)
     assert [t for t, _ in top[0]["promoted"]] == [t for t, _ in top[1]["suppressed"]]
     assert top[0]["promoted"][0][1] == pytest.approx(float(E[0].max()), abs=1e-3)
+    # in chunks of one feature's row each: the same answer as ranking the whole matrix
+    from evolution.interventions.logit_effects import top_logit_effects
+
+    assert top_logit_effects(model, W_dec, k=3, chunk_bytes=4 * E.shape[1]) == top

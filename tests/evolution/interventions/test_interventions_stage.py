@@ -60,6 +60,25 @@ def test_logit_effects_reach_the_browser_and_the_api(run_copy):
         run.logit_effects(3, step + 12345)
 
 
+def test_steps_restrict_the_stage_and_the_api_computes_the_rest(tiny_run, tmp_path):
+    _, run, _ = tiny_run
+    dst = tmp_path / run.name
+    shutil.copytree(run, dst)
+    steps = sorted(int(p.name.removeprefix("step")) for p in (dst / "snapshots").iterdir())
+    pick = [steps[0], steps[-1]]
+    assert main(["interventions", "--n-eval-seqs", "4", "--n-fit-tokens", "300", "--n-score-tokens", "100",
+                 "--n-bootstrap", "20", "--logit-lens", "false", "--steps", ",".join(map(str, pick)), str(dst)]) == 0
+    data = json.loads((dst / "interventions.json").read_text())
+    assert data["steps"] == pick and sorted(map(int, data["snapshots"])) == pick and data["complete"]
+    eff = json.loads((dst / "analysis" / "logit_effects.json").read_text())
+    assert eff["steps"] == pick
+    import evolution
+
+    run = evolution.load_run(dst)
+    assert len(run.logit_effects(3, steps[1], k=2)["promoted"]) == 2  # a step left out: computed on demand
+    assert main(["interventions", "--steps", str(steps[-1] + 7), str(dst)]) != 0
+
+
 def test_report_panel_and_resume(run_copy, capsys):
     from evolution.report.html import build_report
 
