@@ -41,6 +41,8 @@ def latent_scaling(
     num_act = torch.zeros(model.cfg.n_sources, H, dtype=torch.float64, device=dev)
     num_err = torch.zeros_like(num_act)
     den = torch.zeros(H, dtype=torch.float64, device=dev)
+    # <W_dec[s, i], u_i>: the same for every batch (computed per batch it was a W_dec-sized temporary each time)
+    dec_along_u = einsum(model.W_dec.float(), u, "s h d, h d -> s h")
     for x in batches:
         x = x.to(dev, torch.float32)
         x_hat, f = model(x)
@@ -48,7 +50,7 @@ def latent_scaling(
         fs = f if f.ndim == 3 else f[:, None, :]  # the latent's own code per source
         proj_act = einsum(x - model.b_dec, u, "b s d, h d -> b s h")
         # own contribution along u: f[s, i] <W_dec[s, i], u_i>
-        own = fs * einsum(model.W_dec.float(), u, "s h d, h d -> s h")
+        own = fs * dec_along_u
         proj_err = einsum(x - x_hat, u, "b s d, h d -> b s h") + own
         num_act += einsum(a, proj_act, "b h, b s h -> s h").double()
         num_err += einsum(a, proj_err, "b h, b s h -> s h").double()

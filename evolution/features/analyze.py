@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from crosscoders.compute import release_memory
 from crosscoders.io import atomic_path, write_json
 from evolution.features.hierarchy import clear_mechanism
 from evolution.features.timelines import TimelineConfig, Timelines, compute_timelines
@@ -201,9 +202,13 @@ def analyze(run_dir: str | Path, cfg: AnalyzeConfig | None = None, source=None) 
     tl_cfg = TimelineConfig(**{k: getattr(cfg, k) for k in TimelineConfig.__dataclass_fields__})
     tl = compute_timelines(crosscoder, steps, tl_cfg)
     features = tl.to_frame()
+    # between the phases below, freed heap goes back to the system: each phase's transients are W_dec-sized or
+    # larger, and glibc kept what one left as resident beside the next (Pythia-160M width: +0.9 GiB at the peak)
+    release_memory(cfg.device)
     contexts = pre_acts = None
     if cfg.probes and (probed := run_probes(run, crosscoder, steps, cfg, source)) is not None:
         table, contexts, pre_acts = probed
+        del probed  # the pre-activations must go when pre_acts does
         extra = [c for c in table.columns if c == "feature" or c not in features.columns]
         features = features.merge(table[extra], on="feature", how="left")
     if cfg.probes:  # null-calibrated type scores per snapshot (evolution.features.types)
@@ -213,6 +218,7 @@ def analyze(run_dir: str | Path, cfg: AnalyzeConfig | None = None, source=None) 
                              cfg.probe_max_seqs, cfg.device, source=source, autocast=_harvest_autocast(run),
                              pre_acts=pre_acts)
         pre_acts = None  # the pre-activations go before Latent Scaling runs
+        release_memory(cfg.device)
         for k, v in (cols or {}).items():
             features[k] = v
         if cols:

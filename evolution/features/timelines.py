@@ -296,14 +296,19 @@ def group_shapes(emergence_index: Tensor, fade_index: Tensor, dead: Tensor, n_so
 
 
 def compute_timelines_from_W_dec(
-    W_dec: Float[Tensor, "n_sources d_sae d_in"], steps: list[int], cfg: TimelineConfig | None = None
+    W_dec: Float[Tensor, "n_sources d_sae d_in"], steps: list[int], cfg: TimelineConfig | None = None,
+    norm_scale: Float[Tensor, " n_sources"] | None = None,
 ) -> Timelines:
+    """`norm_scale`: per-source factors the norms are read in (`compute_timelines`); the directions, and so every
+    cosine, do not depend on them, so W_dec is never rescaled (a copy of it is 0.6 GB at Pythia-160M's width)."""
     cfg = cfg or TimelineConfig()
     W_dec = W_dec.detach().float().cpu()
     n_sources = W_dec.shape[0]
     if len(steps) != n_sources:
         raise ValueError(f"{len(steps)} steps given for a decoder with {n_sources} sources")
     norms = decoder_norms(W_dec)
+    if norm_scale is not None:
+        norms = norms * norm_scale.detach().float().cpu()[None, :]
     max_norm = norms.max(dim=1).values
     ref = torch.quantile(max_norm, 0.9) if max_norm.numel() else torch.tensor(0.0)
     dead = max_norm <= torch.clamp(cfg.dead_norm_frac * ref, min=1e-8)
@@ -338,9 +343,5 @@ def compute_timelines(crosscoder: Any, steps: list[int], cfg: TimelineConfig | N
     Norms are read in the crosscoder's training (normalised) units, like `Crosscoder.decoder_norms()`:
     a saved model has each source's activation scale folded into `W_dec`, and undoing it keeps the
     norms of different snapshots comparable whatever their raw activation scale."""
-    W_dec = crosscoder.W_dec.detach().float().cpu()
-    scale = getattr(crosscoder, "norm_scale", None)
-    if scale is not None:
-        W_dec = W_dec * scale.detach().float().cpu().reshape(-1, 1, 1)
-    return compute_timelines_from_W_dec(W_dec, steps, cfg)
+    return compute_timelines_from_W_dec(crosscoder.W_dec, steps, cfg, getattr(crosscoder, "norm_scale", None))
 

@@ -141,3 +141,27 @@ def test_emergence_is_the_rising_edge_of_the_run_holding_the_peak():
     assert tl.to_frame()["present_from_start"].tolist() == [False, True, False]
     first = compute_timelines_from_W_dec(prof.T[:, :, None] * d[None], STEPS, TimelineConfig(emergence="first"))
     assert first.emergence_index.tolist() == [0, 0, 9]  # DESIGN.md's original rule, kept as an option
+
+
+def test_timelines_read_norms_in_training_units_without_rescaling_W_dec():
+    """A saved crosscoder has each source's scale folded into W_dec; the timelines undo it for the norms only
+    (cosines do not depend on a positive per-source factor), so W_dec is never copied."""
+    import torch
+
+    from crosscoders.config import CrosscoderConfig
+    from crosscoders.model import Crosscoder
+    from evolution.features.timelines import compute_timelines, compute_timelines_from_W_dec
+
+    torch.manual_seed(0)
+    cc = Crosscoder(CrosscoderConfig(n_sources=5, d_in=6, d_sae=40))
+    with torch.no_grad():
+        cc.W_dec.mul_(torch.rand(5, 40, 1) + 0.1)
+        cc.norm_scale.copy_(torch.tensor([0.5, 2.0, 1.0, 3.0, 0.25]))
+    steps = [0, 1, 2, 3, 4]
+    got = compute_timelines(cc, steps)
+    ref = compute_timelines_from_W_dec(cc.W_dec.detach() * cc.norm_scale.reshape(-1, 1, 1), steps)
+    torch.testing.assert_close(got.norms, ref.norms)
+    torch.testing.assert_close(got.cos_to_final, ref.cos_to_final)
+    torch.testing.assert_close(got.turn, ref.turn)
+    assert torch.equal(got.peak_index, ref.peak_index)
+    assert got.W_dec.data_ptr() == cc.W_dec.data_ptr()  # the crosscoder's own tensor, not a copy
