@@ -159,9 +159,13 @@ def stage_memory(cfg) -> dict[str, int]:
     # allocator is emptied between snapshots (crosscoders.compute.release_memory)
     retained = 0 if str(h.device).startswith("cuda") else model // 2
 
-    def running(batch: int, rows: int, extra: int = 0) -> int:  # one snapshot resident, running a forward on
-        # at most `rows` rows, or loading; beside what the allocator kept of the snapshots before it
-        return max(load, model + forward_bytes(min(batch, rows), T, heads, d) + extra) + retained
+    def running(batch: int, rows: int, extra: int = 0, n_loads: int = S) -> int:
+        # one snapshot resident, loading, or running a forward on at most `rows` rows, or holding what follows the
+        # forward (`extra`: the logits and their statistics; the forward's attention transients are gone by then,
+        # measured: adding the two over-predicted evaluation by 10%, interventions by 25%); beside what the
+        # allocator kept of the snapshots before it (none when the stage loads only one)
+        return (max(load, model + max(forward_bytes(min(batch, rows), T, heads, d), extra))
+                + (retained if n_loads > 1 else 0))
 
     cc = {"n_sources": S, "d_in": d, "d_sae": H, "activation": t.crosscoder.activation}
     crosscoder_w = 4 * 2 * S * d * H  # W_enc, W_dec in fp32
@@ -192,7 +196,8 @@ def stage_memory(cfg) -> dict[str, int]:
         # final snapshot's: a W_dec-sized transient), the probes with one snapshot, Latent Scaling
         "analyze": crosscoder_w + max(crosscoder_w, probes + running(16, probe_rows), scaling),
         # every layer's residual at the sampled positions (fp64 for the metrics)
-        "geometry": running(cfg.geometry.batch_size, n_eval, 8 * cfg.geometry.n_tokens * (sh.n_layers + 1) * d),
+        "geometry": running(cfg.geometry.batch_size, n_eval, 8 * cfg.geometry.n_tokens * (sh.n_layers + 1) * d,
+                            len(cfg.geometry.steps or range(S))),
         # the logits (fp32) and three tensors of their shape in the statistics' dtype alive at once (evolution.
         # evaluate: log-softmax, its exp and their product; the cast feeding log_softmax is dropped before the
         # product exists; fp64 on a CPU, fp32 on a GPU). Measured at the dry run's shape: 3 of them, not 4
@@ -203,7 +208,8 @@ def stage_memory(cfg) -> dict[str, int]:
         # batch_nll; the logit lens does one layer at a time, the same), and the crosscoder's W_dec kept for the
         # logit effects (ranked in 256 MiB chunks of rows: evolution.interventions.logit_effects)
         w_dec = crosscoder_w // 2 if cfg.interventions.logit_effects else 0
-        out["interventions"] = running(iv_rows, iv_rows, logits(iv_rows) * (1 + 2 * stat_bytes // 4)) + w_dec
+        out["interventions"] = running(iv_rows, iv_rows, logits(iv_rows) * (1 + 2 * stat_bytes // 4),
+                                       len(cfg.interventions.steps or range(S))) + w_dec
     return out
 
 
