@@ -19,12 +19,18 @@ each token its own per-snapshot magnitudes (a lognormal factor per token, featur
 directions of a residual stream) and `offset` adds a per-source mean vector. With more features than
 n_sources * d_in / 4 the joint space is in superposition.
 
+A family of generators (`family_config(seed)`, issue 23) draws every knob by seed; for it, `profile="rise"`
+(a birth that persists: zero before it, a monotone rise to 1 at the last snapshot) and `"mixed"` (each feature
+draws bump, rise_fade or rise), `magnitude` (the distribution of a_i, mean 1.5 for every choice) and
+`co_active` (features fire in pairs: a feature's partner fires with it with this probability).
+
 Batches are a deterministic function of (seed, step), so `planted.batches(start_step)` is the resumable
 batch source that `crosscoders.train.train` accepts.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -61,16 +67,19 @@ class SyntheticConfig:
     """Fraction of features that turn at `turn_at`."""
     turn_angle: float = 1.2
     """Angle (radians) of the sharp turn."""
-    profile: Literal["bump", "rise_fade"] = "bump"
-    """Norm profile over sources: a Gaussian bump around the peak, or zero before a birth and after a death
-    snapshot with a linear rise to the peak and a linear fade (the peak leads by `peak_margin`)."""
+    profile: Literal["bump", "rise_fade", "rise", "mixed"] = "bump"
+    """Norm profile over sources: a Gaussian bump around the peak; rise_fade: zero before a birth and after a
+    death snapshot with a linear rise to the peak and a linear fade (the peak leads by `peak_margin`); rise: zero
+    before a birth, then a linear rise to 1 - peak_margin at the second-last snapshot and 1 at the last (a
+    feature born that persists and grows; its peak is the last snapshot); mixed: each feature draws one of the
+    three with equal probability."""
     alive_floor: float = 0.3
-    """rise_fade: norm at the birth and death snapshots (the profile is 1 at the peak)."""
+    """rise_fade, rise: norm at the birth (and death) snapshots (the profile is 1 at the peak)."""
     peak_margin: float = 0.2
-    """rise_fade: every snapshot other than the peak has norm at most 1 - peak_margin (the peak is 1), so the
-    exact peak index is well-defined for an instrument that reads norms to within this fraction."""
+    """rise_fade, rise: every snapshot other than the peak has norm at most 1 - peak_margin (the peak is 1), so
+    the exact peak index is well-defined for an instrument that reads norms to within this fraction."""
     max_life: int = 0
-    """rise_fade: most snapshots from birth to death (0 = n_sources)."""
+    """rise_fade, rise: most snapshots from birth to death (rise: to the last snapshot; 0 = n_sources)."""
     alive_frac: float = 0.25
     """A feature is alive in a source where its profile is at least this (recovery is judged there)."""
     mag_noise: float = 0.0
@@ -84,6 +93,12 @@ class SyntheticConfig:
     the mean variance per coordinate stays noise^2."""
     offset: float = 0.0
     """Norm of a constant per-source mean vector added to every activation."""
+    magnitude: Literal["exponential", "uniform", "lognormal", "constant"] = "exponential"
+    """Distribution of a token's magnitude a_i of an active feature, mean 1.5 for each: Exp(1) + 0.5 (bounded
+    away from 0), U(0.5, 2.5), a lognormal with log-sd 0.5, or 1.5 always."""
+    co_active: float = 0.0
+    """Features come in random pairs; when a feature fires, its partner also fires with this probability (with
+    its own magnitude). 0 = independent features; the planted L0 is `PlantedFeatures.planted_l0`."""
     seed: int = 0
     """Seed of the ground truth; batches use (seed, step)."""
 
@@ -97,6 +112,68 @@ def hard_config(n_sources: int = 8, d_in: int = 32, seed: int = 0, **overrides) 
                           mag_noise=0.3, mag_corr=0.9, noise=0.05, noise_decay=1.0, offset=1.0, turn_at=n_sources // 2,
                           turn_frac=0.5, turn_angle=0.8, seed=seed)
     return replace(cfg, **overrides)
+
+
+FAMILY_COST = 24_000
+"""family_config keeps n_sources x d_in x n_features at most this, so that one draw trains in about a
+minute of one CPU core for every scheme (the per-source gate's step grows with n_sources x d_sae)."""
+
+
+def family_config(seed: int) -> SyntheticConfig:
+    """One generator of the family (issue 23), every knob drawn by `seed` from these ranges:
+
+    - n_sources 2-32 and d_in 16-256 (log-uniform); n_features 0.5-3 x d_in (uniform ratio);
+    - planted L0 (mean features active per token) 1-10, at most d_in / 4 (beyond it even a perfect
+      dictionary is at the edge of compressed sensing) and n_features / 8 (log-uniform), p_active set from it;
+    - magnitude exponential / uniform / lognormal / constant; mag_noise 0-0.3 (half the draws 0),
+      mag_corr 0.5-0.95;
+    - profile bump / rise_fade / rise / mixed, peak_margin 0.15-0.3, max_life 1-n_sources (rise_fade, rise),
+      peak_width 1-2 (bump);
+    - max_rotation 0-1 rad (drift); a sharp turn in half the draws (turn_frac 0.3-0.8, turn_angle 0.5-1.5 rad
+      at a random snapshot);
+    - noise 0.01-0.1, noise_decay 0-1.5 (anisotropy), offset 0-2;
+    - co_active 0-0.5 in half the draws (0 otherwise).
+
+    Draws are stratified by `seed % 4` so that any 4 consecutive seeds reach the corners: 0 many sources
+    (24-32, d_in 16-20), 1 wide (d_in 200-256, 2-4 sources), 2 dense (L0 at its cap, 2-3 x d_in features),
+    3 unconstrained. n_sources x d_in x n_features is then capped at `FAMILY_COST` (n_sources shrink first,
+    but n_features first in corner 0) to keep a draw cheap to train."""
+    g = torch.Generator().manual_seed(7919 * seed + 1)
+
+    def u(lo: float, hi: float) -> float:
+        return lo + (hi - lo) * torch.rand((), generator=g).item()
+
+    def logu(lo: float, hi: float) -> float:
+        return math.exp(u(math.log(lo), math.log(hi)))
+
+    def pick(options: list):
+        return options[int(torch.randint(len(options), (), generator=g))]
+
+    corner = seed % 4
+    S = round(logu(24, 32) if corner == 0 else logu(2, 4) if corner == 1 else logu(2, 32))
+    D = round(logu(16, 20) if corner == 0 else logu(200, 256) if corner == 1 else logu(16, 256))
+    ratio = u(2.0, 3.0) if corner == 2 else u(0.5, 3.0)
+    F = max(8, round(ratio * D))
+    if corner == 0:  # many sources: fewer features pay for them
+        F = max(8, min(F, FAMILY_COST // (S * D)))
+    S = max(2, min(S, FAMILY_COST // (D * F)))
+    F = max(8, min(F, FAMILY_COST // (S * D)))
+    l0_cap = min(10.0, D / 4, F / 8)  # and p_active <= 1/8: sparse codes
+    l0 = l0_cap if corner == 2 else logu(1, l0_cap)
+    co = u(0.0, 0.5) if torch.rand((), generator=g) < 0.5 else 0.0
+    profile = pick(["bump", "rise_fade", "rise", "mixed"])
+    turn = torch.rand((), generator=g) < 0.5
+    cfg = SyntheticConfig(
+        n_sources=S, d_in=D, n_features=F,
+        p_active=min(0.5, l0 / (F * (1 + co))),  # a partner's co-activation adds about p * co per feature
+        max_rotation=u(0.0, 1.0), peak_width=u(1.0, 2.0), noise=logu(0.01, 0.1), profile=profile,
+        peak_margin=u(0.15, 0.3), max_life=int(torch.randint(1, S + 1, (), generator=g)),
+        turn_at=int(torch.randint(1, S, (), generator=g)) if turn else None,
+        turn_frac=u(0.3, 0.8), turn_angle=u(0.5, 1.5),
+        mag_noise=u(0.0, 0.3) if torch.rand((), generator=g) < 0.5 else 0.0, mag_corr=u(0.5, 0.95),
+        noise_decay=u(0.0, 1.5), offset=u(0.0, 2.0), magnitude=pick(["exponential", "uniform", "lognormal", "constant"]),
+        co_active=co, seed=seed)
+    return cfg
 
 
 class PlantedFeatures:
@@ -121,26 +198,15 @@ class PlantedFeatures:
             angle = angle + turned[:, None].float() * jump[None, :]
         dirs = torch.cos(angle)[..., None] * u[:, None] + torch.sin(angle)[..., None] * v[:, None]  # [F, S, D]
         self.directions: Float[Tensor, "n_sources n_features d_in"] = dirs.permute(1, 0, 2).contiguous()
-        src = torch.arange(S)[None].float()
-        if cfg.profile == "rise_fade":
-            life = torch.randint(1, min(cfg.max_life or S, S) + 1, (F,), generator=g)  # snapshots alive
-            birth = (torch.rand(F, generator=g) * (S - life + 1)).long()
-            death = birth + life - 1
-            self.peak_index = birth + (torch.rand(F, generator=g) * life).long()
-            # Linear from alive_floor at birth (death) to 1 - peak_margin next to the peak, 1 at the peak: the
-            # planted peak beats every other snapshot by peak_margin, so its exact index is well-defined.
-            lo, hi = cfg.alive_floor, 1 - cfg.peak_margin
-            peak = self.peak_index[:, None]
-            rise = lo + (hi - lo) * (src - birth[:, None]) / (peak - 1 - birth[:, None]).clamp(min=1)
-            fade = lo + (hi - lo) * (death[:, None] - src) / (death[:, None] - peak - 1).clamp(min=1)
-            prof = torch.where(src < peak, rise, torch.where(src > peak, fade, torch.ones(())))
-            prof = torch.where((src >= birth[:, None]) & (src <= death[:, None]), prof, torch.zeros(()))
-            self.profiles: Float[Tensor, "n_features n_sources"] = prof
+        if cfg.profile == "mixed":
+            kind = torch.randint(0, 3, (F,), generator=g)  # 0 bump, 1 rise_fade, 2 rise
+            drawn = [_bump(cfg, g), _rise_fade(cfg, g), _rise(cfg, g)]
+            prof = torch.stack([p for p, _ in drawn])[kind, torch.arange(F)]
+            peak = torch.stack([i for _, i in drawn])[kind, torch.arange(F)]
         else:
-            self.peak_index = torch.randint(0, S, (F,), generator=g)
-            width = cfg.peak_width * (0.7 + 0.6 * torch.rand(F, generator=g))
-            bump = torch.exp(-0.5 * ((src - self.peak_index[:, None]) / width[:, None]) ** 2)
-            self.profiles = cfg.profile_floor + (1 - cfg.profile_floor) * bump
+            prof, peak = {"bump": _bump, "rise_fade": _rise_fade, "rise": _rise}[cfg.profile](cfg, g)
+        self.profiles: Float[Tensor, "n_features n_sources"] = prof
+        self.peak_index: Tensor = peak
         self.turned = turned
         self.turn_at = cfg.turn_at
         # noise covariance factor (random basis, power-law spectrum, mean variance 1) and per-source offset
@@ -148,6 +214,19 @@ class PlantedFeatures:
         spec = torch.arange(1, D + 1, dtype=torch.float32) ** -cfg.noise_decay
         self.noise_factor = basis * (spec / spec.mean()).sqrt()[None]  # noise = eps @ factor.T
         self.offsets = cfg.offset * normalize(torch.randn(S, D, generator=g), dim=-1)
+        # drawn last, and only when used, so that co_active = 0 leaves every other draw as it was
+        self.partner = torch.arange(F)
+        if cfg.co_active > 0:
+            perm = torch.randperm(F, generator=g)
+            a, b = perm[0 : F - F % 2 : 2], perm[1 : F - F % 2 : 2]  # an odd feature out has no partner
+            self.partner[a], self.partner[b] = b, a
+
+    @property
+    def planted_l0(self) -> float:
+        """Expected number of active features per token: p_active, raised by a partner's co-activation."""
+        p, c = self.cfg.p_active, self.cfg.co_active
+        paired = (self.partner != torch.arange(self.cfg.n_features)).float()
+        return float((p + paired * (1 - p) * p * c).sum())
 
     @property
     def alive(self) -> Tensor:
@@ -168,7 +247,9 @@ class PlantedFeatures:
         cfg = self.cfg
         F, S = cfg.n_features, cfg.n_sources
         active = torch.rand(n, F, generator=generator) < cfg.p_active
-        mags = torch.empty(n, F).exponential_(1.0, generator=generator) + 0.5  # bounded away from 0
+        if cfg.co_active > 0:
+            active = active | (active[:, self.partner] & (torch.rand(n, F, generator=generator) < cfg.co_active))
+        mags = _magnitudes(cfg.magnitude, n, F, generator)
         a = (active * mags)[:, None, :] * self.profiles.T[None]  # [n, S, F]
         if cfg.mag_noise > 0:
             eps = torch.randn(n, S, F, generator=generator)
@@ -200,6 +281,61 @@ class PlantedFeatures:
         """Per-source factor taking the mean activation norm to sqrt(d_in), as the activation store does."""
         x = self.batch(-1, n_tokens)
         return self.cfg.d_in**0.5 / x.norm(dim=-1).mean(0)
+
+
+def _bump(cfg: SyntheticConfig, g: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Gaussian bumps around a uniform peak source: (profiles [F, S], peak index [F])."""
+    S, F = cfg.n_sources, cfg.n_features
+    src = torch.arange(S)[None].float()
+    peak = torch.randint(0, S, (F,), generator=g)
+    width = cfg.peak_width * (0.7 + 0.6 * torch.rand(F, generator=g))
+    bump = torch.exp(-0.5 * ((src - peak[:, None]) / width[:, None]) ** 2)
+    return cfg.profile_floor + (1 - cfg.profile_floor) * bump, peak
+
+
+def _rise_fade(cfg: SyntheticConfig, g: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Birth, peak and death: zero outside [birth, death], linear from alive_floor to 1 - peak_margin next to
+    the peak, 1 at the peak. The planted peak beats every other snapshot by peak_margin, so its exact index is
+    well-defined."""
+    S, F = cfg.n_sources, cfg.n_features
+    src = torch.arange(S)[None].float()
+    life = torch.randint(1, min(cfg.max_life or S, S) + 1, (F,), generator=g)  # snapshots alive
+    birth = (torch.rand(F, generator=g) * (S - life + 1)).long()
+    death = birth + life - 1
+    peak_index = birth + (torch.rand(F, generator=g) * life).long()
+    lo, hi = cfg.alive_floor, 1 - cfg.peak_margin
+    peak = peak_index[:, None]
+    rise = lo + (hi - lo) * (src - birth[:, None]) / (peak - 1 - birth[:, None]).clamp(min=1)
+    fade = lo + (hi - lo) * (death[:, None] - src) / (death[:, None] - peak - 1).clamp(min=1)
+    prof = torch.where(src < peak, rise, torch.where(src > peak, fade, torch.ones(())))
+    return torch.where((src >= birth[:, None]) & (src <= death[:, None]), prof, torch.zeros(())), peak_index
+
+
+def _rise(cfg: SyntheticConfig, g: torch.Generator) -> tuple[Tensor, Tensor]:
+    """A birth that persists: zero before the birth, linear from alive_floor at the birth to 1 - peak_margin at
+    the second-last snapshot, 1 at the last (monotone; the last snapshot leads by peak_margin)."""
+    S, F = cfg.n_sources, cfg.n_features
+    src = torch.arange(S)[None].float()
+    life = torch.randint(1, min(cfg.max_life or S, S) + 1, (F,), generator=g)  # snapshots alive, to the last
+    birth = (S - life)[:, None]
+    lo, hi = cfg.alive_floor, 1 - cfg.peak_margin
+    rise = lo + (hi - lo) * (src - birth) / (S - 2 - birth).clamp(min=1)
+    prof = torch.where(src == S - 1, torch.ones(()), rise)
+    return torch.where(src >= birth, prof, torch.zeros(())), torch.full((F,), S - 1)
+
+
+def _magnitudes(kind: str, n: int, F: int, g: torch.Generator) -> Float[Tensor, "n n_features"]:
+    """Magnitudes of active features, mean 1.5 whatever the distribution (so p_active sets the same energy)."""
+    if kind == "exponential":
+        return torch.empty(n, F).exponential_(1.0, generator=g) + 0.5  # bounded away from 0
+    if kind == "uniform":
+        return 0.5 + 2 * torch.rand(n, F, generator=g)
+    if kind == "lognormal":
+        sd = 0.5  # exp(N(mu, sd^2)) has mean exp(mu + sd^2 / 2) = 1.5
+        return torch.exp(torch.randn(n, F, generator=g) * sd + (math.log(1.5) - sd**2 / 2))
+    if kind == "constant":
+        return torch.full((n, F), 1.5)
+    raise ValueError(f"magnitude must be exponential, uniform, lognormal or constant, got {kind!r}")
 
 
 def _mix(seed: int, step: int) -> int:
