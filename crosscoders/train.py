@@ -38,7 +38,7 @@ from .evaluation import active_latents, evaluate
 from .io import append_jsonl, read_jsonl, write_json, write_text
 from .losses import crosscoder_loss
 from .mesh import DEFAULT_TIMEOUT_S, check_device
-from .model import Crosscoder
+from .model import Crosscoder, check_initial_code
 from .parallel import Local
 from .precision import autocast_context, describe, resolve_autocast
 from .prefetch import Prefetcher
@@ -229,6 +229,8 @@ def train(
             if step == 0 and cfg.b_dec_init == "mean":
                 with torch.no_grad():
                     model.b_dec.copy_(par.batch_mean(x))
+            if step == 0 and par.mesh.world == 1:  # an empty or dense JumpReLU code at init: a warning naming the field
+                check_initial_code(model, x)
             coef = sparsity_coef(cfg) * sparsity_factor(cfg, step)
             dead = since_fired >= cfg.dead_tokens_resolved
             with amp:

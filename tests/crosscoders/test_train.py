@@ -256,3 +256,29 @@ def test_a_diverged_loss_names_its_step_and_is_never_checkpointed(tmp_path):
     with pytest.raises(FloatingPointError, match="non-finite at step 5"):
         train(cfg(checkpoint_every=6, log_every=100), src, tmp_path)  # read before the checkpoint of step 6
     assert not (tmp_path / "checkpoint/state.pt").exists()
+
+
+def test_an_empty_or_dense_jumprelu_code_at_init_is_named():
+    """Issue 23, bad input: family_config's 2-snapshot draw 1 (d_in 222) opens no JumpReLU latent at the default
+    init threshold; hard_config opens a few; a zero threshold opens about half (a pre-activation's sign)."""
+    import warnings
+
+    from crosscoders.model import InitialCodeWarning, check_initial_code
+    from crosscoders.synthetic import PlantedFeatures, family_config, hard_config
+
+    def frac(scfg, thr):
+        t = PlantedFeatures(scfg)
+        m = Crosscoder(CrosscoderConfig(n_sources=scfg.n_sources, d_in=scfg.d_in, d_sae=256, activation="jumprelu",
+                                        jumprelu_init_threshold=thr))
+        x = t.batch(0, 128, t.norm_scale())
+        with torch.no_grad():
+            m.b_dec.copy_(x.mean(0))
+        return check_initial_code(m, x)
+
+    with pytest.warns(InitialCodeWarning, match=r"L0 = 0.*jumprelu_init_threshold = 0.1 .*lower it"):
+        assert frac(family_config(1), 0.1) == 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", InitialCodeWarning)
+        assert 0 < frac(hard_config(), 0.1) < 0.5
+    with pytest.warns(InitialCodeWarning, match=r"dense code\): raise"):
+        assert frac(hard_config(), 0.0) > 0.5
