@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -252,19 +253,15 @@ def check_initial_code(model: Crosscoder, x: Float[Tensor, "batch n_sources d_in
     the default 0.1 leaves L0 = 0, where it opens 0.4% of latents on `hard_config`. Other activations: NaN."""
     if model.cfg.activation != "jumprelu":
         return float("nan")
-    _, f = model(x.to(model.W_dec.device, model.W_dec.dtype))
+    f = model.encode(x.to(model.W_dec.device, model.W_dec.dtype))
     open_ = f > 0
     frac = (open_.any(1) if f.ndim == 3 else open_).float().mean().item()
     thr = model.cfg.jumprelu_init_threshold
     if frac == 0:
-        import warnings
-
         warnings.warn(f"no JumpReLU latent opens on the first batch at initialisation (L0 = 0): [train.crosscoder] "
                       f"jumprelu_init_threshold = {thr} is above every gate input; lower it", InitialCodeWarning,
                       stacklevel=2)
     elif frac > 0.5:
-        import warnings
-
         warnings.warn(f"{frac:.0%} of JumpReLU latents open per token at initialisation (a dense code): raise "
                       f"[train.crosscoder] jumprelu_init_threshold = {thr}", InitialCodeWarning, stacklevel=2)
     return frac

@@ -63,8 +63,9 @@ def lstsq(X: Float[Tensor, "n d"], Y: Float[Tensor, "n k"],
     return Vh.mT @ (inv[:, None] * (U.mT @ Y))
 
 
-def _lstsq_residual(Xt: Float[Tensor, "n d"], Yt: Float[Tensor, "n k"]) -> Float[Tensor, "n k"]:
-    return Xt @ lstsq(Xt, Yt) - Yt
+def _lstsq_residual(Xt: Float[Tensor, "n d"], Yt: Float[Tensor, "n k"],
+                   svd: tuple[Tensor, Tensor, Tensor] | None = None) -> Float[Tensor, "n k"]:
+    return Xt @ lstsq(Xt, Yt, svd) - Yt
 
 
 def linearity_fit(
@@ -94,7 +95,7 @@ def linearity_pair(X: Float[Tensor, "n d"], Y: Float[Tensor, "n d"], seed: int =
     Xt = _centre_normalise(X)
     targets = torch.cat([_centre_normalise(Y), _centre_normalise(Y.to(torch.float64) - X.to(torch.float64))], 1)
     svd = torch.linalg.svd(Xt, full_matrices=False)
-    R = Xt @ lstsq(Xt, targets, svd) - targets
+    R = _lstsq_residual(Xt, targets, svd)
     d = Y.shape[1]
     per_token = R[:, :d].pow(2).sum(1) * X.shape[0]
     held = _heldout_r2(X, [Y, Y.to(torch.float64) - X.to(torch.float64)], *_split(X.shape[0], seed))
@@ -115,7 +116,7 @@ def linearity_and_anisotropy(X: Float[Tensor, "n d"], Y: Float[Tensor, "n d"], r
     Xt = _centre_normalise(X)
     T = _centre_normalise(Y if residual else Y.to(torch.float64) - X.to(torch.float64))
     svd = torch.linalg.svd(Xt, full_matrices=False)
-    return 1.0 - (Xt @ lstsq(Xt, T, svd) - T).pow(2).sum().item(), _anisotropy_from(svd[1])
+    return 1.0 - _lstsq_residual(Xt, T, svd).pow(2).sum().item(), _anisotropy_from(svd[1])
 
 
 def _split(n: int, seed: int) -> tuple[Tensor, Tensor]:

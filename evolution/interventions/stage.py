@@ -119,7 +119,8 @@ def interventions(run_dir: str | Path, steps: Sequence[int], loaders: Sequence[C
                          f"(it has {list(steps)})")
     effects_src = _crosscoder_sources(run, sorted(chosen)) if cfg.logit_effects else {}
     effects: dict[int, dict] = {}
-    todo = [(s, ld) for s, ld in zip(steps, loaders, strict=True) if (s in chosen and s not in done) or s in effects_src]
+    # effects_src holds only chosen steps: a chosen step runs when not done yet or when it has logit effects to rank
+    todo = [(s, ld) for s, ld in zip(steps, loaders, strict=True) if s in chosen and (s not in done or s in effects_src)]
     bar = progress_bar(total=len(todo), desc="interventions", unit="snapshot")
     for step, loader in todo:
         model = loader()
